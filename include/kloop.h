@@ -263,6 +263,8 @@ KLOOP_API int kloop_wake(kloop_t *loop);
 
 /* `flags` of submit calls */
 #define KLOOP_OP_MULTISHOT   (1u << 0) /* accept, poll: keep going until cancelled */
+#define KLOOP_POLL_EDGE      (1u << 1) /* poll with KLOOP_OP_MULTISHOT: kernel multishot poll,
+                                          reports each new readiness (edge-like) */
 
 /* Common errors of every kloop_submit_*: -EBADF (handle), -EBADFD (after
  * fork), -EEXIST (token in use), -EINVAL (bad argument, e.g. negative fd,
@@ -273,9 +275,10 @@ KLOOP_API int kloop_wake(kloop_t *loop);
 KLOOP_API int kloop_submit_nop(kloop_t *loop, uint64_t token);
 
 /*
- * kloop_submit_accept - accept(4) a connection on listening socket fd.
- *   flags: KLOOP_OP_MULTISHOT to keep accepting (emulated by re-arming when
- *   the kernel lacks it). New fds are SOCK_CLOEXEC|SOCK_NONBLOCK.
+ * kloop_submit_accept - accept4(2) a connection on listening socket fd.
+ *   flags: KLOOP_OP_MULTISHOT to keep accepting until cancelled or until the
+ *   first error (emulated by re-arming when the kernel lacks it). New fds
+ *   are SOCK_CLOEXEC|SOCK_NONBLOCK.
  * Completion: result = new fd or -errno; for one-shot accept `data` points
  *   at the peer's sockaddr and `aux` is its length (multishot: data 0).
  * Since: 0.1
@@ -333,8 +336,13 @@ KLOOP_API int kloop_submit_write(kloop_t *loop, uint64_t token, int fd, const vo
 
 /*
  * kloop_submit_poll - wait for poll(2) events (POLLIN, POLLOUT, ...) on fd.
- *   flags: KLOOP_OP_MULTISHOT to report every time the fd becomes ready
- *   (level-triggered re-arm is emulated where the kernel lacks it).
+ *   events: 1..0xffff.
+ *   flags: KLOOP_OP_MULTISHOT keeps reporting until cancelled, level-
+ *   triggered: the poll is re-armed after each report, so an fd that stays
+ *   ready is reported again at the next kloop_poll() (what add_reader needs).
+ *   KLOOP_OP_MULTISHOT | KLOOP_POLL_EDGE uses the kernel's multishot poll
+ *   (a report per wake-up; re-arm emulated on kernels without it).
+ *   A multishot poll ends at its first error or at cancellation.
  * Completion: result = revents or -errno; aux = revents. Since: 0.1
  */
 KLOOP_API int kloop_submit_poll(kloop_t *loop, uint64_t token, int fd, uint32_t events,
@@ -495,7 +503,7 @@ struct kloop_stats {
   uint64_t streams;           /* attached streams not yet CLOSED */
   uint64_t buffers_in_use;    /* receive buffers handed out or held */
   uint64_t polls;             /* kloop_poll() calls */
-  uint64_t enters;            /* io_uring_enter(2) calls made by the engine */
+  uint64_t enters;            /* submit/wait calls the engine made into the kernel */
   uint64_t sqes;              /* submission entries queued */
   uint64_t cqes;              /* completion entries reaped */
   uint64_t completions;       /* records returned by kloop_poll() */

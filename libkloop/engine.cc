@@ -1,0 +1,960 @@
+// Ring setup, the operation table, completion dispatch and the poll call.
+//
+// Lifetime rule: an Op's address is the user_data of its SQEs. It is freed
+// only after (a) the kernel has posted its final CQE and (b) the record that
+// reports it has been returned by kloop_poll() and the next poll started
+// (the record may point into the Op, e.g. an accepted peer's address).
+#include "engine.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <new>
+
+#include "compat.h"
+#include "probe.h"
+
+namespace kl {
+
+std::atomic<unsigned> g_fork_generation{0};
+
+namespace {
+// user_data of SQEs whose CQEs carry nothing for anyone (async cancel).
+constexpr uint64_t kIgnoreUdata = 0;
+
+bool is_stream_kind(OpKind k) {
+  return k == OpKind::StreamRecv || k == OpKind::StreamSend || k == OpKind::StreamShutdown ||
+         k == OpKind::StreamClose;
+}
+}  // namespace
+
+// ---------------------------------------------------------------------------
+// ByteQueue
+
+ByteQueue::~ByteQueue() { clear(); }
+
+bool ByteQueue::append(const void *p, size_t n) {
+  const char *src = static_cast<const char *>(p);
+  if (!blocks_.empty()) {
+    Block &b = blocks_.back();
+    size_t room = b.cap - b.end;
+    size_t take = room < n ? room : n;
+    if (take) {
+      memcpy(b.data + b.end, src, take);
+      b.end += take;
+      bytes_ += take;
+      src += take;
+      n -= take;
+    }
+  }
+  if (n == 0) return true;
+  size_t cap = n < 16384 ? 16384 : n;
+  char *d = static_cast<char *>(::operator new(cap, std::nothrow));
+  if (!d) return false;
+  memcpy(d, src, n);
+  blocks_.push_back(Block{d, cap, 0, n});
+  bytes_ += n;
+  return true;
+}
+
+void ByteQueue::consume(size_t n) {
+  while (n && !blocks_.empty()) {
+    Block &b = blocks_.front();
+    size_t avail = b.end - b.begin;
+    size_t take = avail < n ? avail : n;
+    b.begin += take;
+    bytes_ -= take;
+    n -= take;
+    if (b.begin == b.end) {
+      if (blocks_.size() == 1) {
+        b.begin = b.end = 0;  // keep the last block for reuse
+      } else {
+        ::operator delete(b.data);
+        blocks_.pop_front();
+      }
+    }
+  }
+}
+
+void ByteQueue::clear() {
+  for (Block &b : blocks_) ::operator delete(b.data);
+  blocks_.clear();
+  bytes_ = 0;
+}
+
+int ByteQueue::fill_iov(iovec *iov, int max) const {
+  int n = 0;
+  for (const Block &b : blocks_) {
+    if (n == max) break;
+    if (b.end == b.begin) continue;
+    iov[n].iov_base = b.data + b.begin;
+    iov[n].iov_len = b.end - b.begin;
+    ++n;
+  }
+  return n;
+}
+
+// ---------------------------------------------------------------------------
+// Setup and teardown
+
+Engine::~Engine() = default;
+
+bool Engine::forked() const { return fork_gen_ != g_fork_generation.load(std::memory_order_relaxed); }
+
+int Engine::init(const kloop_config &cfg) {
+  ProbeResult pr;
+  int rc = probe_kernel(&pr);
+  if (rc < 0) return rc;
+  features_ = pr.features;
+  kernel_caps_ = pr.caps;
+  memcpy(opcodes_, pr.opcodes, sizeof(opcodes_));
+
+  uint64_t en = kernel_caps_ & ~cfg.disable;
+  if (cfg.flags & KLOOP_CONFIG_NO_DEFER_TASKRUN) en &= ~(KLOOP_CAP_SINGLE_ISSUER | KLOOP_CAP_DEFER_TASKRUN);
+  if (cfg.flags & KLOOP_CONFIG_SQPOLL) en &= ~KLOOP_CAP_DEFER_TASKRUN;  // not allowed together
+  if (!(en & KLOOP_CAP_SINGLE_ISSUER)) en &= ~KLOOP_CAP_DEFER_TASKRUN;
+  if (!(en & KLOOP_CAP_BUF_RING))
+    en &= ~(KLOOP_CAP_MULTISHOT_RECV | KLOOP_CAP_RECV_BUNDLE | KLOOP_CAP_BUF_RING_INC);
+
+  io_uring_params p{};
+  p.flags = IORING_SETUP_CQSIZE | IORING_SETUP_SUBMIT_ALL;
+  p.cq_entries = cfg.cq_entries;
+  if (cfg.flags & KLOOP_CONFIG_SQPOLL) {
+    p.flags |= IORING_SETUP_SQPOLL;
+    p.sq_thread_idle = cfg.sqpoll_idle_ms;
+  }
+  if (en & KLOOP_CAP_SINGLE_ISSUER) {
+    // R_DISABLED: the ring is bound to the thread that first polls it, not
+    // to the one that created it (Python may create a loop in one thread and
+    // run it in another).
+    p.flags |= IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_R_DISABLED;
+    if (en & KLOOP_CAP_DEFER_TASKRUN) p.flags |= IORING_SETUP_DEFER_TASKRUN;
+  } else if (!(cfg.flags & KLOOP_CONFIG_SQPOLL)) {
+    p.flags |= IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG;
+  }
+  rc = io_uring_queue_init_params(cfg.sq_entries, &ring_, &p);
+  if (rc < 0 && (p.flags & (IORING_SETUP_COOP_TASKRUN | IORING_SETUP_SUBMIT_ALL))) {
+    // Kernels before 5.18/5.19 reject these flags; they are optimisations.
+    p = io_uring_params{};
+    p.flags = IORING_SETUP_CQSIZE | (cfg.flags & KLOOP_CONFIG_SQPOLL ? IORING_SETUP_SQPOLL : 0);
+    p.cq_entries = cfg.cq_entries;
+    p.sq_thread_idle = cfg.sqpoll_idle_ms;
+    en &= ~(KLOOP_CAP_SINGLE_ISSUER | KLOOP_CAP_DEFER_TASKRUN);
+    rc = io_uring_queue_init_params(cfg.sq_entries, &ring_, &p);
+  }
+  if (rc < 0) return rc;
+  ring_ok_ = true;
+  setup_flags_ = p.flags;
+  enabled_ring_ = !(p.flags & IORING_SETUP_R_DISABLED);
+  sq_entries_ = p.sq_entries;
+  cq_entries_ = p.cq_entries;
+  features_ = p.features;
+  if (!(en & KLOOP_CAP_EXT_ARG)) {
+    // liburing falls back to a timeout SQE when it believes the kernel has
+    // no IORING_FEAT_EXT_ARG; clearing the bit forces that path.
+    ring_.features &= ~IORING_FEAT_EXT_ARG;
+  }
+  if (!(features_ & IORING_FEAT_NODROP)) en &= ~KLOOP_CAP_NODROP;
+  if (en & KLOOP_CAP_REG_RING_FD) {
+    if (io_uring_register_ring_fd(&ring_) < 0) en &= ~KLOOP_CAP_REG_RING_FD;
+  }
+  enabled_ = en;
+
+  buf_size_ = cfg.buf_size;
+  buf_count_ = cfg.buf_count;
+  if (!setup_buffers()) {
+    destroy();
+    return -ENOMEM;
+  }
+
+  wake_fd_ = eventfd(0, EFD_CLOEXEC);
+  if (wake_fd_ < 0) {
+    int e = -errno;
+    destroy();
+    return e;
+  }
+  wake_op_.kind = OpKind::Wake;
+  wake_op_.fd = wake_fd_;
+  wake_op_.buf = &wake_buf_;
+  wake_op_.len = sizeof(wake_buf_);
+  arm(&wake_op_);
+
+  fork_gen_ = g_fork_generation.load(std::memory_order_relaxed);
+  st_.size = sizeof(st_);
+  return 0;
+}
+
+bool Engine::setup_buffers() {
+  arena_size_ = static_cast<size_t>(buf_size_) * buf_count_;
+  void *a = mmap(nullptr, arena_size_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (a == MAP_FAILED) {
+    arena_ = nullptr;
+    return false;
+  }
+  arena_ = static_cast<char *>(a);
+  if (enabled_ & KLOOP_CAP_BUF_RING) {
+    br_size_ = sizeof(io_uring_buf) * buf_count_;
+    void *r = mmap(nullptr, br_size_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (r == MAP_FAILED) return false;
+    br_ = static_cast<io_uring_buf_ring *>(r);
+    io_uring_buf_ring_init(br_);
+    io_uring_buf_reg reg{};
+    reg.ring_addr = reinterpret_cast<uint64_t>(br_);
+    reg.ring_entries = buf_count_;
+    reg.bgid = 0;
+    if (io_uring_register_buf_ring(&ring_, &reg, 0) < 0) {
+      // Treat as absent: fall back to engine-managed buffers.
+      munmap(br_, br_size_);
+      br_ = nullptr;
+      enabled_ &= ~(KLOOP_CAP_BUF_RING | KLOOP_CAP_MULTISHOT_RECV | KLOOP_CAP_RECV_BUNDLE |
+                    KLOOP_CAP_BUF_RING_INC);
+    } else {
+      br_registered_ = true;
+      int mask = io_uring_buf_ring_mask(buf_count_);
+      for (uint32_t i = 0; i < buf_count_; ++i)
+        io_uring_buf_ring_add(br_, buf_addr(i), buf_size_, static_cast<unsigned short>(i), mask,
+                              static_cast<int>(i));
+      io_uring_buf_ring_advance(br_, static_cast<int>(buf_count_));
+      return true;
+    }
+  }
+  own_free_.reserve(buf_count_);
+  for (uint32_t i = buf_count_; i-- > 0;) own_free_.push_back(i);
+  return true;
+}
+
+void Engine::destroy() {
+  in_destroy_ = true;
+  bool can_wait = ring_ok_ && !forked();
+  if (can_wait && !enabled_ring_) {
+    // Never enabled: the kernel has seen no SQE, nothing is in flight.
+    can_wait = false;
+    in_flight_ = 0;
+  }
+  bool kernel_may_hold_memory = false;
+  if (can_wait && in_flight_ > 0) {
+    // Cancel everything the kernel holds, then reap until it let go.
+    for (auto &kv : ops_)
+      if (kv.second->state & kOpInKernel) queue_cancel(kv.second);
+    for (auto &kv : streams_) {
+      Stream *s = kv.second;
+      if (s->recv_armed) queue_cancel(&s->recv);
+      if (s->send_inflight) queue_cancel(&s->send);
+      if (s->shut_inflight) queue_cancel(&s->shut);
+    }
+    queue_cancel(&wake_op_);
+    for (int spins = 0; in_flight_ > 0 && spins < 500; ++spins) {
+      __kernel_timespec ts{0, 10 * 1000 * 1000};
+      io_uring_cqe *cqe = nullptr;
+      int rc = io_uring_submit_and_wait_timeout(&ring_, &cqe, 1, &ts, nullptr);
+      if (rc < 0 && rc != -ETIME && rc != -EINTR && rc != -EAGAIN && rc != -EBUSY) break;
+      io_uring_cqe *cqes[64];
+      unsigned n;
+      while ((n = io_uring_peek_batch_cqe(&ring_, cqes, 64)) > 0) {
+        for (unsigned i = 0; i < n; ++i) {
+          uint64_t ud = cqes[i]->user_data;
+          if (ud == kIgnoreUdata || ud == LIBURING_UDATA_TIMEOUT) continue;
+          if (cqes[i]->flags & IORING_CQE_F_MORE) continue;
+          Op *op = reinterpret_cast<Op *>(ud);
+          if (op->state & kOpInKernel) {
+            op->state &= static_cast<uint16_t>(~kOpInKernel);
+            --in_flight_;
+          }
+          // An accepted fd nobody will see must not leak.
+          if (op->kind == OpKind::Accept && cqes[i]->res >= 0) close(cqes[i]->res);
+        }
+        io_uring_cq_advance(&ring_, n);
+      }
+    }
+    kernel_may_hold_memory = in_flight_ > 0;
+  } else if (ring_ok_ && forked()) {
+    // After fork the parent still owns the ring and its operations; the
+    // child only drops its copies of the mappings and fds.
+    in_flight_ = 0;
+  }
+  if (ring_ok_) {
+    io_uring_queue_exit(&ring_);
+    ring_ok_ = false;
+  }
+  if (kernel_may_hold_memory) return;  // leak rather than let the kernel write freed memory
+
+  bool child = forked();
+  for (auto &kv : ops_) {
+    Op *op = kv.second;
+    if (op->kind == OpKind::ChildPidfd && op->fd2 >= 0) close(op->fd2);
+    delete op;
+  }
+  ops_.clear();
+  wait_close_.clear();  // its ops were in ops_
+  for (auto &kv : streams_) {
+    Stream *s = kv.second;
+    if (!child && (s->flags & KLOOP_STREAM_CLOSE_FD) && s->fd >= 0 && !s->close_inflight) close(s->fd);
+    delete s;
+  }
+  streams_.clear();
+  for (Pending &p : pending_) {
+    if (p.retire_op) delete p.retire_op;
+    if (p.retire_stream) delete p.retire_stream;
+  }
+  pending_.clear();
+  for (Op *op : retire_ops_) delete op;
+  retire_ops_.clear();
+  for (Stream *s : retire_streams_) delete s;
+  retire_streams_.clear();
+  while (free_ops_) {
+    Op *n = free_ops_->next_free;
+    delete free_ops_;
+    free_ops_ = n;
+  }
+  if (wake_fd_ >= 0) close(wake_fd_);
+  wake_fd_ = -1;
+  if (br_) munmap(br_, br_size_);
+  br_ = nullptr;
+  if (arena_) munmap(arena_, arena_size_);
+  arena_ = nullptr;
+}
+
+// ---------------------------------------------------------------------------
+// Queries
+
+int Engine::caps(kloop_caps *c) const {
+  c->features = features_;
+  c->kernel = kernel_caps_;
+  c->enabled = enabled_;
+  c->sq_entries = sq_entries_;
+  c->cq_entries = cq_entries_;
+  c->buf_size = buf_size_;
+  c->buf_count = buf_count_;
+  memcpy(c->opcodes, opcodes_, sizeof(c->opcodes));
+  return 0;
+}
+
+int Engine::stats(kloop_stats *s) const {
+  kloop_stats out = st_;
+  out.size = sizeof(out);
+  out.ops_in_flight = in_flight_ > 0 ? in_flight_ - ((wake_op_.state & kOpInKernel) ? 1 : 0) : 0;
+  out.streams = streams_.size();
+  out.buffers_in_use = buffers_in_use_;
+  if (ring_ok_ && ring_.cq.koverflow) out.cq_overflows = *ring_.cq.koverflow;
+  *s = out;
+  return 0;
+}
+
+void Engine::arena(uint64_t *base, uint64_t *size) const {
+  *base = reinterpret_cast<uint64_t>(arena_);
+  *size = arena_size_;
+}
+
+// ---------------------------------------------------------------------------
+// SQE plumbing
+
+bool Engine::ensure_enabled() {
+  if (enabled_ring_) return true;
+  if (compat::enable_rings(ring_.ring_fd) < 0) return false;
+  enabled_ring_ = true;
+  return true;
+}
+
+io_uring_sqe *Engine::get_sqe() {
+  io_uring_sqe *sqe = io_uring_get_sqe(&ring_);
+  if (sqe) return sqe;
+  // SQ full: hand what is queued to the kernel to make room.
+  if (!ensure_enabled()) return nullptr;
+  ++st_.enters;
+  int rc = io_uring_submit(&ring_);
+  (void)rc;
+  sqe = io_uring_get_sqe(&ring_);
+  return sqe;
+}
+
+void Engine::queue_cancel(const Op *target) {
+  io_uring_sqe *sqe = get_sqe();
+  if (!sqe) return;
+  io_uring_prep_cancel64(sqe, reinterpret_cast<uint64_t>(target), 0);
+  io_uring_sqe_set_data64(sqe, kIgnoreUdata);
+  ++st_.sqes;
+}
+
+void Engine::prep(io_uring_sqe *sqe, Op *op) {
+  if (op->state & kOpPollRetry) {
+    io_uring_prep_poll_add(sqe, op->fd, op->off2 /* events stored for retry */);
+    return;
+  }
+  switch (op->kind) {
+    case OpKind::Nop:
+      io_uring_prep_nop(sqe);
+      break;
+    case OpKind::Accept:
+      if (op->state & kOpKernelMulti) {
+        io_uring_prep_multishot_accept(sqe, op->fd, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
+      } else {
+        op->addrlen = sizeof(op->addr);
+        io_uring_prep_accept(sqe, op->fd, reinterpret_cast<sockaddr *>(&op->addr), &op->addrlen,
+                             SOCK_CLOEXEC | SOCK_NONBLOCK);
+      }
+      break;
+    case OpKind::Connect:
+      io_uring_prep_connect(sqe, op->fd, reinterpret_cast<sockaddr *>(&op->addr), op->addrlen);
+      break;
+    case OpKind::Recv:
+      io_uring_prep_recv(sqe, op->fd, op->buf, op->len, static_cast<int>(op->flags));
+      break;
+    case OpKind::Send:
+      io_uring_prep_send(sqe, op->fd, op->buf, op->len, static_cast<int>(op->flags | MSG_NOSIGNAL));
+      break;
+    case OpKind::RecvMsg:
+      op->iov = {op->buf, op->len};
+      op->msg = {};
+      op->msg.msg_name = &op->addr;
+      op->msg.msg_namelen = sizeof(op->addr);
+      op->msg.msg_iov = &op->iov;
+      op->msg.msg_iovlen = 1;
+      io_uring_prep_recvmsg(sqe, op->fd, &op->msg, op->flags);
+      break;
+    case OpKind::SendMsg:
+      op->iov = {op->buf, op->len};
+      op->msg = {};
+      op->msg.msg_name = op->addrlen ? &op->addr : nullptr;
+      op->msg.msg_namelen = op->addrlen;
+      op->msg.msg_iov = &op->iov;
+      op->msg.msg_iovlen = 1;
+      io_uring_prep_sendmsg(sqe, op->fd, &op->msg, op->flags | MSG_NOSIGNAL);
+      break;
+    case OpKind::Read:
+      io_uring_prep_read(sqe, op->fd, op->buf, op->len, op->off);
+      break;
+    case OpKind::Write:
+      io_uring_prep_write(sqe, op->fd, op->buf, op->len, op->off);
+      break;
+    case OpKind::Poll:
+      if (op->state & kOpKernelMulti)
+        io_uring_prep_poll_multishot(sqe, op->fd, op->flags);
+      else
+        io_uring_prep_poll_add(sqe, op->fd, op->flags);
+      break;
+    case OpKind::Timeout:
+      io_uring_prep_timeout(sqe, &op->ts, 0, 0);
+      break;
+    case OpKind::Shutdown:
+      io_uring_prep_shutdown(sqe, op->fd, static_cast<int>(op->flags));
+      break;
+    case OpKind::Close:
+      io_uring_prep_close(sqe, op->fd);
+      break;
+    case OpKind::Splice:
+      io_uring_prep_splice(sqe, op->fd, static_cast<int64_t>(op->off), op->fd2,
+                           static_cast<int64_t>(op->off2), op->len, op->flags);
+      break;
+    case OpKind::ChildWaitid:
+      compat::prep_waitid(sqe, P_PID, static_cast<id_t>(op->pid), &op->si, WEXITED);
+      break;
+    case OpKind::ChildPidfd:
+      io_uring_prep_poll_add(sqe, op->fd2, POLLIN);
+      break;
+    case OpKind::Wake:
+      io_uring_prep_read(sqe, op->fd, op->buf, op->len, 0);
+      break;
+    case OpKind::StreamRecv: {
+      Stream *s = op->stream;
+      bool file = s->flags & KLOOP_STREAM_FILE;
+      if (enabled_ & KLOOP_CAP_BUF_RING) {
+        if (file)
+          io_uring_prep_read(sqe, s->fd, nullptr, buf_size_, KLOOP_OFFSET_CURRENT);
+        else if (enabled_ & KLOOP_CAP_MULTISHOT_RECV)
+          io_uring_prep_recv_multishot(sqe, s->fd, nullptr, 0, 0);
+        else
+          io_uring_prep_recv(sqe, s->fd, nullptr, buf_size_, 0);
+        sqe->flags |= IOSQE_BUFFER_SELECT;
+        sqe->buf_group = 0;
+      } else {
+        char *b = buf_addr(static_cast<uint32_t>(op->off));
+        if (file)
+          io_uring_prep_read(sqe, s->fd, b, buf_size_, KLOOP_OFFSET_CURRENT);
+        else
+          io_uring_prep_recv(sqe, s->fd, b, buf_size_, 0);
+      }
+      break;
+    }
+    case OpKind::StreamSend: {
+      Stream *s = op->stream;
+      int n = s->wq.fill_iov(s->iov, kMaxIov);
+      if (s->flags & KLOOP_STREAM_FILE) {
+        io_uring_prep_writev(sqe, s->fd, s->iov, static_cast<unsigned>(n), KLOOP_OFFSET_CURRENT);
+      } else {
+        op->msg = {};
+        op->msg.msg_iov = s->iov;
+        op->msg.msg_iovlen = static_cast<size_t>(n);
+        io_uring_prep_sendmsg(sqe, s->fd, &op->msg, MSG_NOSIGNAL);
+      }
+      break;
+    }
+    case OpKind::StreamShutdown:
+      io_uring_prep_shutdown(sqe, op->stream->fd, SHUT_WR);
+      break;
+    case OpKind::StreamClose:
+      io_uring_prep_close(sqe, op->stream->fd);
+      break;
+  }
+}
+
+void Engine::arm(Op *op) {
+  io_uring_sqe *sqe = get_sqe();
+  if (!sqe) {
+    // Cannot happen once the ring is enabled (submit frees SQ space); if
+    // the kernel refuses, fail the operation rather than lose it.
+    if (!is_stream_kind(op->kind) && op->kind != OpKind::Wake) finish_op(op, -EAGAIN);
+    return;
+  }
+  prep(sqe, op);
+  io_uring_sqe_set_data(sqe, op);
+  ++st_.sqes;
+  if (!(op->state & kOpInKernel)) {
+    op->state |= kOpInKernel;
+    ++in_flight_;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Operation table
+
+Op *Engine::alloc_op() {
+  Op *op;
+  if (free_ops_) {
+    op = free_ops_;
+    free_ops_ = op->next_free;
+    --free_op_count_;
+    *op = Op{};
+  } else {
+    op = new (std::nothrow) Op;
+  }
+  return op;
+}
+
+void Engine::free_op(Op *op) {
+  if (free_op_count_ >= 1024) {
+    delete op;
+    return;
+  }
+  op->next_free = free_ops_;
+  free_ops_ = op;
+  ++free_op_count_;
+}
+
+bool Engine::token_in_use(uint64_t token) const {
+  return ops_.count(token) != 0 || streams_.count(token) != 0;
+}
+
+void Engine::fd_ref(int fd) { ++fd_ops_[fd]; }
+
+void Engine::fd_unref(int fd) {
+  auto it = fd_ops_.find(fd);
+  if (it == fd_ops_.end()) return;
+  if (--it->second > 0) return;
+  fd_ops_.erase(it);
+  // Closes that waited for this fd to drain may go now.
+  for (size_t i = 0; i < wait_close_.size();) {
+    Op *c = wait_close_[i];
+    if (c->fd == fd) {
+      wait_close_[i] = wait_close_.back();
+      wait_close_.pop_back();
+      c->state &= static_cast<uint16_t>(~kOpWaitClose);
+      if (c->state & kOpCancelling)
+        finish_op(c, -ECANCELED);
+      else
+        arm(c);
+    } else {
+      ++i;
+    }
+  }
+}
+
+int Engine::submit_op(OpKind kind, uint64_t token, const Op &args) {
+  if (token_in_use(token)) return -EEXIST;
+  int pidfd = -1;
+  if (kind == OpKind::ChildWaitid && !(enabled_ & KLOOP_CAP_WAITID)) {
+    if (!(enabled_ & KLOOP_CAP_PIDFD)) return -ENOSYS;
+    pidfd = compat::pidfd_open(args.pid);
+    if (pidfd < 0) return -errno;
+    kind = OpKind::ChildPidfd;
+  }
+  Op *op = alloc_op();
+  if (!op) {
+    if (pidfd >= 0) close(pidfd);
+    return -ENOMEM;
+  }
+  op->token = token;
+  op->kind = kind;
+  op->fd = args.fd;
+  op->fd2 = kind == OpKind::ChildPidfd ? pidfd : args.fd2;
+  op->len = args.len;
+  op->flags = args.flags;
+  op->off = args.off;
+  op->off2 = args.off2;
+  op->buf = args.buf;
+  op->pid = args.pid;
+  op->addrlen = args.addrlen;
+  if (args.addrlen) memcpy(&op->addr, &args.addr, args.addrlen);
+  op->ts = args.ts;
+  op->state = static_cast<uint16_t>(args.state & (kOpMultishot | kOpEdge));
+  if (op->state & kOpMultishot) {
+    if (kind == OpKind::Accept && (enabled_ & KLOOP_CAP_MULTISHOT_ACCEPT)) op->state |= kOpKernelMulti;
+    if (kind == OpKind::Poll && (op->state & kOpEdge) && (enabled_ & KLOOP_CAP_MULTISHOT_POLL))
+      op->state |= kOpKernelMulti;
+  }
+  ops_.emplace(token, op);
+  if (kind != OpKind::Close && kind != OpKind::Nop && kind != OpKind::Timeout &&
+      kind != OpKind::ChildWaitid && kind != OpKind::ChildPidfd && op->fd >= 0)
+    fd_ref(op->fd);
+  if (kind == OpKind::Splice && op->fd2 >= 0) fd_ref(op->fd2);
+  if (kind == OpKind::Close && fd_ops_.count(op->fd)) {
+    op->state |= kOpWaitClose;
+    wait_close_.push_back(op);
+    cancel_fd(op->fd);
+    return 0;
+  }
+  arm(op);
+  return 0;
+}
+
+int Engine::cancel(uint64_t token) {
+  auto it = ops_.find(token);
+  if (it != ops_.end()) {
+    Op *op = it->second;
+    if (op->state & kOpCancelling) return -EALREADY;
+    op->state |= kOpCancelling;
+    if (op->state & kOpWaitClose) return 0;  // completes -ECANCELED when the fd drains
+    if (op->state & kOpInKernel) queue_cancel(op);
+    return 0;
+  }
+  auto st = streams_.find(token);
+  if (st != streams_.end()) return stream_pause(token, true);
+  return -ENOENT;
+}
+
+int Engine::cancel_fd(int fd) {
+  int n = 0;
+  for (auto &kv : ops_) {
+    Op *op = kv.second;
+    if (op->kind == OpKind::Close) continue;
+    if ((op->fd == fd || (op->kind == OpKind::Splice && op->fd2 == fd)) &&
+        !(op->state & kOpCancelling)) {
+      op->state |= kOpCancelling;
+      if (op->state & kOpInKernel) queue_cancel(op);
+      ++n;
+    }
+  }
+  return n;
+}
+
+// ---------------------------------------------------------------------------
+// Completions
+
+void Engine::emit(uint64_t token, int32_t res, uint32_t flags, uint64_t data, uint32_t event,
+                  uint32_t aux, int32_t bid, Stream *s) {
+  Pending p;
+  p.rec = kloop_completion{token, res, flags, data, event, aux};
+  p.bid = bid;
+  p.stream = s;
+  if (s && s->paused && (event == KLOOP_EVENT_DATA || event == KLOOP_EVENT_EOF ||
+                         event == KLOOP_EVENT_ERROR)) {
+    s->held.push_back(p);
+    return;
+  }
+  pending_.push_back(p);
+}
+
+void Engine::finish_op(Op *op, int32_t res, uint64_t data, uint32_t aux) {
+  if (op->state & kOpFinished) return;
+  op->state |= kOpFinished;
+  ops_.erase(op->token);
+  if (op->kind != OpKind::Close && op->kind != OpKind::Nop && op->kind != OpKind::Timeout &&
+      op->kind != OpKind::ChildWaitid && op->kind != OpKind::ChildPidfd && op->fd >= 0)
+    fd_unref(op->fd);
+  if (op->kind == OpKind::Splice && op->fd2 >= 0) fd_unref(op->fd2);
+  Pending p;
+  p.rec = kloop_completion{op->token, res, 0, data, KLOOP_EVENT_OP, aux};
+  p.retire_op = op;
+  pending_.push_back(p);
+}
+
+void Engine::handle_cqe(const io_uring_cqe *cqe) {
+  uint64_t ud = cqe->user_data;
+  if (ud == kIgnoreUdata || ud == LIBURING_UDATA_TIMEOUT) return;
+  ++st_.cqes;
+  Op *op = reinterpret_cast<Op *>(ud);
+  bool more = cqe->flags & IORING_CQE_F_MORE;
+  if (!more && (op->state & kOpInKernel)) {
+    op->state &= static_cast<uint16_t>(~kOpInKernel);
+    --in_flight_;
+  }
+  if (op->kind == OpKind::Wake) {
+    wake_pending_.store(false, std::memory_order_release);
+    if (!in_destroy_) arm(op);
+    return;
+  }
+  if (op->stream) {
+    handle_stream_cqe(op, cqe->res, cqe->flags);
+    return;
+  }
+  handle_op_cqe(op, cqe->res, cqe->flags);
+}
+
+void Engine::handle_op_cqe(Op *op, int res, uint32_t cflags) {
+  bool more = cflags & IORING_CQE_F_MORE;
+  bool cancelling = op->state & kOpCancelling;
+  if (op->state & kOpPollRetry) {
+    // Readiness poll after -EAGAIN: retry the real operation.
+    op->state &= static_cast<uint16_t>(~kOpPollRetry);
+    if (res < 0)
+      finish_op(op, res);
+    else if (cancelling)
+      finish_op(op, -ECANCELED);
+    else
+      arm(op);
+    return;
+  }
+  switch (op->kind) {
+    case OpKind::Recv:
+    case OpKind::Send:
+    case OpKind::RecvMsg:
+    case OpKind::SendMsg:
+    case OpKind::Read:
+    case OpKind::Write:
+      if (res == -EAGAIN && !cancelling) {
+        // O_NONBLOCK files (pipes) return EAGAIN instead of waiting.
+        bool in = op->kind == OpKind::Recv || op->kind == OpKind::RecvMsg || op->kind == OpKind::Read;
+        op->off2 = in ? POLLIN : POLLOUT;  // off2 is unused by these kinds
+        op->state |= kOpPollRetry;
+        arm(op);
+        return;
+      }
+      if (op->kind == OpKind::RecvMsg && res >= 0) {
+        uint32_t aux = (static_cast<uint32_t>(op->msg.msg_flags & 0xffff) << 16) |
+                       (op->msg.msg_namelen & 0xffff);
+        finish_op(op, res, reinterpret_cast<uint64_t>(&op->addr), aux);
+      } else {
+        finish_op(op, res);
+      }
+      return;
+    case OpKind::Accept:
+      if (op->state & kOpMultishot) {
+        if (res >= 0) {
+          if (cancelling && !more) {
+            emit(op->token, res, KLOOP_COMPLETION_MORE, 0, KLOOP_EVENT_OP, 0);
+            finish_op(op, -ECANCELED);
+          } else {
+            emit(op->token, res, KLOOP_COMPLETION_MORE, 0, KLOOP_EVENT_OP, 0);
+            if (!more) arm(op);  // emulated multishot, or the kernel ended it
+          }
+        } else if (!more) {
+          finish_op(op, res);
+        }
+        return;
+      }
+      if (res >= 0)
+        finish_op(op, res, reinterpret_cast<uint64_t>(&op->addr), op->addrlen);
+      else
+        finish_op(op, res);
+      return;
+    case OpKind::Poll:
+      if (op->state & kOpMultishot) {
+        if (res >= 0) {
+          emit(op->token, res, KLOOP_COMPLETION_MORE, 0, KLOOP_EVENT_OP, static_cast<uint32_t>(res));
+          if (!more) {
+            if (cancelling)
+              finish_op(op, -ECANCELED);
+            else
+              arm(op);  // level-triggered: fires again next poll while ready
+          }
+        } else if (!more) {
+          finish_op(op, res);
+        }
+        return;
+      }
+      finish_op(op, res, 0, res >= 0 ? static_cast<uint32_t>(res) : 0);
+      return;
+    case OpKind::Timeout:
+      finish_op(op, res == -ETIME ? 0 : res);
+      return;
+    case OpKind::ChildWaitid:
+      finish_op(op, res < 0 ? res : compat::wait_status(op->si));
+      return;
+    case OpKind::ChildPidfd: {
+      if (res < 0) {
+        close(op->fd2);
+        op->fd2 = -1;
+        finish_op(op, res);
+        return;
+      }
+      siginfo_t si{};
+      if (waitid(P_PIDFD, static_cast<id_t>(op->fd2), &si, WEXITED | WNOHANG) < 0) {
+        int e = -errno;
+        close(op->fd2);
+        op->fd2 = -1;
+        finish_op(op, e);
+        return;
+      }
+      if (si.si_pid == 0) {  // not exited after all
+        if (cancelling) {
+          close(op->fd2);
+          op->fd2 = -1;
+          finish_op(op, -ECANCELED);
+        } else {
+          arm(op);
+        }
+        return;
+      }
+      close(op->fd2);
+      op->fd2 = -1;
+      finish_op(op, compat::wait_status(si));
+      return;
+    }
+    default:
+      finish_op(op, res);
+      return;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// The poll call
+
+void Engine::flush_recycled() {
+  if (!handed_out_.empty()) {
+    for (uint32_t bid : handed_out_) recycle(bid);
+    handed_out_.clear();
+  }
+  if (br_registered_ && pending_recycle_) {
+    io_uring_buf_ring_advance(br_, pending_recycle_);
+    pending_recycle_ = 0;
+  }
+  for (Op *op : retire_ops_) free_op(op);
+  retire_ops_.clear();
+  for (Stream *s : retire_streams_) delete s;
+  retire_streams_.clear();
+  if (!starved_.empty() && buffers_in_use_ < buf_count_) {
+    std::vector<Stream *> again;
+    again.swap(starved_);
+    for (Stream *s : again) {
+      s->starved = false;
+      s->recv_nobufs = false;
+      progress(s);
+    }
+  }
+}
+
+void Engine::recycle(uint32_t bid) {
+  --buffers_in_use_;
+  if (br_registered_) {
+    io_uring_buf_ring_add(br_, buf_addr(bid), buf_size_, static_cast<unsigned short>(bid),
+                          io_uring_buf_ring_mask(buf_count_), pending_recycle_);
+    ++pending_recycle_;
+  } else {
+    own_free_.push_back(bid);
+  }
+}
+
+int Engine::take_own_buffer() {
+  if (own_free_.empty()) return -1;
+  uint32_t bid = own_free_.back();
+  own_free_.pop_back();
+  ++buffers_in_use_;
+  return static_cast<int>(bid);
+}
+
+void Engine::reap(size_t space) {
+  io_uring_cqe *cqes[64];
+  while (pending_.size() < space) {
+    size_t want = space - pending_.size();
+    if (want > 64) want = 64;
+    unsigned n = io_uring_peek_batch_cqe(&ring_, cqes, static_cast<unsigned>(want));
+    if (n == 0) break;
+    for (unsigned i = 0; i < n; ++i) handle_cqe(cqes[i]);
+    io_uring_cq_advance(&ring_, n);
+  }
+}
+
+int Engine::poll(kloop_completion *out, uint32_t max, int64_t timeout_ns) {
+  ++st_.polls;
+  if (!enabled_ring_) {
+    int rc = compat::enable_rings(ring_.ring_fd);
+    if (rc < 0) return rc;
+    enabled_ring_ = true;
+  }
+  // Work queued by API calls since the last poll (gathered sends, re-arms).
+  if (!dirty_.empty()) {
+    std::vector<Stream *> d;
+    d.swap(dirty_);
+    for (Stream *s : d) {
+      s->dirty = false;
+      progress(s);
+    }
+  }
+  flush_recycled();
+
+  uint32_t filled = 0;
+  auto drain = [&]() {
+    while (filled < max && !pending_.empty()) {
+      Pending p = pending_.front();
+      pending_.pop_front();
+      Stream *s = p.stream;
+      if (s && (p.rec.event == KLOOP_EVENT_DATA || p.rec.event == KLOOP_EVENT_EOF ||
+                p.rec.event == KLOOP_EVENT_ERROR)) {
+        if (s->closing || s->aborting) {  // reading stopped: drop
+          if (p.bid >= 0) handed_out_.push_back(static_cast<uint32_t>(p.bid));
+          continue;
+        }
+        if (s->paused) {
+          s->held.push_back(p);
+          continue;
+        }
+      }
+      out[filled++] = p.rec;
+      if (p.bid >= 0) handed_out_.push_back(static_cast<uint32_t>(p.bid));
+      if (p.retire_op) retire_ops_.push_back(p.retire_op);
+      if (p.retire_stream) retire_streams_.push_back(p.retire_stream);
+    }
+  };
+  drain();
+  if (filled < max) {
+    int rc = 0;
+    bool may_wait = filled == 0 && pending_.empty() && timeout_ns != 0;
+    if (may_wait) {
+      ++st_.enters;
+      io_uring_cqe *cqe = nullptr;
+      if (timeout_ns < 0) {
+        rc = io_uring_submit_and_wait(&ring_, 1);
+      } else {
+        __kernel_timespec ts{timeout_ns / 1000000000LL, timeout_ns % 1000000000LL};
+        rc = io_uring_submit_and_wait_timeout(&ring_, &cqe, 1, &ts, nullptr);
+      }
+    } else if (io_uring_sq_ready(&ring_) > 0 || (setup_flags_ & IORING_SETUP_DEFER_TASKRUN)) {
+      ++st_.enters;
+      rc = io_uring_submit_and_get_events(&ring_);
+    }
+    reap(max - filled);
+    drain();
+    if (filled == 0 && rc == -EINTR) return -EINTR;
+    if (filled == 0 && rc < 0 && rc != -ETIME && rc != -EINTR && rc != -EAGAIN && rc != -EBUSY)
+      return rc;
+  }
+  st_.completions += filled;
+  return static_cast<int>(filled);
+}
+
+int Engine::wake() {
+  if (wake_pending_.exchange(true, std::memory_order_acq_rel)) return 0;
+  uint64_t one = 1;
+  ssize_t r;
+  do {
+    r = write(wake_fd_, &one, sizeof(one));
+  } while (r < 0 && errno == EINTR);
+  return 0;
+}
+
+}  // namespace kl

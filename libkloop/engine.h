@@ -1,0 +1,276 @@
+// The engine behind kloop.h. C++20, built without exceptions and RTTI:
+// allocation failures surface as -ENOMEM through nothrow new.
+#pragma once
+
+#include <liburing.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+
+#include <atomic>
+#include <cstdint>
+#include <deque>
+#include <unordered_map>
+#include <vector>
+
+#include "kloop.h"
+
+namespace kl {
+
+struct Stream;
+
+enum class OpKind : uint8_t {
+  Nop,
+  Accept,
+  Connect,
+  Recv,
+  Send,
+  RecvMsg,
+  SendMsg,
+  Read,
+  Write,
+  Poll,
+  Timeout,
+  Shutdown,
+  Close,
+  Splice,
+  ChildWaitid,
+  ChildPidfd,
+  // Engine-internal operations: their completions are never shown as-is.
+  Wake,
+  StreamRecv,
+  StreamSend,
+  StreamShutdown,
+  StreamClose,
+};
+
+// Op::state bits
+enum : uint16_t {
+  kOpMultishot = 1u << 0,     // caller asked for multishot
+  kOpKernelMulti = 1u << 1,   // armed as a kernel multishot request
+  kOpCancelling = 1u << 2,    // cancel requested
+  kOpInKernel = 1u << 3,      // an SQE for it is queued or in flight
+  kOpPollRetry = 1u << 4,     // waiting for readiness after -EAGAIN
+  kOpEdge = 1u << 5,          // poll: kernel multishot (edge-like)
+  kOpWaitClose = 1u << 6,     // close: waiting for other ops on the fd
+  kOpFinished = 1u << 7,      // final completion produced
+};
+
+// One submitted operation. Its address is the SQE's user_data, so it lives
+// until the kernel's final CQE and, when that CQE hands out memory inside
+// the Op (addresses), until the record has been returned by kloop_poll.
+struct Op {
+  uint64_t token = 0;
+  Stream *stream = nullptr;
+  OpKind kind = OpKind::Nop;
+  uint16_t state = 0;
+  int fd = -1;
+  int fd2 = -1;
+  uint32_t len = 0;
+  uint32_t flags = 0;  // msg flags, poll events, splice flags, shutdown how
+  uint64_t off = 0;
+  uint64_t off2 = 0;
+  void *buf = nullptr;
+  int pid = 0;
+  socklen_t addrlen = 0;
+  sockaddr_storage addr{};
+  msghdr msg{};
+  iovec iov{};
+  __kernel_timespec ts{};
+  siginfo_t si{};
+  Op *next_free = nullptr;
+};
+
+// A contiguous block of the write queue.
+struct Block {
+  char *data;
+  size_t cap, begin, end;
+};
+
+// Chunked byte queue: append copies, consume frees. Blocks never move, so a
+// send in flight can point into them while more bytes are appended.
+class ByteQueue {
+ public:
+  ~ByteQueue();
+  bool append(const void *p, size_t n);  // false on ENOMEM
+  void consume(size_t n);
+  void clear();
+  size_t size() const { return bytes_; }
+  int fill_iov(iovec *iov, int max) const;
+
+ private:
+  std::deque<Block> blocks_;
+  size_t bytes_ = 0;
+};
+
+inline constexpr int kMaxIov = 64;
+
+// A completion record waiting to be returned, with what must happen when it
+// is: a receive buffer to recycle after the next poll, an Op or a Stream to
+// free after the next poll.
+struct Pending {
+  kloop_completion rec;
+  int32_t bid = -1;
+  Stream *stream = nullptr;  // stream the record belongs to (DATA/EOF filter)
+  Op *retire_op = nullptr;
+  Stream *retire_stream = nullptr;
+};
+
+
+struct Stream {
+  uint64_t token = 0;
+  int fd = -1;
+  uint32_t flags = 0;
+  // read side
+  Op recv;
+  bool recv_armed = false;
+  bool recv_cancel = false;
+  bool recv_nobufs = false;  // waiting for buffers (ENOBUFS or no own buffer)
+  bool paused = false;
+  bool read_done = false;    // EOF or error delivered/queued
+  // write side
+  Op send;
+  bool send_inflight = false;
+  bool send_cancel = false;
+  bool write_failed = false;
+  bool over_high = false;
+  bool dirty = false;  // in Engine::dirty_ list
+  bool starved = false;  // in Engine::starved_ list
+  ByteQueue wq;
+  iovec iov[kMaxIov];
+  uint64_t high = 65536, low = 16384;
+  // shutdown / close
+  Op shut;
+  bool shut_req = false, shut_inflight = false, shut_done = false;
+  Op close_op;
+  bool close_inflight = false;
+  bool closing = false, aborting = false, finished = false;
+  int close_err = 0;
+  // read records kept while paused, delivered in order on resume
+  std::deque<Pending> held;
+};
+
+class Engine {
+ public:
+  Engine() = default;
+  ~Engine();
+  Engine(const Engine &) = delete;
+  Engine &operator=(const Engine &) = delete;
+
+  int init(const kloop_config &cfg);
+  void destroy();  // cancel all, wait for the kernel, free
+  bool forked() const;
+
+  int poll(kloop_completion *out, uint32_t max, int64_t timeout_ns);
+  int wake();
+  int caps(kloop_caps *c) const;
+  int stats(kloop_stats *s) const;
+  int ring_fd() const { return ring_.ring_fd; }
+  void arena(uint64_t *base, uint64_t *size) const;
+
+  // one-shot / multishot operations
+  int submit_op(OpKind kind, uint64_t token, const Op &args);
+  int cancel(uint64_t token);
+  int cancel_fd(int fd);
+
+  // streams
+  int stream_attach(uint64_t token, int fd, uint32_t flags);
+  int stream_pause(uint64_t token, bool pause);
+  int64_t stream_write(uint64_t token, const void *buf, size_t len);
+  int stream_set_limits(uint64_t token, uint64_t high, uint64_t low);
+  int64_t stream_write_size(uint64_t token);
+  int stream_shutdown(uint64_t token);
+  int stream_close(uint64_t token);
+  int stream_abort(uint64_t token);
+
+  uint64_t enabled() const { return enabled_; }
+
+ private:
+  // ring plumbing
+  io_uring_sqe *get_sqe();
+  int enter_if_needed();
+  bool ensure_enabled();
+  void queue_cancel(const Op *target);
+  void prep(io_uring_sqe *sqe, Op *op);
+  void arm(Op *op);
+  void handle_cqe(const io_uring_cqe *cqe);
+  void handle_op_cqe(Op *op, int res, uint32_t cflags);
+  void handle_stream_cqe(Op *op, int res, uint32_t cflags);
+  void emit(uint64_t token, int32_t res, uint32_t flags, uint64_t data, uint32_t event,
+            uint32_t aux, int32_t bid = -1, Stream *s = nullptr);
+  void finish_op(Op *op, int32_t res, uint64_t data = 0, uint32_t aux = 0);
+  void reap(size_t want);
+
+  // ops
+  Op *alloc_op();
+  void free_op(Op *op);
+  bool token_in_use(uint64_t token) const;
+  void fd_ref(int fd);
+  void fd_unref(int fd);
+
+  // buffers
+  bool setup_buffers();
+  char *buf_addr(uint32_t bid) const { return arena_ + static_cast<size_t>(bid) * buf_size_; }
+  void recycle(uint32_t bid);
+  int take_own_buffer();
+  void flush_recycled();
+
+  // streams
+  Stream *find_stream(uint64_t token) const;
+  void progress(Stream *s);
+  void mark_dirty(Stream *s);
+  void arm_recv(Stream *s);
+  void submit_send(Stream *s);
+  void stream_finish(Stream *s, int err);
+  void drop_held(Stream *s);
+
+  io_uring ring_{};
+  bool ring_ok_ = false;
+  bool enabled_ring_ = true;  // false while IORING_SETUP_R_DISABLED is pending
+  unsigned setup_flags_ = 0;
+  uint32_t features_ = 0;
+  uint64_t kernel_caps_ = 0;
+  uint64_t enabled_ = 0;
+  uint8_t opcodes_[256] = {};
+  uint32_t sq_entries_ = 0, cq_entries_ = 0;
+  unsigned fork_gen_ = 0;
+
+  // receive buffers: one arena, used through a buffer ring or handed out
+  // from a free list (KLOOP_CAP_BUF_RING off)
+  char *arena_ = nullptr;
+  size_t arena_size_ = 0;
+  uint32_t buf_size_ = 0, buf_count_ = 0;
+  io_uring_buf_ring *br_ = nullptr;
+  size_t br_size_ = 0;
+  bool br_registered_ = false;
+  std::vector<uint32_t> handed_out_;  // returned by the last poll
+  std::vector<uint32_t> own_free_;    // free list without buffer ring
+  uint32_t buffers_in_use_ = 0;
+  int pending_recycle_ = 0;  // buffers added to the ring, not yet published
+
+  std::unordered_map<uint64_t, Op *> ops_;
+  std::unordered_map<uint64_t, Stream *> streams_;
+  std::unordered_map<int, uint32_t> fd_ops_;
+  std::vector<Op *> wait_close_;        // close ops waiting for their fd to drain
+  std::vector<Stream *> dirty_;         // streams with work to queue at next poll
+  std::vector<Stream *> starved_;       // streams waiting for receive buffers
+  std::deque<Pending> pending_;         // records not yet returned
+  std::vector<Op *> retire_ops_;        // free at the next poll
+  std::vector<Stream *> retire_streams_;
+  Op *free_ops_ = nullptr;
+  size_t free_op_count_ = 0;
+
+  // wake-up
+  int wake_fd_ = -1;
+  Op wake_op_;
+  uint64_t wake_buf_ = 0;
+  std::atomic<bool> wake_pending_{false};
+
+  uint64_t in_flight_ = 0;  // SQEs whose final CQE has not been reaped
+  kloop_stats st_{};
+  bool in_destroy_ = false;
+};
+
+extern std::atomic<unsigned> g_fork_generation;
+
+}  // namespace kl

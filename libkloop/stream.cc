@@ -1,0 +1,401 @@
+// Engine-owned streams: reads into the loop's receive buffers, a gathered
+// write queue with one send in flight, flow-control marks, graceful close
+// and abort. All decisions about what to queue next live in progress().
+#include <errno.h>
+#include <poll.h>
+#include <unistd.h>
+
+#include <new>
+
+#include "engine.h"
+
+namespace kl {
+
+namespace {
+inline bool is_read_event(uint32_t ev) {
+  return ev == KLOOP_EVENT_DATA || ev == KLOOP_EVENT_EOF || ev == KLOOP_EVENT_ERROR;
+}
+}  // namespace
+
+Stream *Engine::find_stream(uint64_t token) const {
+  auto it = streams_.find(token);
+  return it == streams_.end() ? nullptr : it->second;
+}
+
+void Engine::mark_dirty(Stream *s) {
+  if (s->dirty) return;
+  s->dirty = true;
+  dirty_.push_back(s);
+}
+
+int Engine::stream_attach(uint64_t token, int fd, uint32_t flags) {
+  if (token_in_use(token)) return -EEXIST;
+  Stream *s = new (std::nothrow) Stream;
+  if (!s) return -ENOMEM;
+  s->token = token;
+  s->fd = fd;
+  s->flags = flags;
+  s->paused = flags & KLOOP_STREAM_PAUSED;
+  s->recv.kind = OpKind::StreamRecv;
+  s->recv.stream = s;
+  s->recv.fd = fd;
+  s->recv.token = token;
+  s->send.kind = OpKind::StreamSend;
+  s->send.stream = s;
+  s->send.fd = fd;
+  s->send.token = token;
+  s->shut.kind = OpKind::StreamShutdown;
+  s->shut.stream = s;
+  s->shut.fd = fd;
+  s->shut.token = token;
+  s->close_op.kind = OpKind::StreamClose;
+  s->close_op.stream = s;
+  s->close_op.fd = fd;
+  s->close_op.token = token;
+  streams_.emplace(token, s);
+  progress(s);
+  return 0;
+}
+
+void Engine::arm_recv(Stream *s) {
+  if (!(enabled_ & KLOOP_CAP_BUF_RING)) {
+    int bid = take_own_buffer();
+    if (bid < 0) {
+      s->recv_nobufs = true;
+      if (!s->starved) {
+        s->starved = true;
+        starved_.push_back(s);
+      }
+      return;
+    }
+    s->recv.off = static_cast<uint64_t>(bid);
+  }
+  s->recv_armed = true;
+  s->recv_cancel = false;
+  arm(&s->recv);
+}
+
+void Engine::submit_send(Stream *s) {
+  s->send_inflight = true;
+  s->send_cancel = false;
+  arm(&s->send);
+}
+
+void Engine::drop_held(Stream *s) {
+  for (Pending &p : s->held)
+    if (p.bid >= 0) recycle(static_cast<uint32_t>(p.bid));
+  s->held.clear();
+  // Read records of this stream still queued for delivery are dropped at
+  // delivery time (Engine::poll checks closing/aborting).
+}
+
+void Engine::stream_finish(Stream *s, int err) {
+  if (s->finished) return;
+  s->finished = true;
+  drop_held(s);
+  s->wq.clear();
+  streams_.erase(s->token);
+  // The Stream is freed after its CLOSED record is returned: no list may
+  // keep pointing at it by then.
+  if (s->starved) {
+    for (size_t i = 0; i < starved_.size(); ++i)
+      if (starved_[i] == s) {
+        starved_.erase(starved_.begin() + static_cast<std::ptrdiff_t>(i));
+        break;
+      }
+    s->starved = false;
+  }
+  if (s->dirty) {
+    for (size_t i = 0; i < dirty_.size(); ++i)
+      if (dirty_[i] == s) {
+        dirty_.erase(dirty_.begin() + static_cast<std::ptrdiff_t>(i));
+        break;
+      }
+    s->dirty = false;
+  }
+  Pending p;
+  p.rec = kloop_completion{s->token, err, 0, 0, KLOOP_EVENT_CLOSED, 0};
+  p.retire_stream = s;
+  pending_.push_back(p);
+}
+
+void Engine::progress(Stream *s) {
+  if (s->finished) return;
+  bool kernel_busy = s->recv_armed || s->send_inflight || s->shut_inflight || s->close_inflight;
+  if (s->aborting) {
+    if (s->recv_armed && !s->recv_cancel) {
+      s->recv_cancel = true;
+      queue_cancel(&s->recv);
+    }
+    if (s->send_inflight && !s->send_cancel) {
+      s->send_cancel = true;
+      queue_cancel(&s->send);
+    }
+    if (!kernel_busy) {
+      if ((s->flags & KLOOP_STREAM_CLOSE_FD) && s->fd >= 0) {
+        s->close_inflight = true;
+        arm(&s->close_op);
+      } else {
+        stream_finish(s, -ECANCELED);
+      }
+    }
+    return;
+  }
+
+  bool want_read = !(s->flags & KLOOP_STREAM_NO_READ) && !s->paused && !s->read_done && !s->closing;
+  if (want_read) {
+    if (!s->recv_armed && !s->recv_nobufs) arm_recv(s);
+  } else if (s->recv_armed && !s->recv_cancel) {
+    s->recv_cancel = true;
+    queue_cancel(&s->recv);
+  }
+
+  if (!s->send_inflight && !s->write_failed && s->wq.size() > 0) submit_send(s);
+
+  if (!s->send_inflight && s->wq.size() == 0 && s->shut_req && !s->shut_inflight && !s->shut_done &&
+      !s->write_failed) {
+    if (s->flags & KLOOP_STREAM_FILE) {
+      // A pipe has no half-close: the write side ends when the fd closes.
+      s->shut_done = true;
+      emit(s->token, 0, KLOOP_COMPLETION_MORE, 0, KLOOP_EVENT_WRITE_DONE, 0);
+    } else {
+      s->shut_inflight = true;
+      arm(&s->shut);
+    }
+  }
+
+  if (s->closing) {
+    bool flushed = !s->send_inflight && (s->wq.size() == 0 || s->write_failed) && !s->shut_inflight;
+    if (flushed && !s->recv_armed && !s->close_inflight) {
+      if ((s->flags & KLOOP_STREAM_CLOSE_FD) && s->fd >= 0) {
+        s->close_inflight = true;
+        arm(&s->close_op);
+      } else {
+        stream_finish(s, s->close_err);
+      }
+    }
+  }
+}
+
+void Engine::handle_stream_cqe(Op *op, int res, uint32_t cflags) {
+  Stream *s = op->stream;
+  bool more = cflags & IORING_CQE_F_MORE;
+  switch (op->kind) {
+    case OpKind::StreamRecv: {
+      if (op->state & kOpPollRetry) {
+        op->state &= static_cast<uint16_t>(~kOpPollRetry);
+        if (res < 0 || s->recv_cancel || s->finished) {
+          s->recv_armed = false;
+          if (!(enabled_ & KLOOP_CAP_BUF_RING)) recycle(static_cast<uint32_t>(op->off));
+          if (res < 0 && res != -ECANCELED && !s->read_done && !s->closing && !s->aborting) {
+            s->read_done = true;
+            emit(s->token, res, KLOOP_COMPLETION_MORE, 0, KLOOP_EVENT_ERROR, 0, -1, s);
+          }
+          progress(s);
+        } else {
+          arm(op);  // fd readable: read again
+        }
+        return;
+      }
+      int32_t bid = -1;
+      if (cflags & IORING_CQE_F_BUFFER) {
+        bid = static_cast<int32_t>(cflags >> IORING_CQE_BUFFER_SHIFT);
+        ++buffers_in_use_;
+      } else if (!(enabled_ & KLOOP_CAP_BUF_RING)) {
+        bid = static_cast<int32_t>(op->off);  // own buffer, counted when taken
+      }
+      if (res > 0) {
+        emit(s->token, res, KLOOP_COMPLETION_MORE, reinterpret_cast<uint64_t>(buf_addr(static_cast<uint32_t>(bid))),
+             KLOOP_EVENT_DATA, 0, bid, s);
+      } else {
+        if (bid >= 0) recycle(static_cast<uint32_t>(bid));
+        if (res == 0) {
+          s->read_done = true;
+          emit(s->token, 0, KLOOP_COMPLETION_MORE, 0, KLOOP_EVENT_EOF, 0, -1, s);
+        } else if (res == -ENOBUFS) {
+          ++st_.enobufs;
+          s->recv_nobufs = true;
+          if (!s->starved) {
+            s->starved = true;
+            starved_.push_back(s);
+          }
+        } else if (res == -EAGAIN && !s->recv_cancel && (s->flags & KLOOP_STREAM_FILE)) {
+          // O_NONBLOCK pipe or tty: wait for readability, then read again.
+          if (!(enabled_ & KLOOP_CAP_BUF_RING)) {
+            // keep the own buffer reserved: recycle() above returned it, take it again
+            int nb = take_own_buffer();
+            op->off = static_cast<uint64_t>(nb < 0 ? 0 : nb);
+            if (nb < 0) {
+              s->recv_armed = false;
+              s->recv_nobufs = true;
+              if (!s->starved) {
+                s->starved = true;
+                starved_.push_back(s);
+              }
+              return;
+            }
+          }
+          op->off2 = POLLIN;
+          op->state |= kOpPollRetry;
+          arm(op);
+          return;
+        } else if (res != -ECANCELED || !s->recv_cancel) {
+          if (!s->read_done) {
+            s->read_done = true;
+            emit(s->token, res, KLOOP_COMPLETION_MORE, 0, KLOOP_EVENT_ERROR, 0, -1, s);
+          }
+        }
+      }
+      if (!more) {
+        s->recv_armed = false;
+        s->recv_cancel = false;
+        progress(s);
+      }
+      return;
+    }
+    case OpKind::StreamSend: {
+      if (op->state & kOpPollRetry) {
+        op->state &= static_cast<uint16_t>(~kOpPollRetry);
+        if (res < 0 || s->send_cancel) {
+          s->send_inflight = false;
+          if (res < 0 && res != -ECANCELED) {
+            s->write_failed = true;
+            s->wq.clear();
+            if (s->closing)
+              s->close_err = res;
+            else if (!s->aborting)
+              emit(s->token, res, KLOOP_COMPLETION_MORE, 0, KLOOP_EVENT_ERROR, 0);
+          }
+          progress(s);
+        } else {
+          arm(op);
+        }
+        return;
+      }
+      if (res == -EAGAIN && !s->send_cancel) {
+        op->off2 = POLLOUT;
+        op->state |= kOpPollRetry;
+        arm(op);
+        return;
+      }
+      s->send_inflight = false;
+      s->send_cancel = false;
+      if (res > 0) {
+        s->wq.consume(static_cast<size_t>(res));
+        if (s->over_high && s->wq.size() <= s->low && !s->aborting) {
+          s->over_high = false;
+          emit(s->token, 0, KLOOP_COMPLETION_MORE, 0, KLOOP_EVENT_WRITE_LOW, 0);
+        }
+      } else if (res < 0 && !(res == -ECANCELED && s->aborting)) {
+        s->write_failed = true;
+        s->wq.clear();
+        if (s->closing)
+          s->close_err = res;
+        else if (!s->aborting)
+          emit(s->token, res, KLOOP_COMPLETION_MORE, 0, KLOOP_EVENT_ERROR, 0);
+      }
+      progress(s);
+      return;
+    }
+    case OpKind::StreamShutdown:
+      s->shut_inflight = false;
+      s->shut_done = true;
+      if (!s->aborting) emit(s->token, res, KLOOP_COMPLETION_MORE, 0, KLOOP_EVENT_WRITE_DONE, 0);
+      progress(s);
+      return;
+    case OpKind::StreamClose:
+      s->close_inflight = false;
+      s->fd = -1;
+      stream_finish(s, s->aborting ? -ECANCELED : (res < 0 ? res : s->close_err));
+      return;
+    default:
+      return;
+  }
+}
+
+int Engine::stream_pause(uint64_t token, bool pause) {
+  Stream *s = find_stream(token);
+  if (!s) return -ENOENT;
+  if (s->closing || s->aborting) return -EPIPE;
+  if (pause == s->paused) return 0;
+  s->paused = pause;
+  if (pause) {
+    // Read records already queued for delivery wait with the held ones.
+    for (auto it = pending_.begin(); it != pending_.end();) {
+      if (it->stream == s && is_read_event(it->rec.event)) {
+        s->held.push_back(*it);
+        it = pending_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  } else {
+    while (!s->held.empty()) {
+      pending_.push_back(s->held.front());
+      s->held.pop_front();
+    }
+  }
+  progress(s);
+  return 0;
+}
+
+int64_t Engine::stream_write(uint64_t token, const void *buf, size_t len) {
+  Stream *s = find_stream(token);
+  if (!s) return -ENOENT;
+  if (s->shut_req || s->closing || s->aborting || s->write_failed) return -EPIPE;
+  if (len) {
+    if (!s->wq.append(buf, len)) return -ENOMEM;
+    if (!s->send_inflight) mark_dirty(s);
+  }
+  uint64_t size = s->wq.size();
+  if (size > s->high) s->over_high = true;
+  return static_cast<int64_t>(size);
+}
+
+int Engine::stream_set_limits(uint64_t token, uint64_t high, uint64_t low) {
+  Stream *s = find_stream(token);
+  if (!s) return -ENOENT;
+  if (low > high) return -EINVAL;
+  s->high = high;
+  s->low = low;
+  if (s->wq.size() > high) s->over_high = true;
+  return 0;
+}
+
+int64_t Engine::stream_write_size(uint64_t token) {
+  Stream *s = find_stream(token);
+  if (!s) return -ENOENT;
+  return static_cast<int64_t>(s->wq.size());
+}
+
+int Engine::stream_shutdown(uint64_t token) {
+  Stream *s = find_stream(token);
+  if (!s) return -ENOENT;
+  if (s->shut_req || s->closing || s->aborting) return -EPIPE;
+  s->shut_req = true;
+  mark_dirty(s);
+  return 0;
+}
+
+int Engine::stream_close(uint64_t token) {
+  Stream *s = find_stream(token);
+  if (!s) return -ENOENT;
+  if (s->closing || s->aborting) return -EALREADY;
+  s->closing = true;
+  drop_held(s);
+  progress(s);
+  return 0;
+}
+
+int Engine::stream_abort(uint64_t token) {
+  Stream *s = find_stream(token);
+  if (!s) return -ENOENT;
+  if (s->aborting) return -EALREADY;
+  s->aborting = true;
+  s->wq.clear();
+  drop_held(s);
+  progress(s);
+  return 0;
+}
+
+}  // namespace kl
