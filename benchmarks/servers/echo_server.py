@@ -1,0 +1,202 @@
+"""Echo servers for the benchmark driver, one per asyncio API style.
+
+usage: echo_server.py --loop {asyncio,uvloop,kloop} --kind KIND
+                      [--host H] [--port P | --unix PATH]
+
+KIND is one of
+  protocol   asyncio.Protocol: data_received() -> transport.write()
+  streams    asyncio.start_server: await reader.read() -> writer.write();
+             await writer.drain()
+  buffered   asyncio.BufferedProtocol: recv into get_buffer(), write a copy
+  sock       loop.sock_accept / sock_recv / sock_sendall on plain sockets
+
+Every loop gets exactly the same code; only the event loop differs. Accepted
+sockets get TCP_NODELAY explicitly, because the loops disagree on when they
+set it themselves (asyncio only for sockets whose proto is IPPROTO_TCP,
+uvloop always). The listening socket is made here, with IPPROTO_TCP and a
+4096 backlog, and passed as sock= to every loop.
+
+Prints "READY <port|path>" on stdout once listening. SIGINT/SIGTERM stop it.
+Runs with Debian's /usr/bin/python3; kloop needs PYTHONPATH pointing at the
+checkout's python/ directory.
+"""
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import sys
+
+READ_SIZE = 65536
+
+
+def _nodelay(sock):
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except (OSError, AttributeError):
+            pass
+
+
+class EchoProtocol(asyncio.Protocol):
+    __slots__ = ("transport",)
+
+    def connection_made(self, transport):
+        self.transport = transport
+        _nodelay(transport.get_extra_info("socket"))
+
+    def data_received(self, data):
+        self.transport.write(data)
+
+    def connection_lost(self, exc):
+        self.transport = None
+
+
+class EchoBufferedProtocol(asyncio.BufferedProtocol):
+    __slots__ = ("transport", "buf", "view")
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.buf = bytearray(READ_SIZE)
+        self.view = memoryview(self.buf)
+        _nodelay(transport.get_extra_info("socket"))
+
+    def get_buffer(self, sizehint):
+        return self.view
+
+    def buffer_updated(self, nbytes):
+        # A copy: the buffer is reused by the next receive, and a transport
+        # may keep a reference to what it could not send at once.
+        self.transport.write(self.buf[:nbytes])
+
+    def connection_lost(self, exc):
+        self.transport = None
+
+
+async def _streams_client(reader, writer):
+    _nodelay(writer.get_extra_info("socket"))
+    try:
+        while True:
+            data = await reader.read(READ_SIZE)
+            if not data:
+                break
+            writer.write(data)
+            await writer.drain()
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+
+
+async def _sock_client(loop, sock):
+    try:
+        while True:
+            data = await loop.sock_recv(sock, READ_SIZE)
+            if not data:
+                break
+            await loop.sock_sendall(sock, data)
+    except ConnectionError:
+        pass
+    finally:
+        sock.close()
+
+
+def make_listener(args):
+    if args.unix:
+        try:
+            os.unlink(args.unix)
+        except FileNotFoundError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(args.unix)
+    else:
+        family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((args.host, args.port))
+    sock.listen(4096)
+    sock.setblocking(False)
+    return sock
+
+
+def new_loop(name):
+    if name == "asyncio":
+        return asyncio.new_event_loop()
+    if name == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop()
+    if name == "kloop":
+        import kloop
+
+        return kloop.new_event_loop()
+    raise SystemExit(f"unknown loop {name!r}")
+
+
+async def serve(args, stop):
+    loop = asyncio.get_running_loop()
+    lsock = make_listener(args)
+    where = args.unix or lsock.getsockname()[1]
+    tasks = set()
+    if args.kind == "protocol":
+        server = await loop.create_server(EchoProtocol, sock=lsock, backlog=4096)
+    elif args.kind == "buffered":
+        server = await loop.create_server(EchoBufferedProtocol, sock=lsock, backlog=4096)
+    elif args.kind == "streams":
+        server = await asyncio.start_server(_streams_client, sock=lsock, limit=READ_SIZE * 4,
+                                            backlog=4096)
+    elif args.kind == "sock":
+        server = None
+
+        async def accept_loop():
+            while True:
+                conn, _ = await loop.sock_accept(lsock)
+                conn.setblocking(False)
+                _nodelay(conn)
+                t = loop.create_task(_sock_client(loop, conn))
+                tasks.add(t)
+                t.add_done_callback(tasks.discard)
+
+        tasks.add(loop.create_task(accept_loop()))
+    else:
+        raise SystemExit(f"unknown kind {args.kind!r}")
+    print(f"READY {where}", flush=True)
+    await stop.wait()
+    if server is not None:
+        server.close()
+    for t in list(tasks):
+        t.cancel()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--loop", default="asyncio", choices=["asyncio", "uvloop", "kloop"])
+    p.add_argument("--kind", default="protocol", choices=["protocol", "streams", "buffered", "sock"])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--unix")
+    p.add_argument("--cpu", type=int, default=-1, help="pin to this CPU")
+    args = p.parse_args(argv)
+    if args.cpu >= 0:
+        os.sched_setaffinity(0, {args.cpu})
+    try:
+        loop = new_loop(args.loop)
+    except Exception as exc:  # reported to the driver, which shows "n/a"
+        print(f"UNAVAILABLE {type(exc).__name__}: {exc}", flush=True)
+        sys.exit(3)
+    asyncio.set_event_loop(loop)
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            signal.signal(sig, lambda *_: loop.call_soon_threadsafe(stop.set))
+    try:
+        loop.run_until_complete(serve(args, stop))
+    finally:
+        loop.close()
+
+
+if __name__ == "__main__":
+    main()
