@@ -1,0 +1,781 @@
+#!/usr/bin/python3
+"""Benchmark driver: echo servers on asyncio, uvloop and kloop (and the
+native epoll and libkloop servers), measured with the native load generator.
+
+How a measurement is made (see docs/performance.md for the reasons):
+  * every run starts a fresh server pinned to CPU 0 and the load generator
+    (build/benchmarks/loadgen) pinned to CPU 1;
+  * the loops are interleaved: round 1 runs A B C for a cell, round 2 B C A,
+    round 3 C A B, ... so slow drifts of the machine hit every loop alike;
+  * each run has a warm-up, then a measured phase; the load generator reads
+    the server's utime+stime and RSS from /proc at the edges of that phase;
+  * medians over rounds with min-max; ratios are computed per round (kloop
+    against uvloop and asyncio of the same round) and their median reported;
+  * /proc/stat is sampled around every run: CPU time used by anything other
+    than the server and the load generator is recorded as "other" so that a
+    measurement disturbed by another process can be seen (and redone).
+
+Tiers:
+  quick     the 4 cells of the brief's target table (< 5 minutes)
+  full      4 API styles x 64 B..100 KiB x 1..1000 connections
+  native    echo_epoll vs echo_kloop at 10/100/1000 conns, 1 KiB and 100 KiB
+  syscalls  untimed: strace -c -f on each server for a fixed number of
+            requests; syscalls and io_uring_enter calls per request
+
+Examples:
+  /usr/bin/python3 benchmarks/run.py quick
+  /usr/bin/python3 benchmarks/run.py native --rounds 5 --doc
+  /usr/bin/python3 benchmarks/run.py custom --loops uvloop,kloop \
+      --kinds protocol --sizes 1024 --conns 10,100 --rounds 3
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import resource
+import select
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVER_PY = ROOT / "benchmarks" / "servers" / "echo_server.py"
+RESULTS = ROOT / "benchmarks" / "results"
+DOC = ROOT / "docs" / "performance.md"
+PYTHON = "/usr/bin/python3"
+SERVER_CPU = 0
+CLIENT_CPU = 1
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+PY_LOOPS = ("asyncio", "uvloop", "kloop")
+NATIVE = ("epoll", "libkloop")
+KINDS = ("protocol", "streams", "buffered", "sock")
+KIND_TITLE = {"protocol": "Protocol", "streams": "streams", "buffered": "BufferedProtocol",
+              "sock": "sock_recv/sendall", "native": "C echo"}
+
+QUICK_CELLS = [("protocol", 1024, 10), ("streams", 1024, 10),
+               ("protocol", 102400, 10), ("protocol", 1024, 100)]
+
+
+# ---------------------------------------------------------------------------
+# Environment: where the binaries are, what is installed
+# ---------------------------------------------------------------------------
+
+class BenchError(Exception):
+    pass
+
+
+class Env:
+    """Paths of the build and of the Python interpreter used for servers."""
+
+    def __init__(self, build=None, python=PYTHON):
+        self.python = python
+        self.build = self._find_build(build)
+        self.loadgen = self.build / "benchmarks" / "loadgen"
+        self.libkloop = self.build / "libkloop" / "libkloop.so"
+        self._availability = {}
+
+    @staticmethod
+    def _find_build(build):
+        if build:
+            b = Path(build).resolve()
+            if not (b / "benchmarks" / "loadgen").exists():
+                raise BenchError(f"{b}/benchmarks/loadgen not found: build it with "
+                                 f"`meson setup {b} && ninja -C {b}`")
+            return b
+        env = os.environ.get("KLOOP_BUILD")
+        candidates = [Path(env)] if env else []
+        candidates += [ROOT / "build"] + sorted(ROOT.glob("build*"))
+        for b in candidates:
+            if (b / "benchmarks" / "loadgen").exists():
+                return b.resolve()
+        raise BenchError("the load generator is not built: run scripts/setup.sh, or "
+                         "`meson setup build && ninja -C build` (looked for "
+                         "build*/benchmarks/loadgen under " + str(ROOT) + ")")
+
+    def server_env(self):
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(ROOT / "python")
+        if self.libkloop.exists():
+            env["KLOOP_LIBRARY"] = str(self.libkloop)
+        env.pop("PYTHONASYNCIODEBUG", None)
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
+        return env
+
+    def availability(self, loop):
+        """None if `loop` can run a server, else a one-line reason."""
+        if loop in self._availability:
+            return self._availability[loop]
+        reason = None
+        if loop in PY_LOOPS:
+            probe = {
+                "asyncio": "import asyncio; asyncio.new_event_loop().close()",
+                "uvloop": "import uvloop; uvloop.new_event_loop().close()",
+                "kloop": "import kloop; kloop.new_event_loop().close()",
+            }[loop]
+            r = subprocess.run([self.python, "-c", probe], env=self.server_env(),
+                               capture_output=True, text=True, timeout=60)
+            if r.returncode != 0:
+                lines = [x for x in r.stderr.strip().splitlines() if x.strip()]
+                reason = lines[-1] if lines else f"exit status {r.returncode}"
+        else:
+            exe = self.native_exe(loop)
+            if not exe.exists():
+                reason = f"{exe} not built"
+        self._availability[loop] = reason
+        return reason
+
+    def native_exe(self, name):
+        return self.build / "benchmarks" / ("echo_epoll" if name == "epoll" else "echo_kloop")
+
+    def server_cmd(self, loop, kind):
+        if loop in PY_LOOPS:
+            return [self.python, str(SERVER_PY), "--loop", loop, "--kind", kind, "--port", "0"]
+        return [str(self.native_exe(loop)), "--port", "0"]
+
+
+def _pin(cpu):
+    def fn():
+        os.sched_setaffinity(0, {cpu})
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return fn
+
+
+# ---------------------------------------------------------------------------
+# /proc sampling
+# ---------------------------------------------------------------------------
+
+def cpu_totals():
+    """(busy, steal) jiffies of the whole machine from /proc/stat."""
+    with open("/proc/stat") as f:
+        parts = f.readline().split()[1:]
+    v = [int(x) for x in parts]
+    user, nice, system, idle, iowait, irq, softirq, steal = (v + [0] * 8)[:8]
+    return user + nice + system + irq + softirq, steal
+
+
+def proc_cpu(pid):
+    """utime+stime of a process in seconds, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def busy_processes(min_share=0.05, interval=0.3):
+    """Processes that used more than min_share of a core over `interval` s."""
+    exclude = {os.getpid()}
+    def snap():
+        out = {}
+        for d in os.listdir("/proc"):
+            if d.isdigit() and int(d) not in exclude:
+                try:
+                    with open(f"/proc/{d}/stat") as f:
+                        data = f.read()
+                    comm = data[data.index("(") + 1:data.rindex(")")]
+                    fields = data[data.rindex(")") + 2:].split()
+                    out[int(d)] = (comm, int(fields[11]) + int(fields[12]))
+                except (OSError, ValueError):
+                    pass
+        return out
+    a = snap()
+    time.sleep(interval)
+    b = snap()
+    busy = []
+    for pid, (comm, t) in b.items():
+        t0 = a[pid][1] if pid in a else 0
+        share = (t - t0) / CLK_TCK / interval
+        if share >= min_share:
+            busy.append((round(share, 2), pid, comm))
+    return sorted(busy, reverse=True)
+
+
+def loadavg():
+    with open("/proc/loadavg") as f:
+        return [float(x) for x in f.read().split()[:3]]
+
+
+# ---------------------------------------------------------------------------
+# One run
+# ---------------------------------------------------------------------------
+
+class Server:
+    """A server process pinned to SERVER_CPU, started and waited for READY."""
+
+    def __init__(self, env, loop, kind, log):
+        self.cmd = env.server_cmd(loop, kind)
+        self.proc = subprocess.Popen(self.cmd, env=env.server_env(), stdout=subprocess.PIPE,
+                                     stderr=log, text=True, preexec_fn=_pin(SERVER_CPU))
+        self.port = None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            r, _, _ = select.select([self.proc.stdout], [], [], 0.2)
+            if r:
+                line = self.proc.stdout.readline()
+                if line.startswith("READY "):
+                    self.port = line.split()[1]
+                    return
+                if line.startswith("UNAVAILABLE") or not line:
+                    break
+            elif self.proc.poll() is not None:
+                break
+        self.stop()
+        raise BenchError(f"server {' '.join(self.cmd)} did not start"
+                         + (f": {line.strip()}" if r and line else ""))
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout:
+            self.proc.stdout.close()
+
+
+def loadgen_cmd(env, port, size, conns, duration, warmup, pipeline=1, extra=(), server_pid=None,
+                requests=None):
+    cmd = [str(env.loadgen), "-P", str(port), "-c", str(conns), "-s", str(size),
+           "-p", str(pipeline), "-w", str(warmup), "-j"]
+    cmd += ["-n", str(requests)] if requests else ["-d", str(duration)]
+    if server_pid:
+        cmd += ["--server-pid", str(server_pid)]
+    return cmd + list(extra)
+
+
+def run_one(env, loop, kind, size, conns, duration, warmup, pipeline=1, loadgen_extra=(),
+            log=None):
+    """One measured run of one server; returns a result dict (with "error" on failure)."""
+    rec = {"loop": loop, "kind": kind, "size": size, "conns": conns, "pipeline": pipeline,
+           "time": datetime.datetime.now().isoformat(timespec="seconds")}
+    try:
+        server = Server(env, loop, kind, log)
+    except BenchError as e:
+        rec["error"] = str(e)
+        return rec
+    try:
+        cmd = loadgen_cmd(env, server.port, size, conns, duration, warmup, pipeline,
+                          loadgen_extra, server.pid)
+        rec["loadgen_cmd"] = " ".join(shlex.quote(c) for c in cmd)
+        s_cpu0 = proc_cpu(server.pid)
+        busy0, steal0 = cpu_totals()
+        ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t0 = time.monotonic()
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True,
+                               timeout=duration + warmup + 60, preexec_fn=_pin(CLIENT_CPU))
+        except subprocess.TimeoutExpired:
+            rec["error"] = "load generator timed out"
+            return rec
+        wall = time.monotonic() - t0
+        ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        busy1, steal1 = cpu_totals()
+        s_cpu1 = proc_cpu(server.pid)
+        if r.returncode not in (0,) or not r.stdout.strip():
+            rec["error"] = f"loadgen exit {r.returncode}: {r.stderr.strip()[-300:]}"
+            return rec
+        res = json.loads(r.stdout)
+        rec.update(res)
+        client_total = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+        server_total = (s_cpu1 - s_cpu0) if s_cpu0 is not None and s_cpu1 is not None else 0
+        machine = (busy1 - busy0) / CLK_TCK
+        rec["other_cpu"] = round(max(0.0, machine - client_total - server_total) / wall, 4)
+        rec["steal"] = round((steal1 - steal0) / CLK_TCK / wall, 4)
+        if res.get("dead_conns") or res.get("verify_errors"):
+            rec["error"] = (f"{res.get('dead_conns')} connections failed "
+                            f"({res.get('first_error')})")
+        if server.proc.poll() is not None:
+            rec["error"] = f"server exited with {server.proc.returncode} during the run"
+        return rec
+    finally:
+        server.stop()
+
+
+# ---------------------------------------------------------------------------
+# Matrices of runs
+# ---------------------------------------------------------------------------
+
+def size_label(n):
+    if n >= 1024 and n % 1024 == 0:
+        return f"{n // 1024} KiB" if n < 1 << 20 else f"{n >> 20} MiB"
+    return f"{n} B"
+
+
+def cell_label(kind, size, conns):
+    return f"{KIND_TITLE.get(kind, kind)}, {size_label(size)}, {conns} conn{'s' * (conns != 1)}"
+
+
+def run_matrix(env, cells, loops, rounds, duration, warmup, pipeline=1, loadgen_extra=(),
+               progress=None, log=None):
+    """Run every (cell, loop) `rounds` times, interleaved and rotated per round.
+
+    cells: list of (kind, size, conns); kind "native" runs the native servers.
+    Returns the list of run records (each with "round").
+    """
+    usable = [lp for lp in loops if env.availability(lp) is None]
+    total = rounds * len(cells) * len(usable)
+    records, done = [], 0
+    for rnd in range(rounds):
+        for cell in cells:
+            kind, size, conns = cell
+            order = usable[rnd % len(usable):] + usable[:rnd % len(usable)] if usable else []
+            for loop in order:
+                if progress:
+                    progress(done, total, f"round {rnd + 1}/{rounds}: "
+                             f"{cell_label(kind, size, conns)}: {loop}")
+                rec = run_one(env, loop, kind, size, conns, duration, warmup, pipeline,
+                              loadgen_extra, log)
+                rec["round"] = rnd
+                records.append(rec)
+                done += 1
+                if progress:
+                    if "error" in rec:
+                        note = "FAILED: " + rec["error"][:120]
+                    else:
+                        note = (f"{rec['rps']:,.0f} req/s, "
+                                f"{rec.get('server', {}).get('cpu_us_per_req', 0):.2f} us CPU/req")
+                        if rec["other_cpu"] > 0.10:
+                            note += f" (other processes used {rec['other_cpu']:.0%} of a core)"
+                    progress(done, total, f"  {loop}: {note}")
+    return records
+
+
+def _med(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def summarize(records, cells, loops, ratio_pairs):
+    """Per cell: per loop median/min/max of rps, CPU/req, p99, RSS; ratios per round."""
+    rows = []
+    for cell in cells:
+        kind, size, conns = cell
+        row = {"kind": kind, "size": size, "conns": conns, "loops": {}, "ratios": {}}
+        ok = [r for r in records if (r["kind"], r["size"], r["conns"]) == cell and "error" not in r]
+        for loop in loops:
+            runs = [r for r in ok if r["loop"] == loop]
+            failed = [r for r in records if (r["kind"], r["size"], r["conns"]) == cell
+                      and r["loop"] == loop and "error" in r]
+            if not runs:
+                row["loops"][loop] = {"n": 0, "error": failed[0]["error"] if failed else None}
+                continue
+            rps = [r["rps"] for r in runs]
+            srv = [r.get("server", {}) for r in runs]
+            row["loops"][loop] = {
+                "n": len(runs),
+                "failed": len(failed),
+                "rps": _med(rps), "rps_min": min(rps), "rps_max": max(rps),
+                "cpu_us": _med([s.get("cpu_us_per_req") for s in srv]),
+                "user_us": _med([s.get("user_us_per_req") for s in srv]),
+                "sys_us": _med([s.get("sys_us_per_req") for s in srv]),
+                "server_util": _med([s.get("util") for s in srv]),
+                "client_util": _med([r["client"]["util"] for r in runs]),
+                "p50": _med([r["latency_us"]["p50"] for r in runs]),
+                "p99": _med([r["latency_us"]["p99"] for r in runs]),
+                "p999": _med([r["latency_us"]["p999"] for r in runs]),
+                "rss_kb": _med([s.get("rss_kb") for s in srv]),
+                "other_cpu_max": max(r["other_cpu"] for r in runs),
+            }
+        for a, b in ratio_pairs:
+            per_round = []
+            cpu_round = []
+            for rnd in sorted({r["round"] for r in ok}):
+                ra = [r for r in ok if r["loop"] == a and r["round"] == rnd]
+                rb = [r for r in ok if r["loop"] == b and r["round"] == rnd]
+                if ra and rb and rb[0]["rps"] > 0:
+                    per_round.append(ra[0]["rps"] / rb[0]["rps"])
+                    ca = ra[0].get("server", {}).get("cpu_us_per_req")
+                    cb = rb[0].get("server", {}).get("cpu_us_per_req")
+                    if ca and cb:
+                        cpu_round.append(ca / cb)
+            if per_round:
+                row["ratios"][f"{a}/{b}"] = {
+                    "rps": _med(per_round), "min": min(per_round), "max": max(per_round),
+                    "cpu": _med(cpu_round),
+                }
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------
+# Syscall counts (untimed)
+# ---------------------------------------------------------------------------
+
+def parse_strace_summary(text):
+    """{syscall: calls} from the table `strace -c` writes."""
+    counts = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 5 and re.match(r"^[\d.]+$", parts[0]) and parts[-1] != "total":
+            # % time, seconds, usecs/call, calls, [errors], syscall
+            try:
+                calls = int(parts[3])
+            except ValueError:
+                continue
+            counts[parts[-1]] = calls
+    return counts
+
+
+def syscall_run(env, loop, kind, size, conns, requests, log=None):
+    """strace -c -f the running server while `requests` echoes go through."""
+    rec = {"loop": loop, "kind": kind, "size": size, "conns": conns, "requests": requests}
+    try:
+        server = Server(env, loop, kind, log)
+    except BenchError as e:
+        rec["error"] = str(e)
+        return rec
+    out = tempfile.NamedTemporaryFile(prefix="kloop-strace-", suffix=".txt", delete=False)
+    out.close()
+    try:
+        st = subprocess.Popen(["strace", "-c", "-f", "-o", out.name, "-p", str(server.pid)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        time.sleep(1.0)  # let strace attach to every thread
+        if st.poll() is not None:
+            rec["error"] = "strace failed: " + st.stderr.read().strip()[-200:]
+            return rec
+        cmd = loadgen_cmd(env, server.port, size, conns, 0, 0, requests=requests)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                           preexec_fn=_pin(CLIENT_CPU))
+        st.send_signal(signal.SIGINT)
+        st.wait(30)
+        if r.returncode != 0:
+            rec["error"] = f"loadgen exit {r.returncode}: {r.stderr.strip()[-200:]}"
+            return rec
+        res = json.loads(r.stdout)
+        counts = parse_strace_summary(Path(out.name).read_text())
+        n = res["requests"]
+        rec["measured_requests"] = n
+        rec["counts"] = counts
+        rec["per_request"] = {k: v / n for k, v in counts.items()}
+        rec["total_per_request"] = sum(counts.values()) / n
+        rec["io_uring_enter_per_request"] = counts.get("io_uring_enter", 0) / n
+        rec["loadgen_cmd"] = " ".join(cmd)
+        return rec
+    finally:
+        server.stop()
+        os.unlink(out.name)
+
+
+# ---------------------------------------------------------------------------
+# Metadata and output
+# ---------------------------------------------------------------------------
+
+def _cmd_out(cmd, **kw):
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=30,
+                              **kw).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def metadata(env):
+    py = _cmd_out([env.python, "-c", "import sys; print(sys.version.split()[0])"])
+    uv = _cmd_out([env.python, "-c", "import uvloop; print(uvloop.__version__)"])
+    kl = _cmd_out([env.python, "-c", "import kloop; print(getattr(kloop, '__version__', '?'))"],
+                  env=env.server_env())
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    commit = _cmd_out(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
+    dirty = _cmd_out(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"])
+    return {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": " ".join(shlex.quote(a) for a in [PYTHON] + sys.argv),
+        "kernel": platform.release(),
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "python": py,
+        "uvloop": uv or None,
+        "kloop": kl or None,
+        "liburing": _cmd_out(["dpkg-query", "-W", "-f=${Version}", "liburing-dev"]) or None,
+        "commit": commit + ("-dirty" if dirty else ""),
+        "build": str(env.build),
+        "loadavg_start": loadavg(),
+    }
+
+
+def fmt_rps(d):
+    if not d or not d.get("n"):
+        return "n/a"
+    return f"{d['rps'] / 1000:,.1f}k ({d['rps_min'] / 1000:,.1f}–{d['rps_max'] / 1000:,.1f})"
+
+
+def fmt_ratio(rt):
+    if not rt:
+        return "n/a"
+    return f"{rt['rps']:.2f}× ({rt['min']:.2f}–{rt['max']:.2f})"
+
+
+def fmt_num(v, digits=1):
+    return "n/a" if v is None else f"{v:,.{digits}f}"
+
+
+def markdown_tables(rows, loops, ratio_pairs, title_kind=True):
+    """Markdown: throughput with ratios, then CPU/latency/RSS."""
+    out = []
+    head = ["cell"] + [f"{lp} req/s" for lp in loops] + [f"{a}/{b}" for a, b in ratio_pairs]
+    out.append("| " + " | ".join(head) + " |")
+    out.append("|" + "---|" + "---:|" * (len(head) - 1))
+    for row in rows:
+        label = cell_label(row["kind"], row["size"], row["conns"]) if title_kind else \
+            f"{size_label(row['size'])}, {row['conns']} conns"
+        cells = [label] + [fmt_rps(row["loops"].get(lp)) for lp in loops]
+        cells += [fmt_ratio(row["ratios"].get(f"{a}/{b}")) for a, b in ratio_pairs]
+        out.append("| " + " | ".join(cells) + " |")
+    out.append("")
+    head = ["cell"] + [f"{lp} CPU µs/req (user+sys)" for lp in loops] + \
+        [f"{lp} p50 / p99 µs" for lp in loops] + [f"{lp} RSS MiB" for lp in loops]
+    out.append("| " + " | ".join(head) + " |")
+    out.append("|" + "---|" + "---:|" * (len(head) - 1))
+    for row in rows:
+        label = cell_label(row["kind"], row["size"], row["conns"]) if title_kind else \
+            f"{size_label(row['size'])}, {row['conns']} conns"
+        cells = [label]
+        for lp in loops:
+            d = row["loops"].get(lp, {})
+            cells.append("n/a" if not d.get("n") else
+                         f"{d['cpu_us']:.2f} ({d['user_us']:.2f}+{d['sys_us']:.2f})")
+        for lp in loops:
+            d = row["loops"].get(lp, {})
+            cells.append("n/a" if not d.get("n") else f"{d['p50']:.0f} / {d['p99']:.0f}")
+        for lp in loops:
+            d = row["loops"].get(lp, {})
+            cells.append("n/a" if not d.get("n") or not d.get("rss_kb") else
+                         f"{d['rss_kb'] / 1024:.1f}")
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def unavailable_notes(env, loops):
+    notes = []
+    for lp in loops:
+        why = env.availability(lp)
+        if why:
+            notes.append(f"- {lp}: n/a — {why}")
+    return notes
+
+
+def interference_note(records):
+    others = [r.get("other_cpu", 0) for r in records if "error" not in r]
+    if not others:
+        return ""
+    worst = max(others)
+    med = statistics.median(others)
+    s = (f"CPU used by other processes during the runs: median {med:.0%} of a core, "
+         f"worst {worst:.0%}")
+    if worst > 0.10:
+        s += " — runs above 10 % are disturbed: treat these figures as preliminary"
+    return s + "."
+
+
+def syscall_markdown(recs):
+    out = ["| server | syscalls/request | io_uring_enter/request | top syscalls per request |",
+           "|---|---:|---:|---|"]
+    for r in recs:
+        name = r["loop"] if r["kind"] == "native" else f"{r['loop']} ({r['kind']})"
+        if "error" in r:
+            out.append(f"| {name} | n/a | n/a | {r['error'][:80]} |")
+            continue
+        top = sorted(r["per_request"].items(), key=lambda kv: -kv[1])[:5]
+        tops = ", ".join(f"{k} {v:.2f}" for k, v in top)
+        out.append(f"| {name} | {r['total_per_request']:.2f} | "
+                   f"{r['io_uring_enter_per_request']:.2f} | {tops} |")
+    return "\n".join(out)
+
+
+def write_doc_section(name, body, doc=DOC):
+    """Replace the text between <!-- BEGIN name --> and <!-- END name --> in doc."""
+    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
+    text = doc.read_text() if doc.exists() else "# Performance\n"
+    block = f"{begin}\n{body.rstrip()}\n{end}"
+    if begin in text and end in text:
+        pre, rest = text.split(begin, 1)
+        post = rest.split(end, 1)[1]
+        text = pre + block + post
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    doc.write_text(text)
+
+
+def save_json(tier, payload):
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = RESULTS / f"{tier}-{stamp}.json"
+    path.write_text(json.dumps(payload, indent=1))
+    return path
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+def stderr_progress(done, total, msg):
+    if msg.startswith("  "):
+        print(f"         {msg.strip()}", file=sys.stderr, flush=True)
+    else:
+        print(f"[{done + 1:3d}/{total}] {msg}", file=sys.stderr, flush=True)
+
+
+def _ints(s):
+    return [int(float(x[:-1]) * 1024) if x.lower().endswith("k") else int(x)
+            for x in s.split(",") if x]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("tier", choices=["quick", "full", "native", "syscalls", "custom"])
+    p.add_argument("--build", help="meson build directory (default: build/, else build*/)")
+    p.add_argument("--loops", help="comma list (default asyncio,uvloop,kloop; "
+                                   "native: epoll,libkloop)")
+    p.add_argument("--kinds", default="protocol", help="custom: comma list of " + ",".join(KINDS))
+    p.add_argument("--sizes", default="1024", help="custom: comma list of sizes (k = KiB)")
+    p.add_argument("--conns", default="10", help="custom: comma list of connection counts")
+    p.add_argument("--rounds", type=int, help="interleaved rounds (default 3)")
+    p.add_argument("--duration", type=float, help="measured seconds per run")
+    p.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per run")
+    p.add_argument("--pipeline", type=int, default=1, help="messages in flight per connection")
+    p.add_argument("--requests", type=int, default=20000, help="syscalls: requests per server")
+    p.add_argument("--loadgen-arg", action="append", default=[],
+                   help="extra argument for the load generator (repeatable)")
+    p.add_argument("--doc", action="store_true",
+                   help="write the tables into docs/performance.md (section per tier)")
+    p.add_argument("--json-out", help="write the results here instead of benchmarks/results/")
+    args = p.parse_args(argv)
+
+    try:
+        env = Env(args.build)
+    except BenchError as e:
+        print(f"run.py: {e}", file=sys.stderr)
+        return 2
+
+    tier = args.tier
+    native = tier == "native"
+    loops = args.loops.split(",") if args.loops else list(NATIVE if native else PY_LOOPS)
+    if tier == "quick":
+        cells = QUICK_CELLS
+    elif tier == "full":
+        cells = [(k, s, c) for k in KINDS for s in (64, 1024, 10240, 102400)
+                 for c in (1, 10, 100, 1000)]
+    elif tier == "native":
+        cells = [("native", s, c) for s in (1024, 102400) for c in (10, 100, 1000)]
+    else:
+        kinds = args.kinds.split(",")
+        cells = [(k, s, c) for k in kinds for s in _ints(args.sizes) for c in _ints(args.conns)]
+    rounds = args.rounds or 3
+    duration = args.duration or (3.0 if tier == "full" else 4.0)
+
+    meta = metadata(env)
+    busy = busy_processes()
+    meta["busy_at_start"] = [f"{comm} ({pid}) {share:.0%}" for share, pid, comm in busy]
+    if busy:
+        print("run.py: warning: other processes are using CPU: "
+              + ", ".join(meta["busy_at_start"][:5]), file=sys.stderr)
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    log = open(RESULTS / "servers.log", "a")
+    print(f"run.py: build {env.build}; kernel {meta['kernel']}; Python {meta['python']}; "
+          f"uvloop {meta['uvloop']}", file=sys.stderr)
+    for note in unavailable_notes(env, loops):
+        print("run.py: " + note[2:], file=sys.stderr)
+
+    if tier == "syscalls":
+        recs = []
+        chosen = args.loops.split(",") if args.loops else list(PY_LOOPS + NATIVE)
+        targets = [(lp, k) for lp in chosen if lp in PY_LOOPS for k in args.kinds.split(",")]
+        targets += [(lp, "native") for lp in chosen if lp in NATIVE]
+        size = _ints(args.sizes)[0]
+        conns = _ints(args.conns)[0]
+        for lp, kind in targets:
+            why = env.availability(lp)
+            if why:
+                recs.append({"loop": lp, "kind": kind, "error": f"n/a: {why}"})
+                continue
+            print(f"run.py: strace {lp} {kind}: {args.requests} requests", file=sys.stderr)
+            recs.append(syscall_run(env, lp, kind, size, conns, args.requests, log))
+        payload = {"tier": tier, "meta": meta, "runs": recs}
+        path = Path(args.json_out) if args.json_out else save_json(tier, payload)
+        if args.json_out:
+            path.write_text(json.dumps(payload, indent=1))
+        table = syscall_markdown(recs)
+        print(table)
+        if args.doc:
+            body = (f"Measured {meta['date']} on kernel {meta['kernel']}, Python {meta['python']}, "
+                    f"uvloop {meta['uvloop']}, commit {meta['commit']}: echo of "
+                    f"{size_label(size)} over {conns} connections, {args.requests} requests, "
+                    f"server under `strace -c -f`.\n\n`{meta['command']}`\n\n{table}\n")
+            write_doc_section("syscalls", body)
+        print(f"run.py: results in {path}", file=sys.stderr)
+        return 0
+
+    ratio_pairs = [("libkloop", "epoll")] if native else \
+        [(a, b) for a, b in (("kloop", "uvloop"), ("kloop", "asyncio"), ("uvloop", "asyncio"))
+         if a in loops and b in loops]
+    est = rounds * len(cells) * len(loops) * (duration + args.warmup + 0.8)
+    print(f"run.py: {len(cells)} cells x {len(loops)} servers x {rounds} rounds, "
+          f"about {est / 60:.0f} min", file=sys.stderr)
+    extra = list(args.loadgen_arg)
+    records = run_matrix(env, cells, loops, rounds, duration, args.warmup, args.pipeline,
+                         extra, progress=stderr_progress, log=log)
+    meta["loadavg_end"] = loadavg()
+    rows = summarize(records, cells, loops, ratio_pairs)
+    payload = {"tier": tier, "meta": meta, "rounds": rounds, "duration": duration,
+               "warmup": args.warmup, "pipeline": args.pipeline, "loadgen_extra": extra,
+               "runs": records, "summary": rows}
+    if args.json_out:
+        path = Path(args.json_out)
+        path.write_text(json.dumps(payload, indent=1))
+    else:
+        path = save_json(tier, payload)
+    tables = markdown_tables(rows, loops, ratio_pairs, title_kind=not native)
+    notes = unavailable_notes(env, loops)
+    interf = interference_note(records)
+    print(tables)
+    if notes:
+        print("\n".join(notes))
+    print(interf)
+    if args.doc:
+        body = (f"Measured {meta['date']}: kernel {meta['kernel']}, {meta['cpu']} "
+                f"({meta['cpus']} CPUs), Python {meta['python']}, uvloop {meta['uvloop']}, "
+                f"liburing {meta['liburing']}, commit {meta['commit']}. "
+                f"{rounds} interleaved rounds of {args.warmup:g} s warm-up + "
+                f"{duration:g} s measured per server; median (min–max); "
+                f"load average at start {meta['loadavg_start'][0]:.2f}.\n\n"
+                f"`{meta['command']}`\n\n{tables}\n")
+        if notes:
+            body += "\n" + "\n".join(notes) + "\n"
+        if interf:
+            body += "\n" + interf + "\n"
+        write_doc_section(tier, body)
+    print(f"run.py: results in {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
