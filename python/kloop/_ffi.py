@@ -1,0 +1,278 @@
+"""CFFI binding of libkloop in ABI mode (``ffi.dlopen``; no C extension).
+
+``CDEF`` is a hand-kept copy of the declarations of ``include/kloop.h``
+(a test compares the two). Constants live in Python below, because CFFI's
+cdef parser cannot evaluate the header's ``UINT64_C(1) << n`` macros.
+
+The library is looked up in this order:
+
+1. ``$KLOOP_LIBRARY`` (a path to the shared object);
+2. a ``libkloop.so*`` bundled inside this package directory;
+3. the source-tree build ``<repo>/build/libkloop/libkloop.so``;
+4. the system's ``libkloop.so.<major>``.
+
+A library whose major version differs from :data:`ABI_MAJOR` (the header
+version this cdef was written for) is refused with an ImportError.
+"""
+
+import glob
+import os
+
+import cffi
+
+__all__ = ("ffi", "load", "ABI_MAJOR", "ABI_VERSION")
+
+# Version of include/kloop.h that CDEF copies.
+ABI_MAJOR = 0
+ABI_MINOR = 1
+ABI_PATCH = 0
+ABI_VERSION = (ABI_MAJOR << 16) | (ABI_MINOR << 8) | ABI_PATCH
+
+CDEF = """
+typedef struct kloop kloop_t;
+
+uint32_t kloop_version(void);
+
+struct kloop_caps {
+  uint32_t size;
+  uint32_t features;
+  uint64_t kernel;
+  uint64_t enabled;
+  uint32_t sq_entries;
+  uint32_t cq_entries;
+  uint32_t buf_size;
+  uint32_t buf_count;
+  uint8_t opcodes[256];
+  uint64_t reserved[8];
+};
+
+int kloop_probe(struct kloop_caps *caps);
+
+struct kloop_config {
+  uint32_t size;
+  uint32_t sq_entries;
+  uint32_t cq_entries;
+  uint32_t flags;
+  uint64_t disable;
+  uint32_t buf_size;
+  uint32_t buf_count;
+  uint32_t sqpoll_idle_ms;
+  uint32_t reserved0;
+  uint64_t reserved[6];
+};
+
+int kloop_config_init(struct kloop_config *cfg);
+int kloop_create(const struct kloop_config *cfg, kloop_t **out);
+int kloop_destroy(kloop_t *loop);
+int kloop_get_caps(kloop_t *loop, struct kloop_caps *caps);
+int kloop_ring_fd(kloop_t *loop);
+
+struct kloop_completion {
+  uint64_t token;
+  int32_t result;
+  uint32_t flags;
+  uint64_t data;
+  uint32_t event;
+  uint32_t aux;
+};
+
+int kloop_poll(kloop_t *loop, struct kloop_completion *out, uint32_t max,
+               int64_t timeout_ns);
+int kloop_buffer_arena(kloop_t *loop, uint64_t *base, uint64_t *size);
+int kloop_wake(kloop_t *loop);
+
+int kloop_submit_nop(kloop_t *loop, uint64_t token);
+int kloop_submit_accept(kloop_t *loop, uint64_t token, int fd, uint32_t flags);
+int kloop_submit_connect(kloop_t *loop, uint64_t token, int fd, const void *addr,
+                         uint32_t addrlen);
+int kloop_submit_recv(kloop_t *loop, uint64_t token, int fd, void *buf, uint32_t len,
+                      uint32_t msg_flags);
+int kloop_submit_send(kloop_t *loop, uint64_t token, int fd, const void *buf,
+                      uint32_t len, uint32_t msg_flags);
+int kloop_submit_recvmsg(kloop_t *loop, uint64_t token, int fd, void *buf,
+                         uint32_t len, uint32_t msg_flags);
+int kloop_submit_sendmsg(kloop_t *loop, uint64_t token, int fd, const void *buf,
+                         uint32_t len, const void *addr, uint32_t addrlen,
+                         uint32_t msg_flags);
+int kloop_submit_read(kloop_t *loop, uint64_t token, int fd, void *buf, uint32_t len,
+                      uint64_t offset);
+int kloop_submit_write(kloop_t *loop, uint64_t token, int fd, const void *buf,
+                       uint32_t len, uint64_t offset);
+int kloop_submit_poll(kloop_t *loop, uint64_t token, int fd, uint32_t events,
+                      uint32_t flags);
+int kloop_submit_timeout(kloop_t *loop, uint64_t token, uint64_t timeout_ns);
+int kloop_submit_shutdown(kloop_t *loop, uint64_t token, int fd, int how);
+int kloop_submit_close(kloop_t *loop, uint64_t token, int fd);
+int kloop_submit_splice(kloop_t *loop, uint64_t token, int fd_in, uint64_t off_in,
+                        int fd_out, uint64_t off_out, uint32_t len, uint32_t flags);
+int kloop_submit_child_exit(kloop_t *loop, uint64_t token, int pid);
+int kloop_cancel(kloop_t *loop, uint64_t token);
+int kloop_cancel_fd(kloop_t *loop, int fd);
+
+int kloop_stream_attach(kloop_t *loop, uint64_t token, int fd, uint32_t flags);
+int kloop_stream_pause(kloop_t *loop, uint64_t token);
+int kloop_stream_resume(kloop_t *loop, uint64_t token);
+int64_t kloop_stream_write(kloop_t *loop, uint64_t token, const void *buf, size_t len);
+int kloop_stream_set_limits(kloop_t *loop, uint64_t token, uint64_t high,
+                            uint64_t low);
+int64_t kloop_stream_write_size(kloop_t *loop, uint64_t token);
+int kloop_stream_shutdown(kloop_t *loop, uint64_t token);
+int kloop_stream_close(kloop_t *loop, uint64_t token);
+int kloop_stream_abort(kloop_t *loop, uint64_t token);
+
+struct kloop_stats {
+  uint32_t size;
+  uint32_t reserved0;
+  uint64_t ops_in_flight;
+  uint64_t streams;
+  uint64_t buffers_in_use;
+  uint64_t polls;
+  uint64_t enters;
+  uint64_t sqes;
+  uint64_t cqes;
+  uint64_t completions;
+  uint64_t cq_overflows;
+  uint64_t enobufs;
+  uint64_t reserved[6];
+};
+
+int kloop_get_stats(kloop_t *loop, struct kloop_stats *stats);
+const char *kloop_strerror(int err);
+"""
+
+# --- constants of kloop.h -------------------------------------------------
+
+CAP_SINGLE_ISSUER = 1 << 0
+CAP_DEFER_TASKRUN = 1 << 1
+CAP_MULTISHOT_ACCEPT = 1 << 2
+CAP_MULTISHOT_RECV = 1 << 3
+CAP_MULTISHOT_POLL = 1 << 4
+CAP_BUF_RING = 1 << 5
+CAP_RECV_BUNDLE = 1 << 6
+CAP_BUF_RING_INC = 1 << 7
+CAP_WAITID = 1 << 8
+CAP_SEND_ZC = 1 << 9
+CAP_EXT_ARG = 1 << 10
+CAP_NODROP = 1 << 11
+CAP_REG_RING_FD = 1 << 12
+CAP_SOCKET_OP = 1 << 13
+CAP_SPLICE = 1 << 14
+CAP_BIND_LISTEN = 1 << 15
+CAP_PIDFD = 1 << 16
+
+CAP_NAMES = {
+    CAP_SINGLE_ISSUER: "single_issuer",
+    CAP_DEFER_TASKRUN: "defer_taskrun",
+    CAP_MULTISHOT_ACCEPT: "multishot_accept",
+    CAP_MULTISHOT_RECV: "multishot_recv",
+    CAP_MULTISHOT_POLL: "multishot_poll",
+    CAP_BUF_RING: "buf_ring",
+    CAP_RECV_BUNDLE: "recv_bundle",
+    CAP_BUF_RING_INC: "buf_ring_inc",
+    CAP_WAITID: "waitid",
+    CAP_SEND_ZC: "send_zc",
+    CAP_EXT_ARG: "ext_arg",
+    CAP_NODROP: "nodrop",
+    CAP_REG_RING_FD: "reg_ring_fd",
+    CAP_SOCKET_OP: "socket_op",
+    CAP_SPLICE: "splice",
+    CAP_BIND_LISTEN: "bind_listen",
+    CAP_PIDFD: "pidfd",
+}
+
+CONFIG_SQPOLL = 1 << 0
+CONFIG_NO_DEFER_TASKRUN = 1 << 1
+
+COMPLETION_MORE = 1 << 0
+
+EVENT_OP = 0
+EVENT_DATA = 1
+EVENT_EOF = 2
+EVENT_ERROR = 3
+EVENT_WRITE_LOW = 4
+EVENT_CLOSED = 5
+EVENT_WRITE_DONE = 6
+
+OP_MULTISHOT = 1 << 0
+
+OFFSET_CURRENT = (1 << 64) - 1
+
+STREAM_SOCKET = 0
+STREAM_FILE = 1 << 0
+STREAM_CLOSE_FD = 1 << 1
+STREAM_PAUSED = 1 << 2
+STREAM_NO_READ = 1 << 3
+
+# struct kloop_completion: token, result, flags, data, event, aux.
+COMPLETION_FORMAT = "<QiIQII"
+COMPLETION_SIZE = 32
+
+ffi = cffi.FFI()
+ffi.cdef(CDEF)
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_REPO_BUILD = os.path.join(
+    os.path.dirname(os.path.dirname(_PACKAGE_DIR)), "build", "libkloop", "libkloop.so")
+
+
+def _candidates():
+    env = os.environ.get("KLOOP_LIBRARY")
+    if env:
+        # An explicit choice is final: do not silently fall back.
+        yield env, True
+        return
+    for path in sorted(glob.glob(os.path.join(_PACKAGE_DIR, "libkloop.so*"))):
+        yield path, False
+    if os.path.exists(_REPO_BUILD):
+        yield _REPO_BUILD, False
+    yield f"libkloop.so.{ABI_MAJOR}", False
+
+
+def _load():
+    errors = []
+    for path, explicit in _candidates():
+        try:
+            handle = ffi.dlopen(path)
+        except OSError as exc:
+            if explicit:
+                raise ImportError(
+                    f"kloop: cannot load libkloop from KLOOP_LIBRARY={path!r}: {exc}") from exc
+            errors.append(f"{path}: {exc}")
+            continue
+        version = handle.kloop_version()
+        major = version >> 16
+        if major != ABI_MAJOR:
+            raise ImportError(
+                f"kloop: {path} is libkloop {major}.{(version >> 8) & 0xff}.{version & 0xff} "
+                f"(ABI major {major}) but this binding was written for ABI major "
+                f"{ABI_MAJOR} ({ABI_MAJOR}.{ABI_MINOR}.{ABI_PATCH}); install a matching "
+                f"libkloop.so.{ABI_MAJOR} or point KLOOP_LIBRARY at one")
+        return handle, path
+    raise ImportError(
+        "kloop: libkloop not found; build it (meson setup build && ninja -C build) or set "
+        "KLOOP_LIBRARY=/path/to/libkloop.so. Tried: " + "; ".join(errors))
+
+
+_loaded = None
+
+
+def load():
+    """Return ``(lib, path)``, loading the library on first use.
+
+    Raises ImportError when no usable libkloop is found or its major version
+    differs from ABI_MAJOR. Loading is deferred so that ``import kloop`` and
+    ``kloop.is_supported()`` work on machines without the library.
+    """
+    global _loaded
+    if _loaded is None:
+        _loaded = _load()
+    return _loaded
+
+
+def __getattr__(name):
+    # ``_ffi.lib`` / ``_ffi.library_path`` load the library on first access.
+    if name == "lib":
+        return load()[0]
+    if name == "library_path":
+        return load()[1]
+    raise AttributeError(name)

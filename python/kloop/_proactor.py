@@ -1,0 +1,1031 @@
+"""IouringProactor: asyncio's proactor interface over libkloop.
+
+This is the only module that speaks CFFI. Its shape follows CPython's
+``IocpProactor`` (Lib/asyncio/windows_events.py): every operation gets a
+token, and the future (or internal handler) that owns it stays in
+``_cache`` -- together with the buffer the kernel reads or writes -- until
+the engine reports the token's final completion, even after a cancel.
+
+The poll path does one ``kloop_poll()`` per loop iteration into a
+preallocated array of 32-byte ``struct kloop_completion`` records, decodes
+them in bulk with ``struct.iter_unpack`` over a memoryview, and dispatches:
+one-shot and multishot operations to the object in ``_cache``; stream
+events (DATA, EOF, ...) straight to the transport in ``_streams``, DATA as
+bytes sliced out of one buffer over the engine's receive-buffer arena. No
+FFI attribute access, Future or Handle per stream message.
+
+Data that arrives for a cancelled read is not lost
+------------------------------------------------------
+io_uring can complete a read whose cancel was already requested; the bytes
+are then out of the kernel's socket buffer. With the selector loop a
+cancelled ``sock_recv()`` leaves them in the kernel for the next read, so
+this proactor does the equivalent: the bytes (or the accepted connection,
+or the datagram with its address) are kept in a per-socket *stash*, and the
+next read on that socket (``recv``, ``recv_into``, ``recvfrom``,
+``accept``, or a stream transport attached to it) is served from the stash
+first. A future that is cancelled stays cancelled (asyncio code expects
+``fut.cancel()`` to take effect at once); its data is what the next reader
+gets. The stash is keyed by fd and checked against the socket object, so a
+recycled fd number never sees another socket's data.
+"""
+
+import collections
+import errno
+import itertools
+import logging
+import math
+import os
+import selectors
+import socket
+import struct
+import threading
+import time
+import weakref
+
+from asyncio import exceptions
+from asyncio import futures
+
+from . import _ffi
+from . import _sockaddr
+from ._errors import make_error
+
+logger = logging.getLogger("kloop")
+
+ffi = _ffi.ffi
+
+_ECANCELED = errno.ECANCELED
+_EINTR = errno.EINTR
+_EAGAIN = errno.EAGAIN
+_EBADFD = errno.EBADFD
+
+_POLLIN = 0x001
+_POLLOUT = 0x004
+
+_EVENT_DATA = _ffi.EVENT_DATA
+_EVENT_EOF = _ffi.EVENT_EOF
+_EVENT_ERROR = _ffi.EVENT_ERROR
+_EVENT_WRITE_LOW = _ffi.EVENT_WRITE_LOW
+_EVENT_CLOSED = _ffi.EVENT_CLOSED
+_EVENT_WRITE_DONE = _ffi.EVENT_WRITE_DONE
+_MORE = _ffi.COMPLETION_MORE
+_OFFSET_CURRENT = _ffi.OFFSET_CURRENT
+
+_CODEC_FAMILIES = (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX)
+
+# Completion records fetched per kloop_poll(); the rest wait for the next.
+CQ_BATCH = 256
+
+# Datagram reads receive into pooled buffers: a fresh 256 KiB bytearray per
+# datagram would cost an mmap, a memset and a munmap each time.
+_POOL_KEEP = 4
+
+_PENDING = object()  # a finish function resubmitted the operation
+
+
+def fork_error(pid):
+    return RuntimeError(
+        f"kloop: this event loop was created in process {pid} and cannot be used in "
+        f"the forked child {os.getpid()}; io_uring rings are not inherited across "
+        f"fork(). Create a new loop in the child (kloop.new_event_loop() or "
+        f"kloop.run()).")
+
+
+def unsupported_error(rc):
+    """OSError saying why io_uring cannot be used here and what to do."""
+    code = -rc
+    reason = os.strerror(code)
+    if code == errno.ENOSYS:
+        why = ("the kernel has no io_uring (io_uring_setup(2) is ENOSYS): it is "
+               "older than 5.1 or built without CONFIG_IO_URING; kloop needs "
+               "Linux >= 5.19 (6.1 or newer recommended)")
+    elif code == errno.EPERM:
+        disabled = None
+        try:
+            with open("/proc/sys/kernel/io_uring_disabled") as f:
+                disabled = int(f.read().strip() or 0)
+        except (OSError, ValueError):
+            pass
+        if disabled == 2:
+            why = ("io_uring is disabled for every process: "
+                   "/proc/sys/kernel/io_uring_disabled is 2; set it to 0 "
+                   "(sysctl kernel.io_uring_disabled=0) to use kloop")
+        elif disabled == 1:
+            why = ("io_uring is restricted: /proc/sys/kernel/io_uring_disabled is 1, "
+                   "so only processes in the group kernel.io_uring_group (or with "
+                   "CAP_SYS_ADMIN) may create rings; add this user to that group or "
+                   "set the sysctl to 0")
+        else:
+            why = ("io_uring_setup(2) was refused (EPERM): a seccomp filter blocks it, "
+                   "as Docker's and Podman's default profiles, gVisor and many "
+                   "sandboxes do; run the container with a seccomp profile that "
+                   "allows io_uring_setup, io_uring_enter and io_uring_register")
+    elif code == errno.ENOMEM:
+        why = ("the ring could not be allocated (ENOMEM); on kernels before 5.12 "
+               "rings count against RLIMIT_MEMLOCK: raise `ulimit -l`")
+    else:
+        why = f"io_uring_setup(2) failed: {reason}"
+    return OSError(code, f"kloop cannot use io_uring here: {why}. Use asyncio's default "
+                         f"loop where io_uring is unavailable (kloop.is_supported() tells "
+                         f"in advance)")
+
+
+class _OpFuture(futures.Future):
+    """A future for one engine operation; cancelling it cancels the operation.
+
+    The future is also the ``_cache`` entry of its token: ``_complete`` is
+    called with the final completion (and ``_more`` with earlier ones).
+    """
+
+    def __init__(self, proactor, finish, keep=None, late=None):
+        super().__init__(loop=proactor._loop)
+        if self._source_traceback:
+            del self._source_traceback[-1]
+        self._proactor = proactor
+        self._token = None
+        self._finish = finish      # (res, data, aux) -> value, or raises
+        self._keep = keep          # buffers pinned until the final completion
+        self._late = late          # (res, data, aux) for a completion after cancel
+        self._live = False
+
+    def _repr_info(self):
+        info = super()._repr_info()
+        if self._token is not None:
+            state = "pending" if self._live else "completed"
+            info.insert(1, f"op=<{state}, token={self._token}>")
+        return info
+
+    def cancel(self, msg=None):
+        if self._live and not self.done():
+            self._proactor._cancel_token(self._token)
+        return super().cancel(msg=msg)
+
+    def _complete(self, res, flags, data, aux):
+        if flags & _MORE:
+            return
+        self._live = False
+        if self.done():
+            late = self._late
+            if late is not None and (res > 0 or (res == 0 and self._finish_zero_is_data)):
+                try:
+                    late(res, data, aux)
+                except Exception:  # pragma: no cover - defensive
+                    logger.exception("kloop: keeping data of a cancelled read failed")
+            self._keep = None
+            return
+        if res == -_ECANCELED:
+            self._keep = None
+            super().cancel()
+            return
+        try:
+            value = self._finish(res, data, aux)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._keep = None
+            self.set_exception(exc)
+            return
+        if value is _PENDING:
+            return
+        self._keep = None
+        self.set_result(value)
+
+    _finish_zero_is_data = False
+
+
+class _Internal:
+    """A ``_cache`` entry that calls a function instead of resolving a future."""
+
+    __slots__ = ("_token", "_callback", "_keep", "_live")
+
+    def __init__(self, callback, keep=None):
+        self._token = None
+        self._callback = callback  # (res, flags, data, aux)
+        self._keep = keep
+        self._live = False
+
+    def _complete(self, res, flags, data, aux):
+        if not flags & _MORE:
+            self._live = False
+        self._callback(res, flags, data, aux)
+
+
+class _Watch:
+    """An add_reader/add_writer registration: a one-shot poll re-armed after
+    each time its handle was queued, which gives the selector loop's
+    level-triggered semantics (see IouringProactor.watch)."""
+
+    __slots__ = ("fd", "fileobj", "events", "handle", "token", "armed", "fired", "active")
+
+    def __init__(self, fd, fileobj, events, handle):
+        self.fd = fd
+        self.fileobj = fileobj
+        self.events = events
+        self.handle = handle
+        self.token = None
+        self.armed = False
+        self.fired = False
+        self.active = True
+
+
+class IouringProactor:
+    """Proactor implementation using io_uring through libkloop."""
+
+    def __init__(self, config=None):
+        lib, path = _ffi.load()
+        self._lib = lib
+        self._library_path = path
+        self._loop = None
+        self._pid = os.getpid()
+        out = ffi.new("kloop_t **")
+        cfg = ffi.NULL
+        if config is not None:
+            cfg = ffi.new("struct kloop_config *")
+            lib.kloop_config_init(cfg)
+            for key, value in config.items():
+                setattr(cfg, key, value)
+        rc = lib.kloop_create(cfg, out)
+        if rc < 0:
+            if rc == -errno.EINVAL and config is not None:
+                raise ValueError(f"kloop: invalid loop configuration {config!r}")
+            raise unsupported_error(rc)
+        self._ptr = out[0]
+        self._wake_lock = threading.Lock()
+
+        self._cq_len = CQ_BATCH
+        self._cq = ffi.new("struct kloop_completion[]", CQ_BATCH)
+        self._cq_view = memoryview(ffi.buffer(self._cq))
+        self._iter_unpack = struct.Struct(_ffi.COMPLETION_FORMAT).iter_unpack
+
+        base = ffi.new("uint64_t *")
+        size = ffi.new("uint64_t *")
+        if lib.kloop_buffer_arena(self._ptr, base, size) == 0 and size[0]:
+            self._arena_base = base[0]
+            self._arena = ffi.buffer(ffi.cast("char *", base[0]), size[0])
+            self._arena_view = memoryview(self._arena)
+        else:  # no receive buffers: streams never deliver DATA
+            self._arena_base = 0
+            self._arena = b""
+            self._arena_view = memoryview(b"")
+
+        self._next_token = itertools.count(1).__next__
+        self._cache = {}      # token -> _OpFuture | _Internal | _Watch-owner
+        self._streams = {}    # token -> stream transport
+        self._stash = {}      # fd -> (weakref to socket, deque of kept items)
+        self._pool = {}       # size -> [bytearray]
+        self._watches = {}    # token -> _Watch (poll in flight)
+        self._fired = []      # watches whose handle ran: re-arm at next select
+        self._readers = {}    # fd -> _Watch
+        self._writers = {}    # fd -> _Watch
+        self._stopped_serving = weakref.WeakSet()
+
+    # -- misc ----------------------------------------------------------------
+
+    def __repr__(self):
+        info = [f"ops#={len(self._cache)}", f"streams#={len(self._streams)}"]
+        if self._ptr is None:
+            info.append("closed")
+        return f"<{self.__class__.__name__} {' '.join(info)}>"
+
+    def set_loop(self, loop):
+        self._loop = loop
+
+    def _check_closed(self):
+        if self._ptr is None:
+            raise RuntimeError("IouringProactor is closed")
+        if self._pid != os.getpid():
+            raise fork_error(self._pid)
+
+    def caps(self):
+        """Return the loop's capabilities as a dict (for diagnostics)."""
+        self._check_closed()
+        caps = ffi.new("struct kloop_caps *")
+        caps.size = ffi.sizeof("struct kloop_caps")
+        rc = self._lib.kloop_get_caps(self._ptr, caps)
+        if rc < 0:
+            raise make_error(rc)
+        names = _ffi.CAP_NAMES
+        return {
+            "kernel": sorted(n for b, n in names.items() if caps.kernel & b),
+            "enabled": sorted(n for b, n in names.items() if caps.enabled & b),
+            "features": caps.features,
+            "sq_entries": caps.sq_entries,
+            "cq_entries": caps.cq_entries,
+            "buf_size": caps.buf_size,
+            "buf_count": caps.buf_count,
+        }
+
+    def stats(self):
+        """Return the engine's counters as a dict."""
+        self._check_closed()
+        st = ffi.new("struct kloop_stats *")
+        st.size = ffi.sizeof("struct kloop_stats")
+        rc = self._lib.kloop_get_stats(self._ptr, st)
+        if rc < 0:
+            raise make_error(rc)
+        return {name: getattr(st, name) for name in (
+            "ops_in_flight", "streams", "buffers_in_use", "polls", "enters", "sqes",
+            "cqes", "completions", "cq_overflows", "enobufs")}
+
+    def wake(self):
+        """Make a waiting select() return; safe from any thread."""
+        with self._wake_lock:
+            ptr = self._ptr
+            if ptr is not None and self._pid == os.getpid():
+                self._lib.kloop_wake(ptr)
+
+    # -- registration --------------------------------------------------------
+
+    def _register(self, entry, rc):
+        """Record ``entry`` under its token once the submit call returned rc."""
+        if rc < 0:
+            raise make_error(rc)
+        entry._live = True
+        self._cache[entry._token] = entry
+        return entry
+
+    def _cancel_token(self, token):
+        if self._ptr is None:
+            return
+        rc = self._lib.kloop_cancel(self._ptr, token)
+        if rc < 0 and rc not in (-errno.ENOENT, -errno.EALREADY):
+            raise make_error(rc)
+
+    def _new(self, finish, keep=None, late=None):
+        self._check_closed()
+        fut = _OpFuture(self, finish, keep, late)
+        fut._token = self._next_token()
+        return fut
+
+    def _result(self, value):
+        fut = self._loop.create_future()
+        fut.set_result(value)
+        return fut
+
+    def _buffer(self, size):
+        pool = self._pool.get(size)
+        if pool:
+            return pool.pop()
+        return bytearray(size)
+
+    def _release(self, buf):
+        pool = self._pool.setdefault(len(buf), [])
+        if len(pool) < _POOL_KEEP:
+            pool.append(buf)
+
+    # -- the stash: data that completed after its read was cancelled --------
+
+    def _stash_put(self, sock, item):
+        fd = sock.fileno()
+        if fd < 0:
+            if isinstance(item, tuple) and item and isinstance(item[0], socket.socket):
+                item[0].close()
+            return
+        entry = self._stash.get(fd)
+        if entry is None or entry[0]() is not sock:
+            entry = (weakref.ref(sock), collections.deque())
+            self._stash[fd] = entry
+        entry[1].append(item)
+
+    def _stash_get(self, sock):
+        """The deque of kept items for ``sock`` or None (fast path: None)."""
+        if not self._stash:
+            return None
+        fd = sock.fileno()
+        entry = self._stash.get(fd)
+        if entry is None:
+            return None
+        if entry[0]() is not sock or not entry[1]:
+            del self._stash[fd]
+            return None
+        return entry[1]
+
+    def take_stashed_bytes(self, sock):
+        """Remove and return the bytes kept for a stream socket (b'' if none)."""
+        q = self._stash_get(sock)
+        if q is None:
+            return b""
+        del self._stash[sock.fileno()]
+        return b"".join(item[0] for item in q if isinstance(item[0], (bytes, bytearray)))
+
+    # -- reads ---------------------------------------------------------------
+
+    @staticmethod
+    def _is_stream_socket(conn):
+        return isinstance(conn, socket.socket) and conn.type == socket.SOCK_STREAM
+
+    def _take_bytes(self, conn, q, nbytes):
+        data, addr = q.popleft()
+        if len(data) > nbytes:
+            if not isinstance(conn, socket.socket) or conn.type == socket.SOCK_STREAM:
+                q.appendleft((data[nbytes:], addr))
+            # datagrams: the rest is discarded, as recv(2) does
+            data = data[:nbytes]
+        if not q:
+            self._stash.pop(conn.fileno(), None)
+        return data, addr
+
+    def recv(self, conn, nbytes, flags=0):
+        self._check_closed()
+        q = self._stash_get(conn)
+        if q is not None:
+            return self._result(self._take_bytes(conn, q, nbytes)[0])
+        fd = _fileno(conn)
+        buf = self._buffer(nbytes)
+        cbuf = ffi.from_buffer(buf)
+
+        def finish(res, data, aux):
+            if res < 0:
+                self._release(buf)
+                raise make_error(res)
+            out = bytes(buf[:res]) if res != nbytes else bytes(buf)
+            self._release(buf)
+            return out
+
+        def late(res, data, aux):
+            self._stash_put(conn, (bytes(buf[:res]), None))
+            self._release(buf)
+
+        fut = self._new(finish, (buf, cbuf, conn), late)
+        if isinstance(conn, socket.socket):
+            rc = self._lib.kloop_submit_recv(self._ptr, fut._token, fd, cbuf, nbytes, flags)
+        else:
+            rc = self._lib.kloop_submit_read(self._ptr, fut._token, fd, cbuf, nbytes,
+                                             _OFFSET_CURRENT)
+        return self._register(fut, rc)
+
+    def recv_into(self, conn, buf, flags=0):
+        self._check_closed()
+        q = self._stash_get(conn)
+        if q is not None:
+            view = memoryview(buf).cast("B")
+            data = self._take_bytes(conn, q, len(view))[0]
+            view[:len(data)] = data
+            return self._result(len(data))
+        fd = _fileno(conn)
+        cbuf = ffi.from_buffer(buf, require_writable=True)
+        nbytes = len(cbuf)
+
+        def finish(res, data, aux):
+            if res < 0:
+                raise make_error(res)
+            return res
+
+        def late(res, data, aux):
+            self._stash_put(conn, (bytes(ffi.buffer(cbuf, res)), None))
+
+        fut = self._new(finish, (buf, cbuf, conn), late)
+        if isinstance(conn, socket.socket):
+            rc = self._lib.kloop_submit_recv(self._ptr, fut._token, fd, cbuf, nbytes, flags)
+        else:
+            rc = self._lib.kloop_submit_read(self._ptr, fut._token, fd, cbuf, nbytes,
+                                             _OFFSET_CURRENT)
+        return self._register(fut, rc)
+
+    def recvfrom(self, conn, nbytes, flags=0):
+        self._check_closed()
+        q = self._stash_get(conn)
+        if q is not None:
+            return self._result(self._take_bytes(conn, q, nbytes))
+        if conn.family not in _CODEC_FAMILIES:
+            return self._readiness(conn, _POLLIN, lambda: conn.recvfrom(nbytes, flags))
+        fd = _fileno(conn)
+        buf = self._buffer(nbytes)
+        cbuf = ffi.from_buffer(buf)
+        ffi_unpack = ffi.unpack
+        cast = ffi.cast
+
+        def addr_of(data, aux):
+            alen = aux & 0xFFFF
+            if not data or not alen:
+                return None
+            return _sockaddr.decode(ffi_unpack(cast("char *", data), alen))
+
+        def finish(res, data, aux):
+            if res < 0:
+                self._release(buf)
+                raise make_error(res)
+            out = bytes(buf[:res])
+            self._release(buf)
+            return out, addr_of(data, aux)
+
+        def late(res, data, aux):
+            self._stash_put(conn, (bytes(buf[:res]), addr_of(data, aux)))
+            self._release(buf)
+
+        fut = self._new(finish, (buf, cbuf, conn), late)
+        fut._finish_zero_is_data = conn.type != socket.SOCK_STREAM  # empty datagrams count
+        rc = self._lib.kloop_submit_recvmsg(self._ptr, fut._token, fd, cbuf, nbytes, flags)
+        return self._register(fut, rc)
+
+    def recvfrom_into(self, conn, buf, flags=0):
+        self._check_closed()
+        q = self._stash_get(conn)
+        if q is not None:
+            view = memoryview(buf).cast("B")
+            data, addr = self._take_bytes(conn, q, len(view))
+            view[:len(data)] = data
+            return self._result((len(data), addr))
+        if conn.family not in _CODEC_FAMILIES:
+            return self._readiness(conn, _POLLIN, lambda: conn.recvfrom_into(buf, 0, flags))
+        fd = _fileno(conn)
+        cbuf = ffi.from_buffer(buf, require_writable=True)
+        nbytes = len(cbuf)
+        ffi_unpack = ffi.unpack
+        cast = ffi.cast
+
+        def addr_of(data, aux):
+            alen = aux & 0xFFFF
+            if not data or not alen:
+                return None
+            return _sockaddr.decode(ffi_unpack(cast("char *", data), alen))
+
+        def finish(res, data, aux):
+            if res < 0:
+                raise make_error(res)
+            return res, addr_of(data, aux)
+
+        def late(res, data, aux):
+            self._stash_put(conn, (bytes(ffi.buffer(cbuf, res)), addr_of(data, aux)))
+
+        fut = self._new(finish, (buf, cbuf, conn), late)
+        fut._finish_zero_is_data = conn.type != socket.SOCK_STREAM
+        rc = self._lib.kloop_submit_recvmsg(self._ptr, fut._token, fd, cbuf, nbytes, flags)
+        return self._register(fut, rc)
+
+    # -- writes --------------------------------------------------------------
+
+    def send(self, conn, buf, flags=0):
+        """Send all of ``buf`` (stream sockets and pipes: short writes are
+        resubmitted; datagram sockets: one datagram). Result: bytes sent."""
+        self._check_closed()
+        fd = _fileno(conn)
+        if isinstance(buf, bytes):
+            cbuf = buf
+        else:
+            cbuf = ffi.from_buffer(buf)
+        total = len(cbuf) if not isinstance(cbuf, bytes) else len(buf)
+        is_socket = isinstance(conn, socket.socket)
+        whole = not is_socket or conn.type == socket.SOCK_STREAM
+        lib = self._lib
+        state = [0, None]  # bytes sent, pointer cdata for resubmission
+
+        def submit(token, offset):
+            if offset:
+                if state[1] is None:
+                    state[1] = ffi.from_buffer(buf)
+                ptr = state[1] + offset
+            else:
+                ptr = cbuf
+            if is_socket:
+                return lib.kloop_submit_send(self._ptr, token, fd, ptr, total - offset, flags)
+            return lib.kloop_submit_write(self._ptr, token, fd, ptr, total - offset,
+                                          _OFFSET_CURRENT)
+
+        def finish(res, data, aux):
+            if res < 0:
+                raise make_error(res)
+            state[0] += res
+            if whole and state[0] < total and res > 0:
+                rc = submit(fut._token, state[0])
+                if rc < 0:
+                    raise make_error(rc)
+                fut._live = True
+                self._cache[fut._token] = fut
+                return _PENDING
+            return state[0]
+
+        fut = self._new(finish, (buf, cbuf, conn, state))
+        return self._register(fut, submit(fut._token, 0))
+
+    def sendto(self, conn, buf, flags=0, addr=None):
+        self._check_closed()
+        if addr is not None and conn.family not in _CODEC_FAMILIES:
+            return self._readiness(conn, _POLLOUT, lambda: conn.sendto(buf, flags, addr))
+        fd = _fileno(conn)
+        if addr is None:
+            raw = ffi.NULL
+            rawlen = 0
+        else:
+            raw = _sockaddr.encode(conn.family, addr)
+            rawlen = len(raw)
+        cbuf = buf if isinstance(buf, bytes) else ffi.from_buffer(buf)
+        length = len(buf) if isinstance(buf, bytes) else len(cbuf)
+
+        def finish(res, data, aux):
+            if res < 0:
+                raise make_error(res)
+            return res
+
+        fut = self._new(finish, (buf, cbuf, conn))
+        rc = self._lib.kloop_submit_sendmsg(self._ptr, fut._token, fd, cbuf, length, raw,
+                                            rawlen, flags)
+        return self._register(fut, rc)
+
+    # -- connections ---------------------------------------------------------
+
+    def accept(self, listener):
+        self._check_closed()
+        q = self._stash_get(listener)
+        if q is not None:
+            item = q.popleft()
+            if not q:
+                self._stash.pop(listener.fileno(), None)
+            return self._result(item)
+        fd = _fileno(listener)
+        family, type_, proto = listener.family, listener.type, listener.proto
+
+        def make(res, data, aux):
+            conn = socket.socket(family, type_, proto, fileno=res)
+            conn.settimeout(listener.gettimeout())
+            addr = None
+            if data and aux:
+                try:
+                    addr = _sockaddr.decode(ffi.unpack(ffi.cast("char *", data), aux))
+                except NotImplementedError:
+                    addr = None
+            if addr is None:
+                try:
+                    addr = conn.getpeername()
+                except OSError:
+                    addr = None
+            return conn, addr
+
+        def finish(res, data, aux):
+            if res < 0:
+                raise make_error(res)
+            return make(res, data, aux)
+
+        def late(res, data, aux):
+            self._stash_put(listener, make(res, data, aux))
+
+        fut = self._new(finish, (listener,), late)
+        rc = self._lib.kloop_submit_accept(self._ptr, fut._token, fd, 0)
+        return self._register(fut, rc)
+
+    def connect(self, conn, address):
+        self._check_closed()
+        if conn.type == socket.SOCK_DGRAM:
+            # Connecting a datagram socket does no I/O.
+            conn.connect(address)
+            return self._result(None)
+        try:
+            raw = _sockaddr.encode(conn.family, address)
+        except NotImplementedError:
+            return self._connect_readiness(conn, address)
+        fd = _fileno(conn)
+
+        def finish(res, data, aux):
+            if res < 0:
+                # Worded as asyncio's selector loop words it.
+                raise OSError(-res, f"Connect call failed {address}")
+            return None
+
+        fut = self._new(finish, (conn,))
+        rc = self._lib.kloop_submit_connect(self._ptr, fut._token, fd, raw, len(raw))
+        return self._register(fut, rc)
+
+    def _connect_readiness(self, conn, address):
+        # Families the codec does not know: connect(2) non-blocking, then wait
+        # for writability and read SO_ERROR, as the selector loop does.
+        err = conn.connect_ex(address)
+        if err == 0:
+            return self._result(None)
+        if err not in (errno.EINPROGRESS, errno.EAGAIN, errno.EINTR):
+            fut = self._loop.create_future()
+            fut.set_exception(OSError(err, os.strerror(err)))
+            return fut
+
+        def check():
+            err = conn.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err != 0:
+                raise OSError(err, f"Connect call failed {address}")
+
+        return self._readiness(conn, _POLLOUT, check)
+
+    def sendfile(self, sock, file, offset, count):
+        """Send ``count`` bytes of ``file`` from ``offset`` (os.sendfile(2),
+        waiting for writability on the ring). Result: bytes sent."""
+        self._check_closed()
+        in_fd = file.fileno()
+        out_fd = _fileno(sock)
+        fut = self._loop.create_future()
+        state = [offset, 0]
+        holder = [None]
+
+        def attempt(res=0, flags=0, data=0, aux=0):
+            holder[0] = None
+            if fut.done():
+                return
+            if res < 0 and res != -_ECANCELED:
+                fut.set_exception(make_error(res))
+                return
+            while state[1] < count:
+                try:
+                    sent = os.sendfile(out_fd, in_fd, state[0], count - state[1])
+                except (BlockingIOError, InterruptedError):
+                    holder[0] = self._poll_internal(out_fd, _POLLOUT, attempt)
+                    return
+                except OSError as exc:
+                    fut.set_exception(exc)
+                    return
+                if sent == 0:
+                    break
+                state[0] += sent
+                state[1] += sent
+            fut.set_result(state[1])
+
+        def on_done(f):
+            if f.cancelled() and holder[0] is not None:
+                self._cancel_token(holder[0])
+
+        fut.add_done_callback(on_done)
+        attempt()
+        return fut
+
+    # -- readiness helpers ---------------------------------------------------
+
+    def _poll_internal(self, fd, events, callback, keep=None):
+        """One-shot poll calling ``callback(res, flags, data, aux)``; returns the token."""
+        entry = _Internal(callback, keep)
+        entry._token = self._next_token()
+        rc = self._lib.kloop_submit_poll(self._ptr, entry._token, fd, events, 0)
+        self._register(entry, rc)
+        return entry._token
+
+    def _readiness(self, conn, events, call):
+        """Future of ``call()`` run once ``conn`` is ready: for families and
+        calls the engine has no operation for."""
+        self._check_closed()
+        fut = self._loop.create_future()
+        holder = [None]
+
+        def attempt(res=0, flags=0, data=0, aux=0):
+            holder[0] = None
+            if fut.done():
+                return
+            try:
+                value = call()
+            except (BlockingIOError, InterruptedError):
+                holder[0] = self._poll_internal(_fileno(conn), events, attempt)
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                fut.set_exception(exc)
+            else:
+                fut.set_result(value)
+
+        def on_done(f):
+            if f.cancelled() and holder[0] is not None:
+                self._cancel_token(holder[0])
+
+        fut.add_done_callback(on_done)
+        holder[0] = self._poll_internal(_fileno(conn), events, attempt)
+        return fut
+
+    # -- add_reader / add_writer ---------------------------------------------
+    #
+    # The selector loop calls a reader's handle on every iteration in which
+    # the fd is readable (level-triggered). A kernel multishot poll reports
+    # only new wake-ups (edge-like), so a reader that leaves data behind
+    # would never be called again. Each registration therefore has at most
+    # one one-shot poll in flight; when it fires, the handle is queued and
+    # the poll is re-armed at the start of the next select(), after the
+    # handle has run -- arming a poll checks readiness at once, so this is
+    # level-triggered. The re-arm costs one SQE, no extra system call: it is
+    # submitted by that select()'s kloop_poll().
+
+    def watch(self, fd, fileobj, events, handle):
+        """Register (or replace the handle of) a reader/writer on ``fd``."""
+        self._check_closed()
+        table = self._readers if events == selectors.EVENT_READ else self._writers
+        w = table.get(fd)
+        if w is not None:
+            old = w.handle
+            w.handle = handle
+            w.fileobj = fileobj
+            if old is not None and old is not handle:
+                old.cancel()
+            return
+        w = _Watch(fd, fileobj, events, handle)
+        table[fd] = w
+        self._arm(w)
+
+    def unwatch(self, fd, events):
+        """Remove a reader/writer; True if there was one."""
+        table = self._readers if events == selectors.EVENT_READ else self._writers
+        w = table.pop(fd, None)
+        if w is None:
+            return False
+        w.active = False
+        if w.handle is not None:
+            w.handle.cancel()
+        if w.armed and self._ptr is not None:
+            self._cancel_token(w.token)
+        return True
+
+    def get_key(self, fd):
+        """selectors-style key of the readers/writers on ``fd`` (KeyError if none)."""
+        r = self._readers.get(fd)
+        w = self._writers.get(fd)
+        if r is None and w is None:
+            raise KeyError(f"{fd!r} is not registered")
+        events = (selectors.EVENT_READ if r else 0) | (selectors.EVENT_WRITE if w else 0)
+        fileobj = (r or w).fileobj
+        return selectors.SelectorKey(fileobj, fd, events,
+                                     (r.handle if r else None, w.handle if w else None))
+
+    def _arm(self, w):
+        token = self._next_token()
+        poll_events = _POLLIN if w.events == selectors.EVENT_READ else _POLLOUT
+        rc = self._lib.kloop_submit_poll(self._ptr, token, w.fd, poll_events, 0)
+        if rc < 0:
+            if rc == -errno.EINVAL or rc == -errno.EBADF:
+                # Like epoll_ctl() on a bad fd.
+                raise make_error(rc)
+            raise make_error(rc)
+        w.token = token
+        w.armed = True
+        self._watches[token] = w
+
+    def _watch_fired(self, w, res):
+        w.armed = False
+        if not w.active:
+            return
+        if res < 0:
+            if res == -_ECANCELED:
+                return
+            # The fd is gone (EBADF) or cannot be polled: epoll would have
+            # dropped it silently; stay registered but never fire.
+            logger.debug("kloop: poll on fd %d failed: %s", w.fd, os.strerror(-res))
+            return
+        handle = w.handle
+        if handle is not None and not handle._cancelled:
+            self._loop._ready.append(handle)
+            w.fired = True
+            self._fired.append(w)
+        else:
+            self._arm(w)
+
+    # -- streams -------------------------------------------------------------
+
+    def stream_attach(self, transport, fd, flags):
+        """Attach ``fd`` as an engine stream reporting to ``transport``."""
+        self._check_closed()
+        token = self._next_token()
+        rc = self._lib.kloop_stream_attach(self._ptr, token, fd, flags)
+        if rc < 0:
+            raise make_error(rc)
+        self._streams[token] = transport
+        return token
+
+    # -- the poll ------------------------------------------------------------
+
+    def select(self, timeout=None):
+        ptr = self._ptr
+        if ptr is None:
+            raise RuntimeError("IouringProactor is closed")
+        if self._fired:
+            self._rearm()
+        if timeout is None:
+            tns = -1
+        elif timeout <= 0:
+            tns = 0
+        else:
+            tns = math.ceil(timeout * 1e9)
+        n = self._lib.kloop_poll(ptr, self._cq, self._cq_len, tns)
+        if n <= 0:
+            if n == 0 or n == -_EINTR:
+                return ()
+            if n == -_EBADFD or self._pid != os.getpid():
+                raise fork_error(self._pid)
+            raise make_error(n)
+        cache = self._cache
+        streams = self._streams
+        base = self._arena_base
+        for tok, res, flags, data, ev, aux in self._iter_unpack(self._cq_view[:n << 5]):
+            if ev == _EVENT_DATA:
+                t = streams.get(tok)
+                if t is not None:
+                    t._data_received(data - base, res)
+            elif ev:
+                if ev == _EVENT_CLOSED:
+                    t = streams.pop(tok, None)
+                    if t is not None:
+                        t._on_closed(res)
+                else:
+                    t = streams.get(tok)
+                    if t is not None:
+                        if ev == _EVENT_EOF:
+                            t._on_eof()
+                        elif ev == _EVENT_WRITE_LOW:
+                            t._on_write_low()
+                        elif ev == _EVENT_ERROR:
+                            t._on_error(res)
+                        elif ev == _EVENT_WRITE_DONE:
+                            t._on_write_done(res)
+            else:
+                if flags & _MORE:
+                    entry = cache.get(tok)
+                    if entry is not None:
+                        entry._complete(res, flags, data, aux)
+                    continue
+                entry = cache.pop(tok, None)
+                if entry is not None:
+                    entry._complete(res, flags, data, aux)
+                    continue
+                w = self._watches.pop(tok, None)
+                if w is not None:
+                    self._watch_fired(w, res)
+        return ()
+
+    def _rearm(self):
+        fired = self._fired
+        self._fired = []
+        for w in fired:
+            w.fired = False
+            if w.active and not w.armed:
+                try:
+                    self._arm(w)
+                except OSError as exc:
+                    logger.debug("kloop: re-arming poll on fd %d failed: %s", w.fd, exc)
+
+    # -- shutdown ------------------------------------------------------------
+
+    def _stop_serving(self, obj):
+        self._stopped_serving.add(obj)
+
+    def close(self):
+        if self._ptr is None:
+            return
+        if self._pid != os.getpid():
+            # Forked child: the engine frees user-space memory only.
+            self._lib.kloop_destroy(self._ptr)
+            with self._wake_lock:
+                self._ptr = None
+            self._cache.clear()
+            self._streams.clear()
+            return
+
+        for w in list(self._readers.values()) + list(self._writers.values()):
+            self.unwatch(w.fd, w.events)
+        for entry in list(self._cache.values()):
+            if isinstance(entry, _OpFuture):
+                if not entry.cancelled():
+                    try:
+                        entry.cancel()
+                    except OSError as exc:
+                        if self._loop is not None:
+                            self._loop.call_exception_handler({
+                                "message": "Cancelling a future failed",
+                                "exception": exc,
+                                "future": entry,
+                            })
+                else:
+                    self._cancel_token(entry._token)
+            else:
+                self._cancel_token(entry._token)
+        for token, transport in list(self._streams.items()):
+            transport._proactor_closing()
+            rc = self._lib.kloop_stream_abort(self._ptr, token)
+            if rc < 0 and rc != -errno.EALREADY:
+                logger.debug("kloop: aborting stream %d failed: %s", token, os.strerror(-rc))
+
+        # Wait until the kernel has let go of every buffer handed to it.
+        msg_update = 1.0
+        start_time = time.monotonic()
+        next_msg = start_time + msg_update
+        while self._cache or self._streams or self._watches:
+            if next_msg <= time.monotonic():
+                logger.debug("%r is running after closing for %.1f seconds",
+                             self, time.monotonic() - start_time)
+                next_msg = time.monotonic() + msg_update
+            try:
+                self.select(msg_update)
+            except OSError as exc:  # pragma: no cover - engine failure
+                logger.error("kloop: polling while closing failed: %s", exc)
+                break
+
+        for fd, (ref, q) in list(self._stash.items()):
+            for item in q:
+                if isinstance(item, tuple) and item and isinstance(item[0], socket.socket):
+                    item[0].close()
+        self._stash.clear()
+        self._pool.clear()
+        with self._wake_lock:
+            ptr = self._ptr
+            self._ptr = None
+        self._lib.kloop_destroy(ptr)
+
+    def __del__(self):
+        if getattr(self, "_ptr", None) is not None:
+            try:
+                self.close()
+            except Exception:  # pragma: no cover
+                pass
+
+
+def _fileno(obj):
+    fd = obj if isinstance(obj, int) else obj.fileno()
+    if fd < 0:
+        raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+    return fd

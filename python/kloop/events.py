@@ -1,0 +1,564 @@
+"""IouringProactorEventLoop: asyncio's proactor event loop over io_uring.
+
+The loop is asyncio's own ``BaseProactorEventLoop`` (as Windows'
+ProactorEventLoop is), so ``create_connection`` (happy eyeballs),
+``create_server``, ``start_tls``/sslproto, the sendfile fallback and debug
+mode are the stock code. kloop supplies:
+
+* the proactor (``_proactor.IouringProactor``), polled once per iteration;
+* engine-driven stream transports for TCP and Unix sockets
+  (``transports.SocketTransport``), and a multishot accept for servers;
+* the Unix parts Windows lacks: ``add_reader``/``add_writer`` (polls on
+  the ring), signal handlers (``signal.set_wakeup_fd`` into a socketpair
+  whose read end the ring reads), Unix sockets and pipes, subprocesses
+  (pidfd, reaped by the ring), with the semantics of asyncio's Unix
+  selector loop -- the signal and pipe code *is* asyncio's.
+"""
+
+import collections
+import contextvars
+import errno
+import functools
+import io
+import os
+import selectors
+import signal
+import socket
+import sys
+import threading
+import warnings
+import weakref
+
+from asyncio import base_events
+from asyncio import base_subprocess
+from asyncio import constants
+from asyncio import coroutines
+from asyncio import events
+from asyncio import exceptions
+from asyncio import futures
+from asyncio import proactor_events
+from asyncio import trsock
+from asyncio import unix_events
+from asyncio.log import logger
+
+from . import _proactor
+from . import transports as _transports
+
+__all__ = ("IouringProactorEventLoop", "EventLoop")
+
+_unix = unix_events._UnixSelectorEventLoop
+
+
+def _fileobj_to_fd(fileobj):
+    if isinstance(fileobj, int):
+        fd = fileobj
+    else:
+        try:
+            fd = int(fileobj.fileno())
+        except (AttributeError, TypeError, ValueError):
+            raise ValueError(f"Invalid file object: {fileobj!r}") from None
+    if fd < 0:
+        raise ValueError(f"Invalid file descriptor: {fd}")
+    return fd
+
+
+class _DatagramTransport(proactor_events._ProactorDatagramTransport):
+    """asyncio's proactor datagram transport, closing as on Unix.
+
+    The Windows transport shuts the socket down before closing it, which
+    fails with ENOTCONN for an unconnected UDP socket on Linux: the
+    in-flight receive is cancelled by the proactor instead.
+    """
+
+    def _call_connection_lost(self, exc):
+        if self._called_connection_lost:
+            return
+        try:
+            self._protocol.connection_lost(exc)
+        finally:
+            self._sock.close()
+            self._sock = None
+            server = self._server
+            if server is not None:
+                server._detach()
+                self._server = None
+            self._called_connection_lost = True
+
+
+class _Acceptor:
+    """A multishot accept on a listening socket feeding a Server."""
+
+    def __init__(self, loop, protocol_factory, sock, sslcontext, server,
+                 ssl_handshake_timeout, ssl_shutdown_timeout):
+        self._loop = loop
+        self._proactor = loop._proactor
+        self._protocol_factory = protocol_factory
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._family, self._type, self._proto = sock.family, sock.type, sock.proto
+        self._sslcontext = sslcontext
+        self._server = server
+        self._ssl_handshake_timeout = ssl_handshake_timeout
+        self._ssl_shutdown_timeout = ssl_shutdown_timeout
+        self._context = contextvars.copy_context()
+        self._token = None
+        self._stopped = False
+        self._retry = None
+
+    def start(self):
+        if self._stopped or self._loop.is_closed():
+            return
+        self._retry = None
+        proactor = self._proactor
+        entry = _proactor._Internal(self._completed)
+        entry._token = proactor._next_token()
+        rc = proactor._lib.kloop_submit_accept(proactor._ptr, entry._token, self._fd,
+                                               _proactor._ffi.OP_MULTISHOT)
+        try:
+            proactor._register(entry, rc)
+        except OSError as exc:
+            self._failed(exc)
+            return
+        self._token = entry._token
+
+    def cancel(self):
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        if self._token is not None:
+            self._proactor._cancel_token(self._token)
+
+    def _completed(self, res, flags, data, aux):
+        final = not flags & _proactor._MORE
+        if final:
+            self._token = None
+        if res >= 0:
+            if self._stopped or self._loop.is_closed():
+                os.close(res)
+            else:
+                self._context.run(self._new_connection, res)
+        elif res != -errno.ECANCELED or not self._stopped:
+            err = -res
+            if err in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                # Out of a system resource: as the selector loop, report it
+                # and try again a little later.
+                self._loop.call_exception_handler({
+                    "message": "socket.accept() out of system resource",
+                    "exception": OSError(err, os.strerror(err)),
+                    "socket": trsock.TransportSocket(self._sock),
+                })
+                if final and not self._stopped:
+                    self._retry = self._loop.call_later(constants.ACCEPT_RETRY_DELAY,
+                                                        self.start)
+                return
+            if err in (errno.ECONNABORTED, errno.EAGAIN, errno.EINTR, errno.EPROTO,
+                       errno.ECANCELED):
+                pass  # the peer gave up: keep accepting
+            else:
+                self._failed(OSError(err, os.strerror(err)))
+                return
+        if final and not self._stopped and not self._loop.is_closed():
+            self.start()
+
+    def _failed(self, exc):
+        if self._sock.fileno() != -1:
+            self._loop.call_exception_handler({
+                "message": "Accept failed on a socket",
+                "exception": exc,
+                "socket": trsock.TransportSocket(self._sock),
+            })
+        elif self._loop.get_debug():
+            logger.debug("Accept failed on socket %r", self._sock, exc_info=True)
+        self.cancel()
+
+    def _new_connection(self, fd):
+        loop = self._loop
+        try:
+            conn = socket.socket(self._family, self._type, self._proto, fileno=fd)
+        except OSError:
+            os.close(fd)
+            raise
+        conn.settimeout(0)
+        if loop._debug:
+            logger.debug("%r got a new connection: %r", self._server, conn)
+        try:
+            protocol = self._protocol_factory()
+            if self._sslcontext is not None:
+                loop._make_ssl_transport(
+                    conn, protocol, self._sslcontext, server_side=True,
+                    server=self._server,
+                    ssl_handshake_timeout=self._ssl_handshake_timeout,
+                    ssl_shutdown_timeout=self._ssl_shutdown_timeout)
+            else:
+                loop._make_socket_transport(conn, protocol, server=self._server)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            conn.close()
+            loop.call_exception_handler({
+                "message": "Error on transport creation for incoming connection",
+                "exception": exc,
+            })
+
+
+class IouringProactorEventLoop(proactor_events.BaseProactorEventLoop):
+    """asyncio event loop doing its I/O through io_uring (libkloop)."""
+
+    def __init__(self, proactor=None):
+        if proactor is None:
+            proactor = _proactor.IouringProactor()
+        # BaseProactorEventLoop.__init__ would install the signal wakeup fd
+        # at once, as Windows needs; on Unix it is installed by
+        # add_signal_handler() only, like the selector loop does.
+        base_events.BaseEventLoop.__init__(self)
+        logger.debug("Using proactor: %s", proactor.__class__.__name__)
+        self._proactor = proactor
+        self._selector = proactor   # convenient alias (asyncio's own name)
+        self._self_reading_future = None
+        self._accept_futures = {}   # socket file descriptor => _Acceptor
+        self._transports = weakref.WeakValueDictionary()
+        self._signal_handlers = {}
+        self._pid = os.getpid()
+        self._self_reading_token = None
+        proactor.set_loop(self)
+        self._make_self_pipe()
+        self._start_self_reading()
+
+    def __repr__(self):
+        return (f"<{self.__class__.__name__} running={self.is_running()} "
+                f"closed={self.is_closed()} debug={self.get_debug()}>")
+
+    # -- running and closing ------------------------------------------------
+
+    def _check_fork(self):
+        if self._pid != os.getpid():
+            raise _proactor.fork_error(self._pid)
+
+    def run_forever(self):
+        self._check_fork()
+        return super().run_forever()
+
+    def close(self):
+        if self.is_running():
+            raise RuntimeError("Cannot close a running event loop")
+        if self.is_closed():
+            return
+        if self._pid != os.getpid():
+            # A forked child: nothing here may touch the parent's ring; the
+            # engine only frees this process's copy of its memory.
+            self._proactor.close()
+            self._proactor = None
+            self._selector = None
+            self._signal_handlers.clear()
+            self._ssock.close()
+            self._csock.close()
+            self._ssock = self._csock = None
+            self._internal_fds -= 1
+            base_events.BaseEventLoop.close(self)
+            return
+        # Call these methods before closing the event loop (before calling
+        # BaseEventLoop.close), because they can schedule callbacks with
+        # call_soon(), which is forbidden when the event loop is closed.
+        self._stop_accept_futures()
+        if not sys.is_finalizing():
+            for sig in list(self._signal_handlers):
+                self.remove_signal_handler(sig)
+        elif self._signal_handlers:
+            warnings.warn(f"Closing the loop {self!r} on interpreter shutdown "
+                          f"stage, skipping signal handlers removal",
+                          ResourceWarning, source=self)
+            self._signal_handlers.clear()
+        self._stop_self_reading()
+        self._proactor.close()
+        self._close_self_pipe()
+        self._proactor = None
+        self._selector = None
+        base_events.BaseEventLoop.close(self)
+
+    def _close_self_pipe(self):
+        self._ssock.close()
+        self._ssock = None
+        self._csock.close()
+        self._csock = None
+        self._internal_fds -= 1
+
+    # -- self pipe: signals --------------------------------------------------
+    #
+    # Python's C signal handler writes the signal number into the wakeup fd
+    # (self._csock, set by add_signal_handler()); a receive on the ring keeps
+    # reading self._ssock. call_soon_threadsafe() wakes the ring directly
+    # with kloop_wake() and does not use the socketpair.
+
+    def _start_self_reading(self):
+        proactor = self._proactor
+        buf = bytearray(4096)
+        cbuf = _proactor.ffi.from_buffer(buf)
+        entry = _proactor._Internal(None, (buf, cbuf))
+
+        def completed(res, flags, data, aux):
+            self._self_reading_token = None
+            if res > 0:
+                self._process_self_data(bytes(buf[:res]))
+            elif res < 0 and res != -errno.ECANCELED and not self.is_closed():
+                self.call_exception_handler({
+                    "message": "Error on reading from the event loop self pipe",
+                    "exception": OSError(-res, os.strerror(-res)),
+                    "loop": self,
+                })
+                return
+            if self._ssock is not None and self._proactor is not None and not self._closing_self:
+                self._start_self_reading()
+
+        entry._callback = completed
+        entry._token = proactor._next_token()
+        rc = proactor._lib.kloop_submit_recv(proactor._ptr, entry._token,
+                                             self._ssock.fileno(), cbuf, len(buf), 0)
+        proactor._register(entry, rc)
+        self._self_reading_token = entry._token
+
+    _closing_self = False
+
+    def _stop_self_reading(self):
+        self._closing_self = True
+        if self._self_reading_token is not None:
+            self._proactor._cancel_token(self._self_reading_token)
+            self._self_reading_token = None
+
+    def _loop_self_reading(self, f=None):
+        # BaseProactorEventLoop's future-based self-pipe reader is replaced
+        # by _start_self_reading().
+        pass
+
+    def _write_to_self(self):
+        # May be called from another thread, possibly while or after the
+        # loop closes: IouringProactor.wake() handles that.
+        proactor = self._proactor
+        if proactor is not None:
+            proactor.wake()
+
+    # Signal handling is asyncio's Unix code: it uses self._csock,
+    # self._signal_handlers and self._process_self_data.
+    _process_self_data = _unix._process_self_data
+    add_signal_handler = _unix.add_signal_handler
+    remove_signal_handler = _unix.remove_signal_handler
+    _handle_signal = _unix._handle_signal
+    _check_signal = _unix._check_signal
+
+    # -- transports ------------------------------------------------------------
+
+    def _make_socket_transport(self, sock, protocol, waiter=None,
+                               extra=None, server=None):
+        return _transports.SocketTransport(self, sock, protocol, waiter, extra, server)
+
+    def _make_ssl_transport(
+            self, rawsock, protocol, sslcontext, waiter=None,
+            *, server_side=False, server_hostname=None,
+            extra=None, server=None,
+            ssl_handshake_timeout=None,
+            ssl_shutdown_timeout=None):
+        return _transports.make_ssl_transport(
+            self, rawsock, protocol, sslcontext, waiter,
+            server_side=server_side, server_hostname=server_hostname,
+            extra=extra, server=server,
+            ssl_handshake_timeout=ssl_handshake_timeout,
+            ssl_shutdown_timeout=ssl_shutdown_timeout)
+
+    def _make_datagram_transport(self, sock, protocol,
+                                 address=None, waiter=None, extra=None):
+        return _DatagramTransport(self, sock, protocol, address, waiter, extra)
+
+    def _make_duplex_pipe_transport(self, sock, protocol, waiter=None,
+                                    extra=None):
+        raise NotImplementedError
+
+    # Pipes and Unix sockets: asyncio's Unix implementations, which rely on
+    # the loop's _add_reader/_add_writer below.
+    _make_read_pipe_transport = _unix._make_read_pipe_transport
+    _make_write_pipe_transport = _unix._make_write_pipe_transport
+    create_unix_connection = _unix.create_unix_connection
+    create_unix_server = _unix.create_unix_server
+
+    # -- servers ---------------------------------------------------------------
+
+    def _start_serving(self, protocol_factory, sock,
+                       sslcontext=None, server=None, backlog=100,
+                       ssl_handshake_timeout=constants.SSL_HANDSHAKE_TIMEOUT,
+                       ssl_shutdown_timeout=constants.SSL_SHUTDOWN_TIMEOUT):
+        acceptor = _Acceptor(self, protocol_factory, sock, sslcontext, server,
+                             ssl_handshake_timeout, ssl_shutdown_timeout)
+        self._accept_futures[sock.fileno()] = acceptor
+        acceptor.start()
+
+    def _stop_serving(self, sock):
+        acceptor = self._accept_futures.pop(sock.fileno(), None)
+        if acceptor is not None:
+            acceptor.cancel()
+        # The kernel keeps its own reference to the listening socket until
+        # the cancelled accept completes (on the next iteration).
+        sock.close()
+
+    # -- add_reader / add_writer ---------------------------------------------
+
+    def _ensure_fd_no_transport(self, fd):
+        fileno = fd
+        if not isinstance(fileno, int):
+            try:
+                fileno = int(fileno.fileno())
+            except (AttributeError, TypeError, ValueError):
+                # This code matches selectors._fileobj_to_fd function.
+                raise ValueError(f"Invalid file object: {fd!r}") from None
+        try:
+            transport = self._transports[fileno]
+        except KeyError:
+            pass
+        else:
+            if not transport.is_closing():
+                raise RuntimeError(
+                    f"File descriptor {fd!r} is used by transport {transport!r}")
+
+    def _add_reader(self, fd, callback, *args):
+        self._check_closed()
+        handle = events.Handle(callback, args, self, None)
+        self._proactor.watch(_fileobj_to_fd(fd), fd, selectors.EVENT_READ, handle)
+        return handle
+
+    def _remove_reader(self, fd):
+        if self.is_closed():
+            return False
+        return self._proactor.unwatch(_fileobj_to_fd(fd), selectors.EVENT_READ)
+
+    def _add_writer(self, fd, callback, *args):
+        self._check_closed()
+        handle = events.Handle(callback, args, self, None)
+        self._proactor.watch(_fileobj_to_fd(fd), fd, selectors.EVENT_WRITE, handle)
+        return handle
+
+    def _remove_writer(self, fd):
+        if self.is_closed():
+            return False
+        return self._proactor.unwatch(_fileobj_to_fd(fd), selectors.EVENT_WRITE)
+
+    def add_reader(self, fd, callback, *args):
+        """Add a reader callback."""
+        self._ensure_fd_no_transport(fd)
+        self._add_reader(fd, callback, *args)
+
+    def remove_reader(self, fd):
+        """Remove a reader callback."""
+        self._ensure_fd_no_transport(fd)
+        return self._remove_reader(fd)
+
+    def add_writer(self, fd, callback, *args):
+        """Add a writer callback.."""
+        self._ensure_fd_no_transport(fd)
+        self._add_writer(fd, callback, *args)
+
+    def remove_writer(self, fd):
+        """Remove a writer callback."""
+        self._ensure_fd_no_transport(fd)
+        return self._remove_writer(fd)
+
+    # -- sock_* ----------------------------------------------------------------
+
+    def _check_sock(self, sock):
+        base_events._check_ssl_socket(sock)
+        if self._debug and sock.gettimeout() != 0:
+            raise ValueError("the socket must be non-blocking")
+
+    async def sock_recv(self, sock, n):
+        self._check_sock(sock)
+        self._ensure_fd_no_transport(sock)
+        return await self._proactor.recv(sock, n)
+
+    async def sock_recv_into(self, sock, buf):
+        self._check_sock(sock)
+        self._ensure_fd_no_transport(sock)
+        return await self._proactor.recv_into(sock, buf)
+
+    async def sock_recvfrom(self, sock, bufsize):
+        self._check_sock(sock)
+        self._ensure_fd_no_transport(sock)
+        return await self._proactor.recvfrom(sock, bufsize)
+
+    async def sock_recvfrom_into(self, sock, buf, nbytes=0):
+        self._check_sock(sock)
+        self._ensure_fd_no_transport(sock)
+        if not nbytes:
+            nbytes = len(buf)
+        view = memoryview(buf)
+        if nbytes < len(view):
+            view = view[:nbytes]
+        elif nbytes > len(view):
+            raise ValueError("nbytes is greater than the length of the buffer")
+        return await self._proactor.recvfrom_into(sock, view)
+
+    async def sock_sendall(self, sock, data):
+        self._check_sock(sock)
+        self._ensure_fd_no_transport(sock)
+        await self._proactor.send(sock, data)
+
+    async def sock_sendto(self, sock, data, address):
+        self._check_sock(sock)
+        self._ensure_fd_no_transport(sock)
+        return await self._proactor.sendto(sock, data, 0, address)
+
+    async def sock_connect(self, sock, address):
+        self._check_sock(sock)
+        if sock.family == socket.AF_INET or (
+                base_events._HAS_IPv6 and sock.family == socket.AF_INET6):
+            resolved = await self._ensure_resolved(
+                address, family=sock.family, type=sock.type, proto=sock.proto,
+                loop=self,
+            )
+            _, _, _, _, address = resolved[0]
+        self._ensure_fd_no_transport(sock)
+        await self._proactor.connect(sock, address)
+
+    async def sock_accept(self, sock):
+        self._check_sock(sock)
+        self._ensure_fd_no_transport(sock)
+        conn, address = await self._proactor.accept(sock)
+        conn.setblocking(False)
+        return conn, address
+
+    async def _sock_sendfile_native(self, sock, file, offset, count):
+        try:
+            fileno = file.fileno()
+        except (AttributeError, io.UnsupportedOperation):
+            raise exceptions.SendfileNotAvailableError("not a regular file")
+        try:
+            fsize = os.fstat(fileno).st_size
+        except OSError:
+            raise exceptions.SendfileNotAvailableError("not a regular file")
+        blocksize = count if count else fsize
+        if not blocksize:
+            return 0  # empty file
+        end = min(offset + count, fsize) if count else fsize
+        todo = max(0, end - offset)
+        if not todo:
+            return 0
+        total_sent = 0
+        try:
+            total_sent = await self._proactor.sendfile(sock, file, offset, todo)
+        except OSError as exc:
+            raise
+        finally:
+            if total_sent > 0:
+                os.lseek(fileno, offset + total_sent, os.SEEK_SET)
+        return total_sent
+
+    # -- subprocesses ----------------------------------------------------------
+
+    async def _make_subprocess_transport(self, protocol, args, shell,
+                                         stdin, stdout, stderr, bufsize,
+                                         extra=None, **kwargs):
+        from . import _subprocess
+        return await _subprocess.make_subprocess_transport(
+            self, protocol, args, shell, stdin, stdout, stderr, bufsize,
+            extra=extra, **kwargs)
+
+
+EventLoop = IouringProactorEventLoop
