@@ -1,0 +1,185 @@
+#!/usr/bin/env bash
+# Runs every test of kloop and ends with one line "N passed, N failed, N skipped"
+# that adds up all stages; exits non-zero if anything failed.
+#
+#   bash scripts/test.sh            (after scripts/setup.sh)
+#
+# Stages:
+#   meson    meson test -C build: engine GoogleTests, ABI checks, install and
+#            example tests (C and Rust echo over loopback), fuzz replays
+#   asan     a clang ASan+UBSan build of the engine and its tests (build-asan)
+#            and its meson test (the install suite is left out of sanitized
+#            builds: programs built outside meson cannot load such a library)
+#   python   pytest tests/python
+#   conform  pytest tests/conformance
+# A stage that cannot run (configure or build error, no tests collected,
+# missing directory) counts as one failure. Environment:
+#   JOBS          parallel build/test jobs (default: number of cores)
+#   KLOOP_STAGES  the stages to run, space-separated (default: all)
+set -uo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
+ROOT=$PWD
+JOBS=${JOBS:-$(nproc)}
+STAGES=${KLOOP_STAGES:-meson asan python conform}
+PY=/usr/bin/python3
+RESULTS=$(mktemp -d)
+trap 'rm -rf "$RESULTS"' EXIT
+exec </dev/null
+
+say() { printf '\n=== %s\n' "$*"; }
+
+# record STAGE PASSED FAILED SKIPPED [NOTE]; the time counts from STAGE_START.
+record() {
+  printf '%s %s %s %s %s %s\n' "$1" "$2" "$3" "$4" $((SECONDS - STAGE_START)) "${5:-}" \
+    >>"$RESULTS/stages"
+}
+
+# Counts of a meson test run from its JSON log: passed failed skipped xfail
+# (expected failures count as passed; xfail says how many of them there are).
+meson_counts() {
+  "$PY" - "$1/meson-logs/testlog.json" <<'EOF'
+import json, sys
+counts = {"passed": 0, "failed": 0, "skipped": 0, "xfail": 0}
+try:
+    lines = open(sys.argv[1]).read().splitlines()
+except OSError:
+    lines = []
+for line in lines:
+    result = json.loads(line)["result"]
+    if result in ("OK", "EXPECTEDFAIL"):
+        counts["passed"] += 1
+        counts["xfail"] += result == "EXPECTEDFAIL"
+    elif result == "SKIP":
+        counts["skipped"] += 1
+    else:  # FAIL, TIMEOUT, UNEXPECTEDPASS, ERROR
+        counts["failed"] += 1
+print(counts["passed"], counts["failed"], counts["skipped"], counts["xfail"])
+EOF
+}
+
+# Counts of a pytest run from its JUnit XML: passed failed skipped.
+junit_counts() {
+  "$PY" - "$1" <<'EOF'
+import sys, xml.etree.ElementTree as ET
+try:
+    root = ET.parse(sys.argv[1]).getroot()
+except (OSError, ET.ParseError):
+    print(0, 0, 0)
+    raise SystemExit
+suites = [root] if root.tag == "testsuite" else root.findall("testsuite")
+tests = failed = skipped = 0
+for s in suites:
+    tests += int(s.get("tests", 0))
+    failed += int(s.get("failures", 0)) + int(s.get("errors", 0))
+    skipped += int(s.get("skipped", 0))
+print(tests - failed - skipped, failed, skipped)
+EOF
+}
+
+# meson_stage NAME BUILD_DIR [meson test args...]
+meson_stage() {
+  local name=$1 dir=$2 rc note=""
+  shift 2
+  rm -f "$dir/meson-logs/testlog.json"
+  meson test -C "$dir" --num-processes "$JOBS" --print-errorlogs "$@"
+  rc=$?
+  read -r passed failed skipped xfail < <(meson_counts "$dir")
+  [ "$xfail" -gt 0 ] && note="$xfail of them expected failures"
+  if [ "$rc" -ne 0 ] && [ "$failed" -eq 0 ]; then
+    failed=1  # meson itself failed (build error, bad arguments)
+    record "$name" "$passed" "$failed" "$skipped" "meson test exited $rc"
+  elif [ $((passed + failed)) -eq 0 ]; then
+    record "$name" 0 1 "$skipped" "no test ran"
+  else
+    record "$name" "$passed" "$failed" "$skipped" "$note"
+  fi
+}
+
+stage_meson() {
+  say "meson: meson test -C build"
+  if [ ! -f build/build.ninja ]; then
+    record meson 0 1 0 "build/ is not configured: run scripts/setup.sh"
+    return
+  fi
+  meson_stage meson build
+}
+
+stage_asan() {
+  say "asan: clang ASan+UBSan build in build-asan"
+  if [ ! -f build-asan/build.ninja ]; then
+    # -fno-sanitize-recover: an UBSan report fails the test instead of
+    # scrolling by. libkloop links with --no-undefined, and clang links the
+    # sanitizer runtime statically into executables only: -shared-libasan
+    # links the shared runtime (it carries UBSan too) into the library and
+    # the tests alike, found through an rpath.
+    local rt
+    rt=$(dirname "$(clang -print-file-name=libclang_rt.asan-x86_64.so)")
+    if ! CC=clang CXX=clang++ meson setup build-asan \
+        -Db_sanitize=address,undefined -Db_lundef=false -Dbuildtype=debug \
+        -Dbenchmarks=false \
+        -Dc_args=-fno-sanitize-recover=all -Dcpp_args=-fno-sanitize-recover=all \
+        "-Dc_link_args=-shared-libasan -Wl,-rpath,$rt" \
+        "-Dcpp_link_args=-shared-libasan -Wl,-rpath,$rt"; then
+      record asan 0 1 0 "meson setup build-asan failed"
+      return
+    fi
+  fi
+  if ! ninja -C build-asan -j "$JOBS"; then
+    record asan 0 1 0 "ninja -C build-asan failed"
+    return
+  fi
+  ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=1:halt_on_error=1} \
+  UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1} \
+    meson_stage asan build-asan
+}
+
+# pytest_stage NAME DIR
+pytest_stage() {
+  local name=$1 dir=$2 rc
+  say "$name: pytest $dir"
+  if [ ! -d "$dir" ]; then
+    record "$name" 0 1 0 "$dir does not exist"
+    return
+  fi
+  if [ ! -x .venv/bin/python ]; then
+    record "$name" 0 1 0 ".venv is missing: run scripts/setup.sh"
+    return
+  fi
+  PYTHONPATH="$ROOT/python${PYTHONPATH:+:$PYTHONPATH}" \
+  KLOOP_LIBRARY="$ROOT/build/libkloop/libkloop.so" \
+    .venv/bin/python -m pytest -p no:cacheprovider -ra --junitxml="$RESULTS/$name.xml" "$dir"
+  rc=$?
+  read -r passed failed skipped < <(junit_counts "$RESULTS/$name.xml")
+  case $rc in
+    0) record "$name" "$passed" "$failed" "$skipped" ;;
+    5) record "$name" "$passed" 1 "$skipped" "pytest collected no tests" ;;
+    *)
+      [ "$failed" -eq 0 ] && failed=1  # interrupted, internal or usage error
+      record "$name" "$passed" "$failed" "$skipped" "pytest exited $rc"
+      ;;
+  esac
+}
+
+for stage in $STAGES; do
+  STAGE_START=$SECONDS
+  case $stage in
+    meson) stage_meson ;;
+    asan) stage_asan ;;
+    python) pytest_stage python tests/python ;;
+    conform) pytest_stage conform tests/conformance ;;
+    *) echo "test.sh: unknown stage $stage" >&2; record "$stage" 0 1 0 "unknown stage" ;;
+  esac
+done
+
+say "summary"
+total_passed=0 total_failed=0 total_skipped=0
+while read -r name passed failed skipped seconds note; do
+  printf '%-8s %5d passed %4d failed %4d skipped %5ds %s\n' \
+    "$name" "$passed" "$failed" "$skipped" "$seconds" "${note:+($note)}"
+  total_passed=$((total_passed + passed))
+  total_failed=$((total_failed + failed))
+  total_skipped=$((total_skipped + skipped))
+done <"$RESULTS/stages"
+echo "$total_passed passed, $total_failed failed, $total_skipped skipped"
+[ "$total_failed" -eq 0 ]
