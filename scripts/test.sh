@@ -5,8 +5,11 @@
 #   bash scripts/test.sh            (after scripts/setup.sh)
 #
 # Stages:
-#   meson    meson test -C build: engine GoogleTests, ABI checks, install and
-#            example tests (C and Rust echo over loopback), fuzz replays
+#   meson    meson test -C build, all but the install suite: engine
+#            GoogleTests, ABI checks, fuzz replays
+#   examples meson test -C build --suite install: libkloop installed into a
+#            temporary root, a C consumer and the C and Rust echo examples
+#            built from it with pkg-config, echoing over loopback TCP
 #   asan     a clang ASan+UBSan build of the engine and its tests (build-asan)
 #            and its meson test (the install suite is left out of sanitized
 #            builds: programs built outside meson cannot load such a library)
@@ -21,7 +24,7 @@ set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 ROOT=$PWD
 JOBS=${JOBS:-$(nproc)}
-STAGES=${KLOOP_STAGES:-meson asan python conform}
+STAGES=${KLOOP_STAGES:-meson examples asan python conform}
 PY=/usr/bin/python3
 RESULTS=$(mktemp -d)
 trap 'rm -rf "$RESULTS"' EXIT
@@ -96,13 +99,16 @@ meson_stage() {
   fi
 }
 
-stage_meson() {
-  say "meson: meson test -C build"
+# build_stage NAME [meson test args...]: a meson test run in build/.
+build_stage() {
+  local name=$1
+  shift
+  say "$name: meson test -C build $*"
   if [ ! -f build/build.ninja ]; then
-    record meson 0 1 0 "build/ is not configured: run scripts/setup.sh"
+    record "$name" 0 1 0 "build/ is not configured: run scripts/setup.sh"
     return
   fi
-  meson_stage meson build
+  meson_stage "$name" build "$@"
 }
 
 stage_asan() {
@@ -164,7 +170,8 @@ pytest_stage() {
 for stage in $STAGES; do
   STAGE_START=$SECONDS
   case $stage in
-    meson) stage_meson ;;
+    meson) build_stage meson --no-suite install ;;
+    examples) build_stage examples --suite install ;;
     asan) stage_asan ;;
     python) pytest_stage python tests/python ;;
     conform) pytest_stage conform tests/conformance ;;
