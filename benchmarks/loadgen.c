@@ -171,6 +171,8 @@ static size_t sendbuf_len;
 static enum phase phase;
 static uint64_t t_start, t_measure, t_measure_end, t_end_deadline;
 static uint64_t measured;       /* responses completed in the measured phase */
+static uint64_t last_progress;  /* time of the last completed response */
+static bool stalled;
 static uint64_t warm_requests;  /* responses completed during warm-up */
 static uint64_t verify_errors;
 static unsigned dead_conns;
@@ -178,6 +180,7 @@ static int first_error;
 static struct proc_sample srv0, srv1;
 static struct rusage ru0, ru1;
 static volatile sig_atomic_t interrupted;
+#define STALL_NS 10000000000ull
 
 static void die(const char *fmt, ...) {
   va_list ap;
@@ -335,6 +338,7 @@ static void on_received(struct conn *c, const char *data, size_t n, uint64_t now
       return;
     }
     uint64_t t0 = c->ts[c->ts_head];
+    last_progress = now;
     c->ts_head = (c->ts_head + 1) % opt.depth;
     c->ts_count--;
     if (phase == PHASE_MEASURE) {
@@ -355,6 +359,11 @@ static void on_received(struct conn *c, const char *data, size_t n, uint64_t now
 
 /* Phase transitions driven by the clock; called once per loop iteration. */
 static void tick(uint64_t now) {
+  if (!last_progress) last_progress = now;
+  if (phase <= PHASE_MEASURE && now - last_progress > STALL_NS) {
+    stalled = true; /* no echo for STALL_NS: the server hangs; end the run */
+    interrupted = 1;
+  }
   if (interrupted && phase < PHASE_DRAIN) {
     if (phase == PHASE_WARMUP) t_measure = now;
     phase = PHASE_DRAIN;
@@ -679,6 +688,7 @@ static void report(void) {
     printf(", \"dead_conns\": %u, \"first_error\": \"%s\", \"verify\": %s, \"verify_errors\": %llu",
            dead_conns, first_error ? strerror(first_error) : "", opt.verify ? "true" : "false",
            (unsigned long long)verify_errors);
+    printf(", \"stalled\": %s", stalled ? "true" : "false");
     printf(", \"latency_us\": {\"min\": %.2f, \"mean\": %.2f, \"p50\": %.2f, \"p90\": %.2f, "
            "\"p99\": %.2f, \"p999\": %.2f, \"max\": %.2f}",
            min, mean, lat[0], lat[1], lat[2], lat[3], lat[4]);
@@ -704,6 +714,7 @@ static void report(void) {
       printf("server pid %d: %.2f us/req CPU (user %.2f, sys %.2f), %.0f%% of a core, RSS %ld kB\n",
              opt.server_pid, (su + ss) * per, su * per, ss * per,
              secs > 0 ? 100 * (su + ss) / secs : 0, srv1.rss_kb);
+    if (stalled) printf("stalled: no echo for %.0f s, run ended early\n", STALL_NS / 1e9);
     if (dead_conns || verify_errors)
       printf("errors: %u connections failed (%s), %llu verify errors\n", dead_conns,
              first_error ? strerror(first_error) : "-", (unsigned long long)verify_errors);
@@ -858,6 +869,7 @@ int main(int argc, char **argv) {
   if (opt.engine == ENGINE_URING) io_uring_queue_exit(&ring);
   for (unsigned i = 0; i < opt.conns; i++) close(conns[i].fd);
   if (verify_errors) return 3;
+  if (stalled) return 4;
   if (dead_conns == opt.conns) return 1;
   return 0;
 }

@@ -290,11 +290,15 @@ def run_one(env, loop, kind, size, conns, duration, warmup, pipeline=1, loadgen_
         ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         busy1, steal1 = cpu_totals()
         s_cpu1 = proc_cpu(server.pid)
-        if r.returncode not in (0,) or not r.stdout.strip():
+        if not r.stdout.strip():
             rec["error"] = f"loadgen exit {r.returncode}: {r.stderr.strip()[-300:]}"
             return rec
         res = json.loads(r.stdout)
         rec.update(res)
+        if res.get("stalled"):
+            rec["error"] = "the server stopped answering (no echo for 10 s)"
+        elif r.returncode != 0:
+            rec["error"] = f"loadgen exit {r.returncode}: {r.stderr.strip()[-300:]}"
         client_total = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
         server_total = (s_cpu1 - s_cpu0) if s_cpu0 is not None and s_cpu1 is not None else 0
         machine = (busy1 - busy0) / CLK_TCK
@@ -445,16 +449,23 @@ def syscall_run(env, loop, kind, size, conns, requests, log=None):
         return rec
     out = tempfile.NamedTemporaryFile(prefix="kloop-strace-", suffix=".txt", delete=False)
     out.close()
+    st = None
     try:
+        errf = tempfile.TemporaryFile(mode="w+")
         st = subprocess.Popen(["strace", "-c", "-f", "-o", out.name, "-p", str(server.pid)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                              stdout=subprocess.DEVNULL, stderr=errf, text=True)
         time.sleep(1.0)  # let strace attach to every thread
         if st.poll() is not None:
-            rec["error"] = "strace failed: " + st.stderr.read().strip()[-200:]
+            errf.seek(0)
+            rec["error"] = "strace failed: " + errf.read().strip()[-200:]
             return rec
         cmd = loadgen_cmd(env, server.port, size, conns, 0, 0, requests=requests)
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                           preexec_fn=_pin(CLIENT_CPU))
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=180,
+                               preexec_fn=_pin(CLIENT_CPU))
+        except subprocess.TimeoutExpired:
+            rec["error"] = "load generator timed out under strace"
+            return rec
         st.send_signal(signal.SIGINT)
         st.wait(30)
         if r.returncode != 0:
@@ -471,6 +482,13 @@ def syscall_run(env, loop, kind, size, conns, requests, log=None):
         rec["loadgen_cmd"] = " ".join(cmd)
         return rec
     finally:
+        if st is not None and st.poll() is None:
+            st.send_signal(signal.SIGINT)
+            try:
+                st.wait(30)
+            except subprocess.TimeoutExpired:
+                st.kill()
+                st.wait()
         server.stop()
         os.unlink(out.name)
 
