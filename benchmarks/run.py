@@ -203,6 +203,22 @@ def busy_processes(min_share=0.05, interval=0.3):
     return sorted(busy, reverse=True)
 
 
+def wait_quiet(max_wait, threshold=0.10, interval=0.5):
+    """Wait until the machine's busy CPU falls below `threshold` of a core.
+
+    Returns the seconds waited, or None if it stayed busy for max_wait s.
+    """
+    t0 = time.monotonic()
+    while True:
+        b0, _ = cpu_totals()
+        time.sleep(interval)
+        b1, _ = cpu_totals()
+        if (b1 - b0) / CLK_TCK / interval < threshold:
+            return time.monotonic() - t0
+        if time.monotonic() - t0 >= max_wait:
+            return None
+
+
 def loadavg():
     with open("/proc/loadavg") as f:
         return [float(x) for x in f.read().split()[:3]]
@@ -329,10 +345,14 @@ def cell_label(kind, size, conns):
 
 
 def run_matrix(env, cells, loops, rounds, duration, warmup, pipeline=1, loadgen_extra=(),
-               progress=None, log=None):
+               progress=None, log=None, quiet_wait=0.0, retries=0):
     """Run every (cell, loop) `rounds` times, interleaved and rotated per round.
 
     cells: list of (kind, size, conns); kind "native" runs the native servers.
+    quiet_wait: before each run, wait up to this many seconds for the machine
+      to be idle (other processes < 10 % of a core).
+    retries: run again (up to this many times) when other processes used
+      more than 10 % of a core during the run; the last attempt is kept.
     Returns the list of run records (each with "round").
     """
     usable = [lp for lp in loops if env.availability(lp) is None]
@@ -346,8 +366,17 @@ def run_matrix(env, cells, loops, rounds, duration, warmup, pipeline=1, loadgen_
                 if progress:
                     progress(done, total, f"round {rnd + 1}/{rounds}: "
                              f"{cell_label(kind, size, conns)}: {loop}")
-                rec = run_one(env, loop, kind, size, conns, duration, warmup, pipeline,
-                              loadgen_extra, log)
+                for attempt in range(retries + 1):
+                    waited = wait_quiet(quiet_wait) if quiet_wait > 0 else 0.0
+                    rec = run_one(env, loop, kind, size, conns, duration, warmup, pipeline,
+                                  loadgen_extra, log)
+                    rec["attempt"] = attempt
+                    rec["quiet_wait"] = waited
+                    if "error" in rec or rec.get("other_cpu", 0) <= 0.10:
+                        break
+                    if progress and attempt < retries:
+                        progress(done, total, f"  {loop}: disturbed (other processes used "
+                                 f"{rec['other_cpu']:.0%} of a core), again")
                 rec["round"] = rnd
                 records.append(rec)
                 done += 1
@@ -682,6 +711,10 @@ def main(argv=None):
     p.add_argument("--requests", type=int, default=20000, help="syscalls: requests per server")
     p.add_argument("--loadgen-arg", action="append", default=[],
                    help="extra argument for the load generator (repeatable)")
+    p.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
+                   help="before each run wait up to S seconds for an idle machine")
+    p.add_argument("--retries", type=int, default=0,
+                   help="repeat a run disturbed by other processes up to N times")
     p.add_argument("--doc", action="store_true",
                    help="write the tables into docs/performance.md (section per tier)")
     p.add_argument("--json-out", help="write the results here instead of benchmarks/results/")
@@ -760,7 +793,8 @@ def main(argv=None):
           f"about {est / 60:.0f} min", file=sys.stderr)
     extra = list(args.loadgen_arg)
     records = run_matrix(env, cells, loops, rounds, duration, args.warmup, args.pipeline,
-                         extra, progress=stderr_progress, log=log)
+                         extra, progress=stderr_progress, log=log,
+                         quiet_wait=args.wait_quiet, retries=args.retries)
     meta["loadavg_end"] = loadavg()
     rows = summarize(records, cells, loops, ratio_pairs)
     payload = {"tier": tier, "meta": meta, "rounds": rounds, "duration": duration,
