@@ -137,6 +137,7 @@ struct options {
   bool verify;
   bool json;
   const char *label;
+  double idle; /* >= 0: idle-connection memory mode, hold for this long */
 };
 
 struct conn {
@@ -654,6 +655,43 @@ static void run_epoll(void) {
 }
 
 /* ------------------------------------------------------------------------ */
+/* Idle-connection memory                                                   */
+/* ------------------------------------------------------------------------ */
+
+/* Open N connections, echo one message on each (so the server has set up
+ * everything a live connection needs), hold them idle, and report the
+ * server's RSS growth per connection. */
+static int run_idle(void) {
+  struct proc_sample before = sample_proc(opt.server_pid);
+  int *fds = calloc(opt.conns, sizeof(int));
+  char *buf = malloc(opt.size);
+  if (!fds || !buf) die("out of memory");
+  for (unsigned i = 0; i < opt.conns; i++) fds[i] = open_conn(false);
+  for (unsigned i = 0; i < opt.conns; i++)
+    if (send(fds[i], sendbuf, opt.size, MSG_NOSIGNAL) != (ssize_t)opt.size)
+      die("send: %s", strerror(errno));
+  for (unsigned i = 0; i < opt.conns; i++)
+    for (uint64_t got = 0; got < opt.size;) {
+      ssize_t n = recv(fds[i], buf, opt.size - got, 0);
+      if (n <= 0) die("recv: %s", n ? strerror(errno) : "connection closed");
+      got += (uint64_t)n;
+    }
+  usleep((useconds_t)(opt.idle * 1e6));
+  struct proc_sample after = sample_proc(opt.server_pid);
+  double per = before.ok && after.ok ? (double)(after.rss_kb - before.rss_kb) / opt.conns : 0;
+  if (opt.json)
+    printf("{\"tool\": \"loadgen\", \"format\": 1, \"mode\": \"idle\", \"target\": \"%s\", "
+           "\"conns\": %u, \"size\": %llu, \"rss_kb_before\": %ld, \"rss_kb_after\": %ld, "
+           "\"rss_kb_per_conn\": %.3f}\n",
+           target_name, opt.conns, (unsigned long long)opt.size, before.rss_kb, after.rss_kb, per);
+  else
+    printf("%s: %u idle connections: server RSS %ld -> %ld kB, %.2f kB per connection\n",
+           target_name, opt.conns, before.rss_kb, after.rss_kb, per);
+  for (unsigned i = 0; i < opt.conns; i++) close(fds[i]);
+  return before.ok && after.ok ? 0 : 1;
+}
+
+/* ------------------------------------------------------------------------ */
 /* Output                                                                   */
 /* ------------------------------------------------------------------------ */
 
@@ -746,6 +784,9 @@ static void usage(FILE *f) {
       "      --cpu N            pin the load generator to CPU N\n"
       "      --verify           check that every echoed byte is the byte sent\n"
       "      --label TEXT       copied into the JSON output\n"
+      "      --idle SEC         memory mode: open the connections, echo one message on\n"
+      "                         each, hold them SEC seconds, report the server's RSS\n"
+      "                         growth per connection (needs --server-pid)\n"
       "  -j, --json             print one JSON object instead of text\n",
       f);
 }
@@ -772,8 +813,9 @@ int main(int argc, char **argv) {
                          .multishot = true,
                          .buf_size = 65536,
                          .buf_count = 1024,
-                         .cpu = -1};
-  enum { O_SINGLE = 256, O_BUFSZ, O_BUFCNT, O_PID, O_CPU, O_VERIFY, O_LABEL };
+                         .cpu = -1,
+                         .idle = -1};
+  enum { O_SINGLE = 256, O_BUFSZ, O_BUFCNT, O_PID, O_CPU, O_VERIFY, O_LABEL, O_IDLE };
   static const struct option longopts[] = {
       {"host", required_argument, 0, 'H'},      {"port", required_argument, 0, 'P'},
       {"unix", required_argument, 0, 'U'},      {"conns", required_argument, 0, 'c'},
@@ -784,6 +826,7 @@ int main(int argc, char **argv) {
       {"buf-count", required_argument, 0, O_BUFCNT}, {"server-pid", required_argument, 0, O_PID},
       {"cpu", required_argument, 0, O_CPU},     {"verify", no_argument, 0, O_VERIFY},
       {"label", required_argument, 0, O_LABEL}, {"json", no_argument, 0, 'j'},
+      {"idle", required_argument, 0, O_IDLE},
       {"help", no_argument, 0, 'h'},            {0, 0, 0, 0}};
   int ch;
   while ((ch = getopt_long(argc, argv, "H:P:U:c:s:p:d:w:n:e:jh", longopts, NULL)) != -1) {
@@ -809,6 +852,7 @@ int main(int argc, char **argv) {
       case O_CPU: opt.cpu = atoi(optarg); break;
       case O_VERIFY: opt.verify = true; break;
       case O_LABEL: opt.label = optarg; break;
+      case O_IDLE: opt.idle = strtod(optarg, NULL); break;
       case 'j': opt.json = true; break;
       case 'h': usage(stdout); return 0;
       default: usage(stderr); return 2;
@@ -845,6 +889,7 @@ int main(int argc, char **argv) {
   for (size_t i = 0; i < sendbuf_len; i++) sendbuf[i] = (char)('a' + (i % opt.size) % 26);
 
   resolve_target();
+  if (opt.idle >= 0) return run_idle();
   conns = calloc(opt.conns, sizeof(*conns));
   uint64_t *ts = calloc((size_t)opt.conns * opt.depth, sizeof(uint64_t));
   if (!conns || !ts) die("out of memory");

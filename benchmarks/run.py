@@ -522,6 +522,43 @@ def syscall_run(env, loop, kind, size, conns, requests, log=None):
         os.unlink(out.name)
 
 
+def idle_run(env, loop, kind, conns, size=1024, hold=1.0, log=None):
+    """Server RSS growth per idle connection (loadgen --idle)."""
+    rec = {"loop": loop, "kind": kind, "conns": conns, "size": size}
+    try:
+        server = Server(env, loop, kind, log)
+    except BenchError as e:
+        rec["error"] = str(e)
+        return rec
+    try:
+        time.sleep(0.3)  # let start-up allocations settle
+        cmd = [str(env.loadgen), "-P", server.port, "-c", str(conns), "-s", str(size),
+               "--idle", str(hold), "--server-pid", str(server.pid), "-j"]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                           preexec_fn=_pin(CLIENT_CPU))
+        if r.returncode != 0 or not r.stdout.strip():
+            rec["error"] = f"loadgen exit {r.returncode}: {r.stderr.strip()[-200:]}"
+            return rec
+        rec.update(json.loads(r.stdout))
+        rec["loadgen_cmd"] = " ".join(cmd)
+        return rec
+    finally:
+        server.stop()
+
+
+def memory_markdown(recs):
+    out = ["| server | RSS before, MiB | RSS with idle connections, MiB | KiB per connection |",
+           "|---|---:|---:|---:|"]
+    for r in recs:
+        name = r["loop"] if r["kind"] == "native" else f"{r['loop']} ({r['kind']})"
+        if "error" in r:
+            out.append(f"| {name} | n/a | n/a | {r['error'][:80]} |")
+            continue
+        out.append(f"| {name} | {r['rss_kb_before'] / 1024:.1f} | {r['rss_kb_after'] / 1024:.1f} "
+                   f"| {r['rss_kb_per_conn']:.2f} |")
+    return "\n".join(out)
+
+
 # ---------------------------------------------------------------------------
 # Metadata and output
 # ---------------------------------------------------------------------------
@@ -697,7 +734,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("tier", choices=["quick", "full", "native", "syscalls", "custom"])
+    p.add_argument("tier", choices=["quick", "full", "native", "syscalls", "memory", "custom"])
     p.add_argument("--build", help="meson build directory (default: build/, else build*/)")
     p.add_argument("--loops", help="comma list (default asyncio,uvloop,kloop; "
                                    "native: epoll,libkloop)")
@@ -755,6 +792,33 @@ def main(argv=None):
           f"uvloop {meta['uvloop']}", file=sys.stderr)
     for note in unavailable_notes(env, loops):
         print("run.py: " + note[2:], file=sys.stderr)
+
+    if tier == "memory":
+        chosen = args.loops.split(",") if args.loops else list(PY_LOOPS + NATIVE)
+        conns = _ints(args.conns)[0] if args.conns != "10" else 1000
+        recs = []
+        for lp in chosen:
+            kinds = ["native"] if lp in NATIVE else args.kinds.split(",")
+            for kind in kinds:
+                why = env.availability(lp)
+                if why:
+                    recs.append({"loop": lp, "kind": kind, "error": f"n/a: {why}"})
+                    continue
+                print(f"run.py: {lp} {kind}: {conns} idle connections", file=sys.stderr)
+                recs.append(idle_run(env, lp, kind, conns, log=log))
+        payload = {"tier": tier, "meta": meta, "runs": recs}
+        path = save_json(tier, payload)
+        table = memory_markdown(recs)
+        print(table)
+        if args.doc:
+            body = (f"Measured {meta['date']} on kernel {meta['kernel']}, Python {meta['python']}, "
+                    f"uvloop {meta['uvloop']}, commit {meta['commit']}: {conns} connections, "
+                    f"each echoed one 1 KiB message, then held idle for 1 s; server RSS from "
+                    f"/proc/PID/status before connecting and after.\n\n"
+                    f"`{meta['command']}`\n\n{table}\n")
+            write_doc_section("memory", body)
+        print(f"run.py: results in {path}", file=sys.stderr)
+        return 0
 
     if tier == "syscalls":
         recs = []
