@@ -177,6 +177,8 @@ def main(argv=None):
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--unix")
     p.add_argument("--cpu", type=int, default=-1, help="pin to this CPU")
+    p.add_argument("--profile", metavar="FILE",
+                   help="run under cProfile and write its stats (pstats format) at exit")
     args = p.parse_args(argv)
     if args.cpu >= 0:
         os.sched_setaffinity(0, {args.cpu})
@@ -192,9 +194,18 @@ def main(argv=None):
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):
             signal.signal(sig, lambda *_: loop.call_soon_threadsafe(stop.set))
+    profiler = None
+    if args.profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     try:
         loop.run_until_complete(serve(args, stop))
     finally:
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(args.profile)
         loop.close()
 
 
