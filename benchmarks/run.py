@@ -546,6 +546,119 @@ def idle_run(env, loop, kind, conns, size=1024, hold=1.0, log=None):
         server.stop()
 
 
+def profile_run(env, loop, kind, size, conns, duration, log=None):
+    """Where a server's CPU time goes: perf (share per binary) and cProfile.
+
+    Two runs: one under `perf record -e cpu-clock` (kernel, interpreter,
+    libkloop, CFFI, ... as shares of the server's samples), one under
+    cProfile (Python-level function calls per request, top functions by
+    own time). Neither is timed: profilers slow the server down.
+    """
+    rec = {"loop": loop, "kind": kind, "size": size, "conns": conns}
+    with tempfile.TemporaryDirectory(prefix="kloop-prof-") as tmp:
+        # 1. perf: shares per DSO of the server's CPU samples
+        try:
+            server = Server(env, loop, kind, log)
+        except BenchError as e:
+            rec["error"] = str(e)
+            return rec
+        data = os.path.join(tmp, "perf.data")
+        perf = None
+        try:
+            perf = subprocess.Popen(["perf", "record", "-q", "-e", "cpu-clock", "-F", "1999",
+                                     "-p", str(server.pid), "-o", data],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(0.5)
+            cmd = loadgen_cmd(env, server.port, size, conns, duration, 0.3,
+                              server_pid=server.pid)
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60,
+                               preexec_fn=_pin(CLIENT_CPU))
+            if r.stdout.strip():
+                res = json.loads(r.stdout)
+                rec["rps_under_perf"] = res["rps"]
+                rec["server_under_perf"] = res.get("server")
+        except (OSError, subprocess.SubprocessError) as e:
+            rec["perf_error"] = str(e)
+        finally:
+            if perf is not None and perf.poll() is None:
+                perf.send_signal(signal.SIGINT)
+                perf.wait(30)
+            server.stop()
+        rep_out = _cmd_out(["perf", "report", "-i", data, "--no-children", "--sort", "dso",
+                            "-g", "none", "--stdio"])
+        shares = {}
+        for line in rep_out.splitlines():
+            m = re.match(r"^\s*([\d.]+)%\s+(\S+)", line)
+            if m:
+                shares[m.group(2)] = float(m.group(1))
+        rec["perf_dso_shares"] = shares
+        sym_out = _cmd_out(["perf", "report", "-i", data, "--no-children", "--sort", "dso,sym",
+                            "-g", "none", "--stdio"])
+        syms = []
+        for line in sym_out.splitlines():
+            m = re.match(r"^\s*([\d.]+)%\s+(\S+)\s+\[.\]\s+(.+)$", line)
+            if m and len(syms) < 25:
+                syms.append((float(m.group(1)), m.group(2), m.group(3).strip()))
+        rec["perf_top_symbols"] = syms
+
+        # 2. cProfile: Python calls per request (Python servers only)
+        if loop in PY_LOOPS:
+            prof = os.path.join(tmp, "prof.out")
+            cmdline = env.server_cmd(loop, kind) + ["--profile", prof]
+            proc = subprocess.Popen(cmdline, env=env.server_env(), stdout=subprocess.PIPE,
+                                    stderr=log, text=True, preexec_fn=_pin(SERVER_CPU))
+            try:
+                line = proc.stdout.readline()
+                if line.startswith("READY"):
+                    n = 20000
+                    cmd = loadgen_cmd(env, line.split()[1], size, conns, 0, 0, requests=n)
+                    subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                                   preexec_fn=_pin(CLIENT_CPU))
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                proc.stdout.close()
+            if os.path.exists(prof):
+                import pstats
+                st = pstats.Stats(prof)
+                calls = sum(v[1] for v in st.stats.values())
+                rec["python_calls_per_request"] = calls / n
+                top = sorted(st.stats.items(), key=lambda kv: -kv[1][2])[:12]
+                rec["python_top"] = [
+                    {"function": f"{Path(k[0]).name}:{k[1]}({k[2]})", "calls_per_request": v[1] / n,
+                     "own_s": v[2]} for k, v in top]
+    return rec
+
+
+def profile_markdown(recs):
+    out = []
+    dsos = ["[kernel.kallsyms]", "python3.11", "libkloop", "_cffi_backend", "libffi", "libc",
+            "libuv", "loop.cpython"]
+    head = ["server"] + [d.strip("[]").split(".")[0] for d in dsos] + ["other", "Python calls/req"]
+    out.append("| " + " | ".join(head) + " |")
+    out.append("|" + "---|" + "---:|" * (len(head) - 1))
+    for r in recs:
+        name = r["loop"] if r["kind"] == "native" else f"{r['loop']} ({r['kind']})"
+        if "error" in r:
+            out.append(f"| {name} | " + " | ".join(["n/a"] * (len(head) - 1)) + " |")
+            continue
+        shares = r.get("perf_dso_shares", {})
+        row, used = [name], 0.0
+        for d in dsos:
+            v = sum(pct for k, pct in shares.items() if k.startswith(d))
+            used += v
+            row.append(f"{v:.0f} %" if v else "–")
+        row.append(f"{max(0.0, sum(shares.values()) - used):.0f} %")
+        cpr = r.get("python_calls_per_request")
+        row.append("–" if cpr is None else f"{cpr:.1f}")
+        out.append("| " + " | ".join(row) + " |")
+    return "\n".join(out)
+
+
 def memory_markdown(recs):
     out = ["| server | RSS before, MiB | RSS with idle connections, MiB | KiB per connection |",
            "|---|---:|---:|---:|"]
@@ -734,7 +847,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("tier", choices=["quick", "full", "native", "syscalls", "memory", "custom"])
+    p.add_argument("tier", choices=["quick", "full", "native", "syscalls", "memory", "profile",
+                                    "custom"])
     p.add_argument("--build", help="meson build directory (default: build/, else build*/)")
     p.add_argument("--loops", help="comma list (default asyncio,uvloop,kloop; "
                                    "native: epoll,libkloop)")
@@ -792,6 +906,38 @@ def main(argv=None):
           f"uvloop {meta['uvloop']}", file=sys.stderr)
     for note in unavailable_notes(env, loops):
         print("run.py: " + note[2:], file=sys.stderr)
+
+    if tier == "profile":
+        chosen = args.loops.split(",") if args.loops else list(PY_LOOPS + NATIVE)
+        size, conns = _ints(args.sizes)[0], _ints(args.conns)[0]
+        recs = []
+        for lp in chosen:
+            for kind in (["native"] if lp in NATIVE else args.kinds.split(",")):
+                why = env.availability(lp)
+                if why:
+                    recs.append({"loop": lp, "kind": kind, "error": f"n/a: {why}"})
+                    continue
+                print(f"run.py: profiling {lp} {kind}", file=sys.stderr)
+                recs.append(profile_run(env, lp, kind, size, conns, args.duration or 3.0, log))
+        payload = {"tier": tier, "meta": meta, "runs": recs}
+        path = save_json(tier, payload)
+        table = profile_markdown(recs)
+        print(table)
+        for r in recs:
+            if r.get("python_top"):
+                print(f"\n{r['loop']} ({r['kind']}): top Python functions by own time")
+                for t in r["python_top"][:8]:
+                    print(f"  {t['calls_per_request']:6.2f}/req  {t['own_s']:7.3f} s  {t['function']}")
+        if args.doc:
+            body = (f"Measured {meta['date']} on kernel {meta['kernel']}, Python {meta['python']}, "
+                    f"uvloop {meta['uvloop']}, commit {meta['commit']}: echo of "
+                    f"{size_label(size)} over {conns} connections. Shares of the server's CPU "
+                    f"samples per binary (`perf record -e cpu-clock`), and Python function "
+                    f"calls per request (cProfile, separate run).\n\n"
+                    f"`{meta['command']}`\n\n{table}\n")
+            write_doc_section("profile", body)
+        print(f"run.py: results in {path}", file=sys.stderr)
+        return 0
 
     if tier == "memory":
         chosen = args.loops.split(",") if args.loops else list(PY_LOOPS + NATIVE)
