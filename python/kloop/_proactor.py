@@ -30,6 +30,7 @@ recycled fd number never sees another socket's data.
 """
 
 import collections
+import contextvars
 import errno
 import itertools
 import logging
@@ -42,7 +43,7 @@ import threading
 import time
 import weakref
 
-from asyncio import exceptions
+from asyncio import events
 from asyncio import futures
 
 from . import _ffi
@@ -190,18 +191,24 @@ class _OpFuture(futures.Future):
         self.set_result(value)
 
     _finish_zero_is_data = False
+    _deferred = False
 
 
 class _Internal:
-    """A ``_cache`` entry that calls a function instead of resolving a future."""
+    """A ``_cache`` entry that calls a function instead of resolving a future.
 
-    __slots__ = ("_token", "_callback", "_keep", "_live")
+    ``deferred``: the callback runs protocol code, so it runs with the
+    poll's stream events (see IouringProactor.select) instead of at once.
+    """
 
-    def __init__(self, callback, keep=None):
+    __slots__ = ("_token", "_callback", "_keep", "_live", "_deferred")
+
+    def __init__(self, callback, keep=None, deferred=False):
         self._token = None
         self._callback = callback  # (res, flags, data, aux)
         self._keep = keep
         self._live = False
+        self._deferred = deferred
 
     def _complete(self, res, flags, data, aux):
         if not flags & _MORE:
@@ -277,6 +284,8 @@ class IouringProactor:
         self._readers = {}    # fd -> _Watch
         self._writers = {}    # fd -> _Watch
         self._stopped_serving = weakref.WeakSet()
+        self._batch = []      # stream events and deferred completions to run
+        self._dispatch_handle = None
 
     # -- misc ----------------------------------------------------------------
 
@@ -288,6 +297,9 @@ class IouringProactor:
 
     def set_loop(self, loop):
         self._loop = loop
+        # One reusable handle runs each poll's batch of stream events.
+        self._dispatch_handle = events.Handle(self._dispatch, (), loop,
+                                              contextvars.copy_context())
 
     def _check_closed(self):
         if self._ptr is None:
@@ -663,41 +675,37 @@ class IouringProactor:
         return self._register(fut, rc)
 
     def connect(self, conn, address):
+        """Connect ``conn``; result None.
+
+        connect(2) is called at once (non-blocking), and only the wait for
+        its outcome goes through the ring (a poll for writability, then
+        SO_ERROR), exactly as the selector loop does it. An io_uring connect
+        would start only at the next loop iteration, and code that connects
+        and then, in the same iteration, expects the peer to see the
+        connection (a listener's blocking accept()) would hang.
+        """
         self._check_closed()
         if conn.type == socket.SOCK_DGRAM:
             # Connecting a datagram socket does no I/O.
             conn.connect(address)
             return self._result(None)
         try:
-            raw = _sockaddr.encode(conn.family, address)
-        except NotImplementedError:
-            return self._connect_readiness(conn, address)
-        fd = _fileno(conn)
-
-        def finish(res, data, aux):
-            if res < 0:
-                # Worded as asyncio's selector loop words it.
-                raise OSError(-res, f"Connect call failed {address}")
-            return None
-
-        fut = self._new(finish, (conn,))
-        rc = self._lib.kloop_submit_connect(self._ptr, fut._token, fd, raw, len(raw))
-        return self._register(fut, rc)
-
-    def _connect_readiness(self, conn, address):
-        # Families the codec does not know: connect(2) non-blocking, then wait
-        # for writability and read SO_ERROR, as the selector loop does.
-        err = conn.connect_ex(address)
-        if err == 0:
-            return self._result(None)
-        if err not in (errno.EINPROGRESS, errno.EAGAIN, errno.EINTR):
+            conn.connect(address)
+        except (BlockingIOError, InterruptedError):
+            pass
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
             fut = self._loop.create_future()
-            fut.set_exception(OSError(err, os.strerror(err)))
+            fut.set_exception(exc)
             return fut
+        else:
+            return self._result(None)
 
         def check():
             err = conn.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err != 0:
+                # Worded as asyncio's selector loop words it.
                 raise OSError(err, f"Connect call failed {address}")
 
         return self._readiness(conn, _POLLOUT, check)
@@ -880,10 +888,25 @@ class IouringProactor:
 
     # -- the poll ------------------------------------------------------------
 
-    def select(self, timeout=None):
+    def select(self, timeout=None, *, _defer=True):
+        """Poll the ring once and process what completed.
+
+        Operations finish here: futures are resolved (their callbacks are
+        scheduled as usual) and add_reader/add_writer handles are queued, as
+        the selector loop's _process_events() does. Stream events and the
+        completions of "deferred" internal operations (accepts) call
+        protocol code directly; they are batched and run by one handle
+        appended to the loop's ready queue, so protocol callbacks run after
+        the callbacks that were already ready -- the order in which the
+        selector loop runs its reader handles.
+        """
         ptr = self._ptr
         if ptr is None:
             raise RuntimeError("IouringProactor is closed")
+        if self._batch:
+            # An earlier iteration was interrupted before its batch ran: run
+            # it now, while the buffers it points into are still valid.
+            self._dispatch()
         if self._fired:
             self._rearm()
         if timeout is None:
@@ -900,43 +923,62 @@ class IouringProactor:
                 raise fork_error(self._pid)
             raise make_error(n)
         cache = self._cache
+        batch = self._batch
+        for rec in self._iter_unpack(self._cq_view[:n << 5]):
+            if rec[4]:
+                batch.append(rec)
+                continue
+            tok, res, flags, data, ev, aux = rec
+            if flags & _MORE:
+                entry = cache.get(tok)
+            else:
+                entry = cache.pop(tok, None)
+            if entry is not None:
+                if entry._deferred:
+                    batch.append((entry, res, flags, data, 0, aux))
+                else:
+                    entry._complete(res, flags, data, aux)
+                continue
+            w = self._watches.pop(tok, None)
+            if w is not None:
+                self._watch_fired(w, res)
+        if batch:
+            if _defer:
+                self._loop._ready.append(self._dispatch_handle)
+            else:
+                self._dispatch()
+        return ()
+
+    def _dispatch(self):
+        """Run the stream events and deferred completions of the last poll."""
+        batch = self._batch
+        if not batch:
+            return
+        self._batch = []
         streams = self._streams
         base = self._arena_base
-        for tok, res, flags, data, ev, aux in self._iter_unpack(self._cq_view[:n << 5]):
+        for tok, res, flags, data, ev, aux in batch:
             if ev == _EVENT_DATA:
                 t = streams.get(tok)
                 if t is not None:
                     t._data_received(data - base, res)
-            elif ev:
-                if ev == _EVENT_CLOSED:
-                    t = streams.pop(tok, None)
-                    if t is not None:
-                        t._on_closed(res)
-                else:
-                    t = streams.get(tok)
-                    if t is not None:
-                        if ev == _EVENT_EOF:
-                            t._on_eof()
-                        elif ev == _EVENT_WRITE_LOW:
-                            t._on_write_low()
-                        elif ev == _EVENT_ERROR:
-                            t._on_error(res)
-                        elif ev == _EVENT_WRITE_DONE:
-                            t._on_write_done(res)
+            elif ev == 0:
+                tok._complete(res, flags, data, aux)   # a deferred entry
+            elif ev == _EVENT_CLOSED:
+                t = streams.pop(tok, None)
+                if t is not None:
+                    t._on_closed(res)
             else:
-                if flags & _MORE:
-                    entry = cache.get(tok)
-                    if entry is not None:
-                        entry._complete(res, flags, data, aux)
-                    continue
-                entry = cache.pop(tok, None)
-                if entry is not None:
-                    entry._complete(res, flags, data, aux)
-                    continue
-                w = self._watches.pop(tok, None)
-                if w is not None:
-                    self._watch_fired(w, res)
-        return ()
+                t = streams.get(tok)
+                if t is not None:
+                    if ev == _EVENT_EOF:
+                        t._on_eof()
+                    elif ev == _EVENT_WRITE_LOW:
+                        t._on_write_low()
+                    elif ev == _EVENT_ERROR:
+                        t._on_error(res)
+                    elif ev == _EVENT_WRITE_DONE:
+                        t._on_write_done(res)
 
     def _rearm(self):
         fired = self._fired
@@ -1000,7 +1042,7 @@ class IouringProactor:
                              self, time.monotonic() - start_time)
                 next_msg = time.monotonic() + msg_update
             try:
-                self.select(msg_update)
+                self.select(msg_update, _defer=False)
             except OSError as exc:  # pragma: no cover - engine failure
                 logger.error("kloop: polling while closing failed: %s", exc)
                 break

@@ -110,7 +110,7 @@ class _Acceptor:
             return
         self._retry = None
         proactor = self._proactor
-        entry = _proactor._Internal(self._completed)
+        entry = _proactor._Internal(self._completed, deferred=True)
         entry._token = proactor._next_token()
         rc = proactor._lib.kloop_submit_accept(proactor._ptr, entry._token, self._fd,
                                                _proactor._ffi.OP_MULTISHOT)
@@ -122,14 +122,17 @@ class _Acceptor:
         self._token = entry._token
 
     def cancel(self):
+        """Stop accepting; True if an accept was still in the kernel."""
         if self._stopped:
-            return
+            return False
         self._stopped = True
         if self._retry is not None:
             self._retry.cancel()
             self._retry = None
         if self._token is not None:
             self._proactor._cancel_token(self._token)
+            return True
+        return False
 
     def _completed(self, res, flags, data, aux):
         final = not flags & _proactor._MORE
@@ -394,10 +397,16 @@ class IouringProactorEventLoop(proactor_events.BaseProactorEventLoop):
 
     def _stop_serving(self, sock):
         acceptor = self._accept_futures.pop(sock.fileno(), None)
-        if acceptor is not None:
-            acceptor.cancel()
-        # The kernel keeps its own reference to the listening socket until
-        # the cancelled accept completes (on the next iteration).
+        if acceptor is not None and acceptor.cancel():
+            # The kernel keeps its own reference to the listening socket
+            # until the cancelled accept completes (on the next iteration),
+            # so close() alone would leave it listening until then. Stop
+            # listening now, as closing the socket does with the selector
+            # loop: new connections are refused at once.
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         sock.close()
 
     # -- add_reader / add_writer ---------------------------------------------
@@ -525,6 +534,8 @@ class IouringProactorEventLoop(proactor_events.BaseProactorEventLoop):
         return conn, address
 
     async def _sock_sendfile_native(self, sock, file, offset, count):
+        # os.sendfile(2) with the waits for writability on the ring; errors,
+        # fallback and file position as asyncio's Unix loop has them.
         try:
             fileno = file.fileno()
         except (AttributeError, io.UnsupportedOperation):
@@ -536,19 +547,74 @@ class IouringProactorEventLoop(proactor_events.BaseProactorEventLoop):
         blocksize = count if count else fsize
         if not blocksize:
             return 0  # empty file
-        end = min(offset + count, fsize) if count else fsize
-        todo = max(0, end - offset)
-        if not todo:
-            return 0
-        total_sent = 0
-        try:
-            total_sent = await self._proactor.sendfile(sock, file, offset, todo)
-        except OSError as exc:
-            raise
-        finally:
-            if total_sent > 0:
-                os.lseek(fileno, offset + total_sent, os.SEEK_SET)
-        return total_sent
+
+        fut = self.create_future()
+        proactor = self._proactor
+        fd = sock.fileno()
+        state = {"offset": offset, "total": 0, "token": None, "waited": False}
+
+        def update_filepos():
+            if state["total"] > 0:
+                os.lseek(fileno, state["offset"], os.SEEK_SET)
+
+        def wait_writable():
+            state["waited"] = True
+            state["token"] = proactor._poll_internal(fd, 0x004, step)
+
+        def step(res=0, flags=0, data=0, aux=0):
+            state["token"] = None
+            if fut.done():
+                update_filepos()
+                return
+            size = blocksize
+            if count:
+                size = count - state["total"]
+                if size <= 0:
+                    update_filepos()
+                    fut.set_result(state["total"])
+                    return
+            try:
+                sent = os.sendfile(fd, fileno, state["offset"], size)
+            except (BlockingIOError, InterruptedError):
+                wait_writable()
+            except OSError as exc:
+                if (state["waited"] and exc.errno == errno.ENOTCONN and
+                        type(exc) is not ConnectionError):
+                    # The connection closed in the middle: normalize to
+                    # ConnectionError as on every POSIX system.
+                    new_exc = ConnectionError("socket is not connected", errno.ENOTCONN)
+                    new_exc.__cause__ = exc
+                    exc = new_exc
+                update_filepos()
+                if state["total"] == 0:
+                    # e.g. not a regular file: fall back to send().
+                    fut.set_exception(
+                        exceptions.SendfileNotAvailableError("os.sendfile call failed"))
+                else:
+                    fut.set_exception(exc)
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                update_filepos()
+                fut.set_exception(exc)
+            else:
+                if sent == 0:
+                    update_filepos()
+                    fut.set_result(state["total"])
+                else:
+                    state["offset"] += sent
+                    state["total"] += sent
+                    wait_writable()
+
+        def on_done(f):
+            if f.cancelled():
+                if state["token"] is not None:
+                    proactor._cancel_token(state["token"])
+                update_filepos()
+
+        fut.add_done_callback(on_done)
+        step()
+        return await fut
 
     # -- subprocesses ----------------------------------------------------------
 

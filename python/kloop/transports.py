@@ -76,7 +76,8 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
         self._held = None              # read events kept while paused
         self._rblock = True            # read events must take the slow path
         self._empty_waiter = None
-        self._saved_limits = None
+        self._close_pending = False    # close() waits for the queue to drain
+        self._drain_limits = False     # the engine's marks are held at 0
         self._called_connection_lost = False
         self._engine_closed = False    # CLOSED received: the engine let go of the fd
         self._loop_closing = False     # the proactor aborted us at loop close
@@ -135,6 +136,13 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
     # -- protocol -------------------------------------------------------------
 
     def set_protocol(self, protocol):
+        if self._protocol is not None and self._protocol_paused:
+            # The new protocol (start_tls' SSLProtocol) never saw the
+            # pause_writing() of the old one: it must not get its
+            # resume_writing(). The engine's queue can be above the high mark
+            # here where the selector loop's would already be in the kernel,
+            # since the engine sends at the next iteration.
+            self._protocol_paused = False
         if isinstance(protocol, protocols.BufferedProtocol):
             self._buffered = True
         else:
@@ -379,10 +387,12 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
         self._fatal_error(exc, "Fatal write error on socket transport")
 
     def _on_write_low(self):
-        if self._empty_waiter is not None:
-            self._empty_drained()
+        # The engine's queue fell to the low mark (to 0 while _drain_watch
+        # has set both marks to 0).
         if self._protocol_paused:
             self._maybe_resume_protocol()
+        if self._drain_wanted and self._engine_size() == 0:
+            self._drained()
 
     def _maybe_resume_protocol(self):
         if self._protocol_paused and self.get_write_buffer_size() <= self._low_water:
@@ -399,21 +409,23 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
                     "protocol": self._protocol,
                 })
 
-    def get_write_buffer_size(self):
-        if self._engine_closed or self._conn_lost and self._closing and self._sock is None:
+    def _engine_size(self):
+        if self._engine_closed:
             return 0
         size = self._klib.kloop_stream_write_size(self._kptr, self._token)
         return size if size > 0 else 0
 
+    def get_write_buffer_size(self):
+        return self._engine_size()
+
     def set_write_buffer_limits(self, high=None, low=None):
         # Validates and stores the limits (and pauses the protocol if the
-        # queue is already above the new high mark), then tells the engine.
+        # queue is already above the new high mark), then tells the engine,
+        # unless a drain watch holds the engine's marks at 0 for now.
         self._set_write_buffer_limits(high=high, low=low)
-        if not self._engine_closed and self._saved_limits is None:
+        if not self._drain_wanted and not self._engine_closed:
             self._klib.kloop_stream_set_limits(self._kptr, self._token, self._high_water,
                                                self._low_water)
-        elif self._saved_limits is not None:
-            self._saved_limits = (self._high_water, self._low_water)
         self._maybe_pause_protocol()
 
     def can_write_eof(self):
@@ -432,6 +444,41 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
             if not self._conn_lost:
                 self._fatal_error(make_error(res), "Fatal write error on socket transport")
 
+    # -- waiting for the engine's queue to drain -------------------------------
+    #
+    # The engine sends WRITE_LOW once its queue falls to the low mark after
+    # having exceeded the high mark. With both marks at 0 that event means
+    # "the queue is empty": this is how the transport learns that a close()
+    # has flushed, or that sendfile may start. The user's marks are restored
+    # afterwards; meanwhile resume_writing() is called when the queue is
+    # empty rather than at the low mark.
+
+    @property
+    def _drain_wanted(self):
+        return self._close_pending or (self._empty_waiter is not None and
+                                       not self._empty_waiter.done())
+
+    def _drain_watch(self):
+        if not self._drain_limits and not self._engine_closed:
+            self._drain_limits = True
+            self._klib.kloop_stream_set_limits(self._kptr, self._token, 0, 0)
+
+    def _drain_unwatch(self):
+        if self._drain_limits and not self._drain_wanted:
+            self._drain_limits = False
+            if not self._engine_closed:
+                self._klib.kloop_stream_set_limits(self._kptr, self._token,
+                                                   self._high_water, self._low_water)
+
+    def _drained(self):
+        waiter = self._empty_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        if self._close_pending:
+            self._close_pending = False
+            self._close_now()
+        self._drain_unwatch()
+
     # -- sendfile support (BaseProactorEventLoop._sendfile_native) -----------
 
     def _make_empty_waiter(self):
@@ -440,32 +487,15 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
         self._empty_waiter = self._loop.create_future()
         if self._conn_lost:
             self._empty_waiter.set_exception(ConnectionError("Connection is closed by peer"))
-        elif self.get_write_buffer_size() == 0:
+        elif self._engine_size() == 0:
             self._empty_waiter.set_result(None)
         else:
-            # The engine reports WRITE_LOW once the queue falls to the low
-            # mark after exceeding the high mark: with both at 0 that is
-            # "the queue is empty".
-            self._saved_limits = (self._high_water, self._low_water)
-            self._klib.kloop_stream_set_limits(self._kptr, self._token, 0, 0)
+            self._drain_watch()
         return self._empty_waiter
 
-    def _empty_drained(self):
-        waiter = self._empty_waiter
-        self._restore_limits()
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def _restore_limits(self):
-        if self._saved_limits is not None:
-            high, low = self._saved_limits
-            self._saved_limits = None
-            if not self._engine_closed:
-                self._klib.kloop_stream_set_limits(self._kptr, self._token, high, low)
-
     def _reset_empty_waiter(self):
-        self._restore_limits()
         self._empty_waiter = None
+        self._drain_unwatch()
 
     # -- closing --------------------------------------------------------------
 
@@ -475,10 +505,25 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
         self._closing = True
         self._rblock = True
         self._held = None
-        rc = self._klib.kloop_stream_close(self._kptr, self._token)
-        if self._klib.kloop_stream_write_size(self._kptr, self._token) <= 0 or rc < 0:
-            # Nothing to flush: the protocol hears of it on the next
-            # iteration, as with asyncio. Otherwise after the flush (CLOSED).
+        if self._engine_size() == 0:
+            self._close_now()
+        else:
+            # As asyncio: stop reading, flush what is queued -- and accept
+            # further writes meanwhile (sslproto writes its close_notify
+            # after close()) -- then lose the connection. The engine refuses
+            # writes once kloop_stream_close() is called, so that call waits
+            # until the queue is empty.
+            if self._started and not self._read_done:
+                self._engine_call(self._klib.kloop_stream_pause)
+            self._close_pending = True
+            self._drain_watch()
+
+    def _close_now(self):
+        # Nothing queued: the protocol hears of it on the next iteration, as
+        # with asyncio; the socket is closed once the engine lets go (CLOSED).
+        if not self._engine_closed:
+            self._klib.kloop_stream_close(self._kptr, self._token)
+        if not self._conn_lost:
             self._conn_lost += 1
             self._loop.call_soon(self._call_connection_lost, None)
 
@@ -510,6 +555,7 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
         self._closing = True
         self._rblock = True
         self._held = None
+        self._close_pending = False
         self._conn_lost += 1
         if not self._engine_closed:
             self._klib.kloop_stream_abort(self._kptr, self._token)
@@ -519,7 +565,7 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
         # The engine's final event: it no longer uses the fd.
         self._engine_closed = True
         self._read_done = True
-        self._restore_limits_noop()
+        self._close_pending = False
         if self._empty_waiter is not None and not self._empty_waiter.done():
             if res < 0 and res != -errno.ECANCELED:
                 self._empty_waiter.set_exception(make_error(res))
@@ -538,9 +584,6 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
             self._call_connection_lost(exc)
         elif self._called_connection_lost:
             self._close_socket()
-
-    def _restore_limits_noop(self):
-        self._saved_limits = None
 
     def _proactor_closing(self):
         # IouringProactor.close() is about to abort the stream.
