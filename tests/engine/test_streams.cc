@@ -1,0 +1,711 @@
+// Engine-owned streams: reading into engine buffers, the write queue with
+// flow control, shutdown, graceful close and abort.
+#include <sys/socket.h>
+
+#include <atomic>
+#include <thread>
+
+#include "common.h"
+
+using namespace kt;
+
+namespace {
+
+class Streams : public ::testing::Test {
+ protected:
+  void SetUp() override { ASSERT_EQ(d.Create(nullptr), 0); }
+
+  // Index in d.events() of the first record of token with this event, or -1.
+  int IndexOf(uint64_t token, uint32_t event) const {
+    const auto &ev = d.events();
+    for (size_t i = 0; i < ev.size(); ++i)
+      if (ev[i].token == token && ev[i].event == event) return static_cast<int>(i);
+    return -1;
+  }
+  int LastIndexOf(uint64_t token, uint32_t event) const {
+    const auto &ev = d.events();
+    for (size_t i = ev.size(); i-- > 0;)
+      if (ev[i].token == token && ev[i].event == event) return static_cast<int>(i);
+    return -1;
+  }
+  bool Flush(uint64_t token) {
+    return d.RunUntil([&] { return kloop_stream_write_size(d, token) == 0; });
+  }
+
+  Driver d;
+};
+
+// A peer that reads everything from fd in a thread, slowly if asked, and
+// checks the pattern as it goes.
+class PatternReader {
+ public:
+  PatternReader(int fd, uint64_t expect, size_t chunk = 65536, std::chrono::microseconds pause = 0us,
+                size_t pause_every = 1u << 20)
+      : th_([=, this] {
+          std::vector<char> buf(chunk);
+          size_t since = 0;
+          auto end = Clock::now() + 30s;
+          while (Clock::now() < end) {
+            if (!WaitReadable(fd, 1s)) continue;
+            ssize_t n = ::read(fd, buf.data(), buf.size());
+            if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
+            if (n <= 0) {
+              eof_ = n == 0;
+              break;
+            }
+            for (ssize_t i = 0; i < n; ++i)
+              if (static_cast<uint8_t>(buf[i]) != PatternByte(got_ + i) && mismatch_ < 0)
+                mismatch_ = static_cast<int64_t>(got_ + i);
+            got_ += static_cast<uint64_t>(n);
+            since += static_cast<size_t>(n);
+            if (pause.count() > 0 && since >= pause_every) {
+              since = 0;
+              std::this_thread::sleep_for(pause);
+            }
+            if (stop_at_expect_ && got_ >= expect) break;
+          }
+        }) {}
+  ~PatternReader() { Join(); }
+  void Join() {
+    if (th_.joinable()) th_.join();
+  }
+  uint64_t got() const { return got_; }
+  bool eof() const { return eof_; }
+  int64_t mismatch() const { return mismatch_; }
+  // By default read until EOF; call before the data completes to stop at
+  // the expected size instead.
+  void StopAtExpected() { stop_at_expect_ = true; }
+
+ private:
+  std::atomic<uint64_t> got_{0};
+  std::atomic<bool> eof_{false};
+  std::atomic<int64_t> mismatch_{-1};
+  std::atomic<bool> stop_at_expect_{false};
+  std::thread th_;
+};
+
+TEST_F(Streams, DataArrivesWithMoreFlagInsideArena) {
+  auto [s, peer] = TcpPair();
+  ASSERT_EQ(kloop_stream_attach(d, 1, s, 0), 0);
+  ASSERT_TRUE(WriteAll(peer, "hello world"));
+  ASSERT_TRUE(d.RunUntil([&] { return d.DataOf(1).size() >= 11; }));
+  EXPECT_EQ(d.DataOf(1), "hello world");
+  uint64_t base = 0, size = 0;
+  ASSERT_EQ(kloop_buffer_arena(d, &base, &size), 0);
+  for (const Event &e : d.Of(1, KLOOP_EVENT_DATA)) {
+    EXPECT_TRUE(e.more());
+    EXPECT_GT(e.result, 0);
+    EXPECT_GE(e.data, base);
+    EXPECT_LE(e.data + static_cast<uint64_t>(e.result), base + size);
+  }
+  EXPECT_EQ(GetStats(d).streams, 1u);
+  ASSERT_EQ(kloop_stream_close(d, 1), 0);
+  Event c = d.WaitFinal(1);
+  EXPECT_EQ(c.event, KLOOP_EVENT_CLOSED);
+  EXPECT_EQ(c.result, 0);
+  EXPECT_FALSE(c.more());
+  EXPECT_EQ(GetStats(d).streams, 0u);
+  EXPECT_TRUE(FdOpen(s)) << "closed an fd attached without KLOOP_STREAM_CLOSE_FD";
+}
+
+TEST_F(Streams, DataStaysValidUntilNextPoll) {
+  auto [s, peer] = UnixPair();
+  ASSERT_EQ(kloop_stream_attach(d, 1, s, 0), 0);
+  std::string first(1000, 'A');
+  ASSERT_TRUE(WriteAll(peer, first));
+  kloop_completion c[16];
+  const char *p = nullptr;
+  size_t n = 0;
+  auto end = Clock::now() + kDeadline;
+  while (!p && Clock::now() < end) {
+    int r = kloop_poll(d, c, 16, 50 * kMs);
+    ASSERT_GE(r, 0);
+    for (int i = 0; i < r; ++i)
+      if (c[i].event == KLOOP_EVENT_DATA && c[i].token == 1) {
+        p = reinterpret_cast<const char *>(c[i].data);
+        n = static_cast<size_t>(c[i].result);
+        break;
+      }
+  }
+  ASSERT_NE(p, nullptr);
+  std::string copy(p, n);
+  // The kernel keeps receiving into other buffers meanwhile.
+  ASSERT_TRUE(WriteAll(peer, std::string(100000, 'B')));
+  std::this_thread::sleep_for(30ms);
+  EXPECT_EQ(std::string(p, n), copy) << "DATA buffer was reused before the next poll";
+  // Everything still arrives afterwards.
+  d.set_store_data(false);
+  ASSERT_TRUE(d.RunUntil([&] { return d.DataSizeOf(1) + n >= 101000; }));
+}
+
+TEST_F(Streams, LargeInflowWithFewSmallBuffers) {
+  kloop_config cfg = DefaultConfig();
+  cfg.buf_count = 4;
+  cfg.buf_size = 1024;
+  Driver d2(&cfg);
+  ASSERT_EQ(d2.create_rc(), 0);
+  auto [s, peer] = TcpPair();
+  ASSERT_EQ(kloop_stream_attach(d2, 1, s, 0), 0);
+  constexpr size_t kSize = 2 << 20;
+  std::string data = Pattern(0, kSize);
+  std::thread w([&, fd = peer.get()] { WriteAll(fd, data); });
+  ASSERT_TRUE(d2.RunUntil([&] { return d2.DataSizeOf(1) >= kSize; }, 20s));
+  w.join();
+  EXPECT_EQ(d2.DataSizeOf(1), kSize);
+  EXPECT_TRUE(d2.DataOf(1) == data) << "bytes differ or are out of order";
+  for (const Event &e : d2.Of(1, KLOOP_EVENT_DATA)) EXPECT_LE(e.result, 1024);
+  EXPECT_TRUE(d2.Of(1, KLOOP_EVENT_ERROR).empty()) << "running out of buffers must not be an error";
+  EXPECT_EQ(kloop_stream_close(d2, 1), 0);
+  EXPECT_EQ(d2.WaitFinal(1).event, KLOOP_EVENT_CLOSED);
+}
+
+TEST_F(Streams, EofAfterData) {
+  auto [s, peer] = TcpPair();
+  ASSERT_EQ(kloop_stream_attach(d, 1, s, 0), 0);
+  ASSERT_TRUE(WriteAll(peer, "bye"));
+  ::shutdown(peer, SHUT_WR);
+  Event eof = d.WaitEvent(1, KLOOP_EVENT_EOF);
+  EXPECT_EQ(eof.result, 0);
+  EXPECT_TRUE(eof.more());
+  EXPECT_EQ(d.DataOf(1), "bye");
+  EXPECT_LT(LastIndexOf(1, KLOOP_EVENT_DATA), IndexOf(1, KLOOP_EVENT_EOF));
+  d.Drain(20ms);
+  EXPECT_EQ(d.Of(1, KLOOP_EVENT_EOF).size(), 1u);
+  EXPECT_LT(LastIndexOf(1, KLOOP_EVENT_DATA), IndexOf(1, KLOOP_EVENT_EOF)) << "DATA after EOF";
+  EXPECT_FALSE(d.HasFinal(1)) << "EOF must not end the stream";
+  // Writing still works after the peer's EOF (half-close).
+  EXPECT_GE(kloop_stream_write(d, 1, "ok", 2), 0);
+  ASSERT_TRUE(Flush(1));
+  EXPECT_EQ(ReadN(peer, 2), "ok");
+  ASSERT_EQ(kloop_stream_close(d, 1), 0);
+  Event c = d.WaitFinal(1);
+  EXPECT_EQ(c.event, KLOOP_EVENT_CLOSED);
+  EXPECT_EQ(c.result, 0);
+}
+
+TEST_F(Streams, ErrorOnReset) {
+  auto [s, peer] = TcpPair();
+  ASSERT_EQ(kloop_stream_attach(d, 1, s, 0), 0);
+  EXPECT_GE(d.Poll(0), 0);
+  linger lg{1, 0};
+  ASSERT_EQ(::setsockopt(peer, SOL_SOCKET, SO_LINGER, &lg, sizeof lg), 0);
+  peer.reset();  // RST
+  Event err = d.WaitEvent(1, KLOOP_EVENT_ERROR);
+  EXPECT_EQ(err.result, -ECONNRESET);
+  EXPECT_TRUE(err.more());
+  EXPECT_FALSE(d.HasFinal(1));
+  ASSERT_EQ(kloop_stream_close(d, 1), 0);
+  Event c = d.WaitFinal(1);
+  EXPECT_EQ(c.event, KLOOP_EVENT_CLOSED);
+  EXPECT_LE(c.result, 0);
+}
+
+TEST_F(Streams, PausedAtAttachReadsNothingUntilResume) {
+  auto [s, peer] = TcpPair();
+  ASSERT_EQ(kloop_stream_attach(d, 1, s, KLOOP_STREAM_PAUSED), 0);
+  std::string data = Pattern(0, 100000);
+  std::thread w([&, fd = peer.get()] { WriteAll(fd, data); });
+  d.Drain(60ms);
+  EXPECT_TRUE(d.Of(1, KLOOP_EVENT_DATA).empty()) << "a paused stream delivered DATA";
+  ASSERT_EQ(kloop_stream_resume(d, 1), 0);
+  ASSERT_TRUE(d.RunUntil([&] { return d.DataSizeOf(1) >= data.size(); }));
+  w.join();
+  EXPECT_TRUE(d.DataOf(1) == data);
+}
+
+TEST_F(Streams, PauseResumeLosesNoBytes) {
+  auto [s, peer] = TcpPair();
+  ASSERT_EQ(kloop_stream_attach(d, 1, s, 0), 0);
+  ASSERT_TRUE(WriteAll(peer, Pattern(0, 5000)));
+  ASSERT_TRUE(d.RunUntil([&] { return d.DataSizeOf(1) >= 5000; }));
+  ASSERT_EQ(kloop_stream_pause(d, 1), 0);
+  ASSERT_EQ(kloop_stream_pause(d, 1), 0) << "pause is idempotent";
+  size_t at_pause = d.DataSizeOf(1);
+  // The peer keeps sending while we are paused.
+  constexpr size_t kMore = 300000;
+  std::thread w([&, fd = peer.get()] { WriteAll(fd, Pattern(5000, kMore)); });
+  d.Drain(80ms);
+  EXPECT_EQ(d.DataSizeOf(1), at_pause) << "DATA delivered while paused";
+  ASSERT_EQ(kloop_stream_resume(d, 1), 0);
+  ASSERT_EQ(kloop_stream_resume(d, 1), 0) << "resume is idempotent";
+  ASSERT_TRUE(d.RunUntil([&] { return d.DataSizeOf(1) >= 5000 + kMore; }));
+  w.join();
+  d.Drain(10ms);
+  EXPECT_EQ(d.DataSizeOf(1), 5000 + kMore);
+  EXPECT_TRUE(d.DataOf(1) == Pattern(0, 5000 + kMore)) << "bytes lost or reordered across pause";
+}
+
+TEST_F(Streams, RepeatedPauseResume) {
+  auto [s, peer] = UnixPair();
+  ASSERT_EQ(kloop_stream_attach(d, 1, s, 0), 0);
+  constexpr size_t kSize = 400000;
+  std::thread w([&, fd = peer.get()] { WriteAll(fd, Pattern(0, kSize)); });
+  for (int i = 0; i < 20 && d.DataSizeOf(1) < kSize; ++i) {
+    d.Poll(2 * kMs);
+    ASSERT_EQ(kloop_stream_pause(d, 1), 0);
+    d.Poll(1 * kMs);
+    ASSERT_EQ(kloop_stream_resume(d, 1), 0);
+  }
+  ASSERT_TRUE(d.RunUntil([&] { return d.DataSizeOf(1) >= kSize; }));
+  w.join();
+  EXPECT_TRUE(d.DataOf(1) == Pattern(0, kSize));
+}
+
+TEST_F(Streams, WriteReturnsQueuedSize) {
+  auto [s, peer] = TcpPair();
+  ASSERT_EQ(kloop_stream_attach(d, 1, s, KLOOP_STREAM_NO_READ), 0);
+  int64_t r1 = kloop_stream_write(d, 1, "abc", 3);
+  ASSERT_GE(r1, 0);
+  EXPECT_LE(r1, 3);
+  EXPECT_EQ(kloop_stream_write_size(d, 1), r1);
+  int64_t r2 = kloop_stream_write(d, 1, "de", 2);
+  ASSERT_GE(r2, 0);
+  if (r1 > 0) {
+    EXPECT_EQ(r2, r1 + 2) << "queue accounting wrong before any poll";
+  }
+  EXPECT_EQ(kloop_stream_write_size(d, 1), r2);
+  EXPECT_EQ(kloop_stream_write(d, 1, nullptr, 0), r2) << "empty write must report the queue";
+  ASSERT_TRUE(Flush(1));
+  EXPECT_EQ(ReadN(peer, 5), "abcde");
+  EXPECT_EQ(kloop_stream_write_size(d, 1), 0);
+}
+
+TEST_F(Streams, ManyWritesAreGathered) {
+  auto [s, peer] = TcpPair();
+  ASSERT_EQ(kloop_stream_attach(d, 1, s, KLOOP_STREAM_NO_READ), 0);
+  constexpr int kWrites = 1000;
+  constexpr size_t kEach = 100;
+  std::string all = Pattern(0, kWrites * kEach);
+  kloop_stats before = GetStats(d);
+  for (int i = 0; i < kWrites; ++i) ASSERT_GE(kloop_stream_write(d, 1, all.data() + i * kEach, kEach), 0);
+  // A slow reader: small reads with pauses.
+  PatternReader reader(peer, all.size(), 4096, 2ms, 16384);
+  reader.StopAtExpected();
+  ASSERT_TRUE(Flush(1));
+  reader.Join();
+  EXPECT_EQ(reader.got(), all.size());
+  EXPECT_EQ(reader.mismatch(), -1) << "first wrong byte";
+  kloop_stats after = GetStats(d);
+  EXPECT_LT(after.sqes - before.sqes, static_cast<uint64_t>(kWrites / 2))
+      << "1000 queued writes were not gathered into few sends";
+}
+
+TEST_F(Streams, SixtyFourMiBWithShortSendsArriveInOrder) {
+  auto [s, peer] = TcpPair();
+  ASSERT_EQ(kloop_stream_attach(d, 1, s, KLOOP_STREAM_NO_READ | KLOOP_STREAM_CLOSE_FD), 0);
+  s.release();
+  constexpr size_t kChunk = 1 << 20;
+  constexpr size_t kTotal = 64 * kChunk;
+  PatternReader reader(peer, kTotal, 65536, 1ms, 1 << 20);
+  std::string chunk;
+  for (size_t off = 0; off < kTotal; off += kChunk) {
+    chunk = Pattern(off, kChunk);
+    int64_t q = kloop_stream_write(d, 1, chunk.data(), chunk.size());
+    ASSERT_GE(q, 0) << kloop_strerror(static_cast<int>(q));
+    ASSERT_LE(static_cast<uint64_t>(q), off + kChunk);
+  }
+  ASSERT_TRUE(d.RunUntil([&] { return kloop_stream_write_size(d, 1) == 0; }, 40s));
+  ASSERT_EQ(kloop_stream_close(d, 1), 0);
+  Event c = d.WaitFinal(1, 20s);
+  EXPECT_EQ(c.event, KLOOP_EVENT_CLOSED);
+  EXPECT_EQ(c.result, 0);
+  reader.Join();
+  EXPECT_EQ(reader.got(), kTotal);
+  EXPECT_TRUE(reader.eof());
+  EXPECT_EQ(reader.mismatch(), -1) << "first wrong byte";
+}
+
+TEST_F(Streams, WriteLowAfterCrossingHighAndDraining) {
+  auto [s, peer] = TcpPair();
+  ShrinkBuffers(s, peer);
+  ASSERT_EQ(kloop_stream_attach(d, 1, s, KLOOP_STREAM_NO_READ), 0);
+  ASSERT_EQ(kloop_stream_set_limits(d, 1, 65536, 16384), 0);
+  constexpr size_t kSize = 1 << 20;
+  int64_t q = kloop_stream_write(d, 1, Pattern(0, kSize).data(), kSize);
+  ASSERT_GT(q, 65536);
+  d.Drain(50ms);
+  EXPECT_TRUE(d.Of(1, KLOOP_EVENT_WRITE_LOW).empty()) << "WRITE_LOW while the queue is high";
+  EXPECT_GT(kloop_stream_write_size(d, 1), 16384);
+  PatternReader reader(peer, kSize);
+  reader.StopAtExpected();
+  Event low = d.WaitEvent(1, KLOOP_EVENT_WRITE_LOW);
+  EXPECT_TRUE(low.more());
+  EXPECT_LE(kloop_stream_write_size(d, 1), 16384);
+  ASSERT_TRUE(Flush(1));
+  reader.Join();
+  EXPECT_EQ(reader.got(), kSize);
+  EXPECT_EQ(reader.mismatch(), -1);
+  d.Drain(20ms);
+  EXPECT_EQ(d.Of(1, KLOOP_EVENT_WRITE_LOW).size(), 1u) << "WRITE_LOW must come once per crossing";
+}
+
+TEST_F(Streams, WriteLowAgainAfterSecondCrossing) {
+  auto [s, peer] = UnixPair();
+  ASSERT_EQ(kloop_stream_attach(d, 1, s, KLOOP_STREAM_NO_READ), 0);
+  ASSERT_EQ(kloop_stream_set_limits(d, 1, 1000, 500), 0);
+  std::string blob = Pattern(0, 3000);
+  std::string got;
+  for (int round = 0; round < 2; ++round) {
+    int64_t q = kloop_stream_write(d, 1, blob.data(), blob.size());
+    ASSERT_GT(q, 1000);
+    ASSERT_TRUE(Flush(1));
+    got += ReadN(peer, blob.size());
+  }
+  d.Drain(10ms);
+  EXPECT_EQ(got, blob + blob);
+  EXPECT_EQ(d.Of(1, KLOOP_EVENT_WRITE_LOW).size(), 2u);
+}
+
+TEST_F(Streams, NoWriteLowWithoutCrossingHigh) {
+  auto [s, peer] = UnixPair();
+  ASSERT_EQ(kloop_stream_attach(d, 1, s, KLOOP_STREAM_NO_READ), 0);
+  ASSERT_GE(kloop_stream_write(d, 1, "small", 5), 0);
+  ASSERT_TRUE(Flush(1));
+  d.Drain(20ms);
+  EXPECT_TRUE(d.Of(1, KLOOP_EVENT_WRITE_LOW).empty());
+  EXPECT_EQ(ReadN(peer, 5), "small");
+}
+
+TEST_F(Streams, SetLimitsValidation) {
+  auto [s, peer] = UnixPair();
+  ASSERT_EQ(kloop_stream_attach(d, 1, s, 0), 0);
+  EXPECT_EQ(kloop_stream_set_limits(d, 1, 100, 200), -EINVAL);
+  EXPECT_EQ(kloop_stream_set_limits(d, 1, 100, 100), 0);
+  EXPECT_EQ(kloop_stream_set_limits(d, 1, 0, 0), 0);
+  EXPECT_EQ(kloop_stream_set_limits(d, 99, 100, 10), -ENOENT);
+}
+
+TEST_F(Streams, ShutdownGivesWriteDoneAndPeerEof) {
+  auto [s, peer] = TcpPair();
+  ASSERT_EQ(kloop_stream_attach(d, 1, s, 0), 0);
+  ASSERT_GE(kloop_stream_write(d, 1, "bye", 3), 0);
+  ASSERT_EQ(kloop_stream_shutdown(d, 1), 0);
+  EXPECT_EQ(kloop_stream_write(d, 1, "more", 4), -EPIPE);
+  EXPECT_EQ(kloop_stream_shutdown(d, 1), -EPIPE);
+  Event done = d.WaitEvent(1, KLOOP_EVENT_WRITE_DONE);
+  EXPECT_EQ(done.result, 0);
+  EXPECT_TRUE(done.more());
+  EXPECT_EQ(ReadToEof(peer, 2s), "bye");
+  // Reading goes on (half-close).
+  ASSERT_TRUE(WriteAll(peer, "still here"));
+  ASSERT_TRUE(d.RunUntil([&] { return d.DataOf(1).size() >= 10; }));
+  EXPECT_EQ(d.DataOf(1), "still here");
+  EXPECT_FALSE(d.HasFinal(1));
+  ASSERT_EQ(kloop_stream_close(d, 1), 0);
+  EXPECT_EQ(d.WaitFinal(1).event, KLOOP_EVENT_CLOSED);
+}
+
+TEST_F(Streams, ShutdownWaitsForTheQueue) {
+  auto [s, peer] = TcpPair();
+  ShrinkBuffers(s, peer);
+  ASSERT_EQ(kloop_stream_attach(d, 1, s, KLOOP_STREAM_NO_READ), 0);
+  constexpr size_t kSize = 1 << 20;
+  ASSERT_GE(kloop_stream_write(d, 1, Pattern(0, kSize).data(), kSize), 0);
+  ASSERT_EQ(kloop_stream_shutdown(d, 1), 0);
+  d.Drain(30ms);
+  EXPECT_TRUE(d.Of(1, KLOOP_EVENT_WRITE_DONE).empty()) << "WRITE_DONE before the queue drained";
+  PatternReader reader(peer, kSize);
+  Event done = d.WaitEvent(1, KLOOP_EVENT_WRITE_DONE);
+  EXPECT_EQ(done.result, 0);
+  reader.Join();
+  EXPECT_EQ(reader.got(), kSize);
+  EXPECT_TRUE(reader.eof());
+  EXPECT_EQ(reader.mismatch(), -1);
+}
+
+TEST_F(Streams, GracefulCloseFlushesThenClosesFd) {
+  auto [s, peer] = TcpPair();
+  ShrinkBuffers(s, peer);
+  int fd = s.release();
+  ASSERT_EQ(kloop_stream_attach(d, 1, fd, KLOOP_STREAM_CLOSE_FD), 0);
+  constexpr size_t kSize = 1 << 20;
+  ASSERT_GE(kloop_stream_write(d, 1, Pattern(0, kSize).data(), kSize), 0);
+  ASSERT_EQ(kloop_stream_close(d, 1), 0);
+  EXPECT_EQ(kloop_stream_write(d, 1, "x", 1), -EPIPE) << "write while closing";
+  d.Drain(20ms);
+  EXPECT_FALSE(d.HasFinal(1)) << "CLOSED before the queue was flushed";
+  PatternReader reader(peer, kSize);
+  Event c = d.WaitFinal(1);
+  EXPECT_EQ(c.event, KLOOP_EVENT_CLOSED);
+  EXPECT_EQ(c.result, 0);
+  EXPECT_FALSE(c.more());
+  reader.Join();
+  EXPECT_EQ(reader.got(), kSize);
+  EXPECT_TRUE(reader.eof());
+  EXPECT_EQ(reader.mismatch(), -1);
+  errno = 0;
+  EXPECT_EQ(::fcntl(fd, F_GETFD), -1);
+  EXPECT_EQ(errno, EBADF) << "KLOOP_STREAM_CLOSE_FD did not close the fd";
+}
+
+TEST_F(Streams, GracefulCloseWithoutCloseFdLeavesFdOpen) {
+  auto [s, peer] = TcpPair();
+  ASSERT_EQ(kloop_stream_attach(d, 1, s, 0), 0);
+  ASSERT_GE(kloop_stream_write(d, 1, "abc", 3), 0);
+  ASSERT_EQ(kloop_stream_close(d, 1), 0);
+  Event c = d.WaitFinal(1);
+  EXPECT_EQ(c.event, KLOOP_EVENT_CLOSED);
+  EXPECT_EQ(c.result, 0);
+  EXPECT_NE(::fcntl(s, F_GETFD), -1) << "the fd was closed without KLOOP_STREAM_CLOSE_FD";
+  EXPECT_EQ(ReadN(peer, 3), "abc");
+  s.reset();
+  EXPECT_EQ(ReadToEof(peer, 1s), "");
+}
+
+TEST_F(Streams, AbortDropsQueueAndReportsCanceled) {
+  auto [s, peer] = TcpPair();
+  ShrinkBuffers(s, peer);
+  int fd = s.release();
+  ASSERT_EQ(kloop_stream_attach(d, 1, fd, KLOOP_STREAM_CLOSE_FD), 0);
+  constexpr size_t kSize = 4 << 20;
+  ASSERT_GE(kloop_stream_write(d, 1, Pattern(0, kSize).data(), kSize), 0);
+  d.Drain(20ms);
+  ASSERT_EQ(kloop_stream_abort(d, 1), 0);
+  Event c = d.WaitFinal(1);
+  EXPECT_EQ(c.event, KLOOP_EVENT_CLOSED);
+  EXPECT_EQ(c.result, -ECANCELED);
+  EXPECT_FALSE(FdOpen(fd));
+  PatternReader reader(peer, kSize);
+  reader.Join();
+  EXPECT_LT(reader.got(), kSize) << "abort did not drop the queue";
+  EXPECT_EQ(reader.mismatch(), -1);
+}
+
+TEST_F(Streams, AbortAfterCloseCutsTheFlush) {
+  auto [s, peer] = TcpPair();
+  ShrinkBuffers(s, peer);
+  ASSERT_EQ(kloop_stream_attach(d, 1, s, 0), 0);
+  constexpr size_t kSize = 4 << 20;
+  ASSERT_GE(kloop_stream_write(d, 1, Pattern(0, kSize).data(), kSize), 0);
+  ASSERT_EQ(kloop_stream_close(d, 1), 0);
+  EXPECT_EQ(kloop_stream_close(d, 1), -EALREADY);
+  d.Drain(20ms);
+  ASSERT_EQ(kloop_stream_abort(d, 1), 0);
+  EXPECT_EQ(kloop_stream_abort(d, 1), -EALREADY);
+  EXPECT_EQ(kloop_stream_close(d, 1), -EALREADY);
+  Event c = d.WaitFinal(1);
+  EXPECT_EQ(c.event, KLOOP_EVENT_CLOSED);
+  EXPECT_EQ(c.result, -ECANCELED);
+  d.Drain(10ms);
+  EXPECT_EQ(d.FinalCount(1), 1);
+  EXPECT_EQ(kloop_stream_abort(d, 1), -ENOENT);
+  EXPECT_EQ(kloop_stream_close(d, 1), -ENOENT);
+}
+
+TEST_F(Streams, DoubleCloseIsEalready) {
+  auto [s, peer] = UnixPair();
+  ASSERT_EQ(kloop_stream_attach(d, 1, s, 0), 0);
+  ASSERT_EQ(kloop_stream_close(d, 1), 0);
+  EXPECT_EQ(kloop_stream_close(d, 1), -EALREADY);
+  EXPECT_EQ(d.WaitFinal(1).event, KLOOP_EVENT_CLOSED);
+  d.Drain(10ms);
+  EXPECT_EQ(d.FinalCount(1), 1);
+  EXPECT_EQ(kloop_stream_close(d, 1), -ENOENT);
+}
+
+TEST_F(Streams, CallsWhileClosingAreEpipe) {
+  auto [s, peer] = TcpPair();
+  ShrinkBuffers(s, peer);
+  ASSERT_EQ(kloop_stream_attach(d, 1, s, 0), 0);
+  ASSERT_GE(kloop_stream_write(d, 1, Pattern(0, 1 << 20).data(), 1 << 20), 0);
+  ASSERT_EQ(kloop_stream_close(d, 1), 0);
+  EXPECT_EQ(kloop_stream_write(d, 1, "x", 1), -EPIPE);
+  EXPECT_EQ(kloop_stream_pause(d, 1), -EPIPE);
+  EXPECT_EQ(kloop_stream_resume(d, 1), -EPIPE);
+  EXPECT_EQ(kloop_stream_shutdown(d, 1), -EPIPE);
+  EXPECT_GE(kloop_stream_write_size(d, 1), 0);
+  ASSERT_EQ(kloop_stream_abort(d, 1), 0);
+  EXPECT_EQ(d.WaitFinal(1).event, KLOOP_EVENT_CLOSED);
+}
+
+TEST_F(Streams, CloseFdFlagClosesOnlyWhenAsked) {
+  for (uint32_t flags : {0u, static_cast<uint32_t>(KLOOP_STREAM_CLOSE_FD)}) {
+    auto [s, peer] = UnixPair();
+    int fd = s.get();
+    ASSERT_EQ(kloop_stream_attach(d, 1, fd, flags), 0);
+    ASSERT_EQ(kloop_stream_close(d, 1), 0);
+    EXPECT_EQ(d.WaitFinal(1).event, KLOOP_EVENT_CLOSED);
+    if (flags & KLOOP_STREAM_CLOSE_FD) {
+      errno = 0;
+      EXPECT_EQ(::fcntl(fd, F_GETFD), -1);
+      EXPECT_EQ(errno, EBADF);
+      s.release();
+    } else {
+      EXPECT_NE(::fcntl(fd, F_GETFD), -1);
+    }
+    d.Forget(1);
+  }
+}
+
+TEST_F(Streams, FileStreamOnPipe) {
+  auto [r, w] = Pipe();
+  int rfd = r.release();
+  ASSERT_EQ(kloop_stream_attach(d, 1, rfd, KLOOP_STREAM_FILE | KLOOP_STREAM_CLOSE_FD), 0);
+  ASSERT_TRUE(WriteAll(w, "abc"));
+  ASSERT_TRUE(d.RunUntil([&] { return d.DataOf(1).size() >= 3; }));
+  EXPECT_EQ(d.DataOf(1), "abc");
+  // More than the pipe holds: the writer blocks until the engine reads.
+  std::thread writer([fd = w.get()] { WriteAll(fd, Pattern(0, 200000)); });
+  ASSERT_TRUE(d.RunUntil([&] { return d.DataSizeOf(1) >= 200003; }));
+  writer.join();
+  EXPECT_TRUE(d.DataOf(1) == "abc" + Pattern(0, 200000));
+  w.reset();
+  Event eof = d.WaitEvent(1, KLOOP_EVENT_EOF);
+  EXPECT_EQ(eof.result, 0);
+  ASSERT_EQ(kloop_stream_close(d, 1), 0);
+  EXPECT_EQ(d.WaitFinal(1).event, KLOOP_EVENT_CLOSED);
+  EXPECT_FALSE(FdOpen(rfd));
+}
+
+TEST_F(Streams, FileStreamWritesToPipe) {
+  auto [r, w] = Pipe();
+  int wfd = w.release();
+  ASSERT_EQ(kloop_stream_attach(d, 2, wfd,
+                                KLOOP_STREAM_FILE | KLOOP_STREAM_NO_READ | KLOOP_STREAM_CLOSE_FD),
+            0);
+  constexpr size_t kSize = 1 << 20;  // far beyond the pipe's 64 KiB
+  PatternReader reader(r, kSize);
+  ASSERT_GE(kloop_stream_write(d, 2, Pattern(0, kSize).data(), kSize), 0);
+  ASSERT_EQ(kloop_stream_close(d, 2), 0);
+  Event c = d.WaitFinal(2);
+  EXPECT_EQ(c.event, KLOOP_EVENT_CLOSED);
+  EXPECT_EQ(c.result, 0);
+  reader.Join();
+  EXPECT_EQ(reader.got(), kSize);
+  EXPECT_TRUE(reader.eof());
+  EXPECT_EQ(reader.mismatch(), -1);
+}
+
+TEST_F(Streams, FileStreamShutdownOnPipe) {
+  // No shutdown(2) on a pipe: WRITE_DONE still reports the queue flushed.
+  auto [r, w] = Pipe();
+  ASSERT_EQ(kloop_stream_attach(d, 2, w, KLOOP_STREAM_FILE | KLOOP_STREAM_NO_READ), 0);
+  ASSERT_GE(kloop_stream_write(d, 2, "pipe", 4), 0);
+  ASSERT_EQ(kloop_stream_shutdown(d, 2), 0);
+  Event done = d.WaitEvent(2, KLOOP_EVENT_WRITE_DONE);
+  EXPECT_EQ(done.result, 0);
+  EXPECT_EQ(ReadN(r, 4), "pipe");
+  ASSERT_EQ(kloop_stream_close(d, 2), 0);
+  d.WaitFinal(2);
+}
+
+TEST_F(Streams, NoReadStreamLeavesDataInSocket) {
+  auto [s, peer] = UnixPair();
+  ASSERT_EQ(kloop_stream_attach(d, 1, s, KLOOP_STREAM_NO_READ), 0);
+  ASSERT_TRUE(WriteAll(peer, "untouched"));
+  d.Drain(30ms);
+  EXPECT_TRUE(d.Of(1, KLOOP_EVENT_DATA).empty());
+  EXPECT_EQ(ReadN(s, 9), "untouched");
+}
+
+TEST_F(Streams, TokenReusableAfterClosed) {
+  for (int round = 0; round < 3; ++round) {
+    auto [s, peer] = UnixPair();
+    ASSERT_EQ(kloop_stream_attach(d, 7, s, 0), 0) << "round " << round;
+    ASSERT_TRUE(WriteAll(peer, "r"));
+    ASSERT_TRUE(d.RunUntil([&] { return d.DataOf(7).size() >= 1; }));
+    ASSERT_EQ(kloop_stream_close(d, 7), 0);
+    EXPECT_EQ(d.WaitFinal(7).event, KLOOP_EVENT_CLOSED);
+    d.Forget(7);
+  }
+}
+
+TEST_F(Streams, DuplicateTokenIsEexist) {
+  auto [s1, p1] = UnixPair();
+  auto [s2, p2] = UnixPair();
+  ASSERT_EQ(kloop_stream_attach(d, 1, s1, 0), 0);
+  EXPECT_EQ(kloop_stream_attach(d, 1, s2, 0), -EEXIST);
+  EXPECT_EQ(kloop_submit_nop(d, 1), -EEXIST);
+  ASSERT_EQ(kloop_submit_timeout(d, 2, 10'000 * kMs), 0);
+  EXPECT_EQ(kloop_stream_attach(d, 2, s2, 0), -EEXIST);
+  ASSERT_EQ(kloop_cancel(d, 2), 0);
+  d.WaitFinal(2);
+  d.Forget(2);
+  EXPECT_EQ(kloop_stream_attach(d, 2, s2, 0), 0);
+  ASSERT_EQ(kloop_stream_abort(d, 1), 0);
+  ASSERT_EQ(kloop_stream_abort(d, 2), 0);
+  EXPECT_EQ(d.WaitFinal(1).result, -ECANCELED);
+  EXPECT_EQ(d.WaitFinal(2).result, -ECANCELED);
+}
+
+TEST_F(Streams, UnknownTokenIsEnoent) {
+  EXPECT_EQ(kloop_stream_pause(d, 5), -ENOENT);
+  EXPECT_EQ(kloop_stream_resume(d, 5), -ENOENT);
+  EXPECT_EQ(kloop_stream_write(d, 5, "x", 1), -ENOENT);
+  EXPECT_EQ(kloop_stream_write_size(d, 5), -ENOENT);
+  EXPECT_EQ(kloop_stream_set_limits(d, 5, 10, 1), -ENOENT);
+  EXPECT_EQ(kloop_stream_shutdown(d, 5), -ENOENT);
+  EXPECT_EQ(kloop_stream_close(d, 5), -ENOENT);
+  EXPECT_EQ(kloop_stream_abort(d, 5), -ENOENT);
+  // An operation token is not a stream.
+  ASSERT_EQ(kloop_submit_timeout(d, 6, 10'000 * kMs), 0);
+  EXPECT_EQ(kloop_stream_write(d, 6, "x", 1), -ENOENT);
+  EXPECT_EQ(kloop_stream_close(d, 6), -ENOENT);
+  ASSERT_EQ(kloop_cancel(d, 6), 0);
+  d.WaitFinal(6);
+}
+
+TEST_F(Streams, WriteFailsWithEpipeAfterPeerReset) {
+  auto [s, peer] = TcpPair();
+  ASSERT_EQ(kloop_stream_attach(d, 1, s, 0), 0);
+  linger lg{1, 0};
+  ::setsockopt(peer, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+  peer.reset();
+  std::string blob(1024, 'z');
+  int64_t last = 0;
+  auto end = Clock::now() + kDeadline;
+  while (Clock::now() < end) {
+    last = kloop_stream_write(d, 1, blob.data(), blob.size());
+    if (last < 0) break;
+    d.Poll(5 * kMs);
+  }
+  EXPECT_EQ(last, -EPIPE) << "writes to a reset connection never failed";
+  ASSERT_EQ(kloop_stream_close(d, 1), 0);
+  Event c = d.WaitFinal(1);
+  EXPECT_EQ(c.event, KLOOP_EVENT_CLOSED);
+}
+
+TEST_F(Streams, ManyStreamsEcho) {
+  constexpr int kN = 16;
+  constexpr size_t kSize = 20000;
+  std::vector<std::pair<Fd, Fd>> pairs;
+  for (int i = 0; i < kN; ++i) {
+    pairs.push_back(UnixPair());
+    ASSERT_EQ(kloop_stream_attach(d, 100 + i, pairs[i].first, 0), 0);
+    ASSERT_TRUE(WriteAll(pairs[i].second, Pattern(i, kSize)));
+  }
+  d.on_record = [&](const kloop_completion &c) {
+    if (c.event == KLOOP_EVENT_DATA) {
+      EXPECT_GE(kloop_stream_write(d, c.token, reinterpret_cast<const void *>(c.data),
+                                   static_cast<size_t>(c.result)),
+                0);
+    }
+  };
+  std::vector<std::string> echoed(kN);
+  ASSERT_TRUE(d.RunUntil([&] {
+    bool all = true;
+    for (int i = 0; i < kN; ++i) {
+      echoed[i] += ReadAvailable(pairs[i].second);
+      all = all && echoed[i].size() >= kSize;
+    }
+    return all;
+  }));
+  d.on_record = nullptr;
+  for (int i = 0; i < kN; ++i) EXPECT_TRUE(echoed[i] == Pattern(i, kSize)) << "stream " << i;
+  for (int i = 0; i < kN; ++i) ASSERT_EQ(kloop_stream_close(d, 100 + i), 0);
+  for (int i = 0; i < kN; ++i) EXPECT_EQ(d.WaitFinal(100 + i).event, KLOOP_EVENT_CLOSED);
+  EXPECT_EQ(GetStats(d).streams, 0u);
+}
+
+TEST_F(Streams, AttachArgumentErrors) {
+  auto [s, peer] = UnixPair();
+  EXPECT_EQ(kloop_stream_attach(d, 1, -1, 0), -EINVAL);
+  EXPECT_EQ(kloop_stream_attach(d, 1, s, 1u << 20), -EINVAL);
+  EXPECT_EQ(kloop_stream_write(d, 1, "x", 1), -ENOENT) << "a failed attach left a stream behind";
+  ASSERT_EQ(kloop_stream_attach(d, 1, s, 0), 0);
+  EXPECT_EQ(kloop_stream_write(d, 1, nullptr, 5), -EINVAL);
+  ASSERT_EQ(kloop_stream_abort(d, 1), 0);
+  d.WaitFinal(1);
+}
+
+}  // namespace
