@@ -88,8 +88,12 @@ KLOOP_API uint32_t kloop_version(void);
  * struct kloop_caps - what the kernel offers and what a loop uses.
  *   size:      set by the caller to sizeof(struct kloop_caps).
  *   kernel:    KLOOP_CAP_* bits the running kernel supports.
- *   enabled:   KLOOP_CAP_* bits the loop uses (kernel minus config.disable);
- *              equal to `kernel` for kloop_probe().
+ *   enabled:   KLOOP_CAP_* bits the loop uses: kernel minus config.disable,
+ *              minus what depends on an absent bit (DEFER_TASKRUN and
+ *              REG_RING_FD need SINGLE_ISSUER; MULTISHOT_RECV, RECV_BUNDLE
+ *              and BUF_RING_INC need BUF_RING; KLOOP_CONFIG_NO_DEFER_TASKRUN
+ *              clears SINGLE_ISSUER and DEFER_TASKRUN; KLOOP_CONFIG_SQPOLL
+ *              clears DEFER_TASKRUN). Equal to `kernel` for kloop_probe().
  *   features:  IORING_FEAT_* bits reported by io_uring_setup(2).
  *   sq_entries, cq_entries: ring sizes (0 for kloop_probe()).
  *   opcodes:   opcodes[i] is 1 when IORING_OP number i is supported.

@@ -161,9 +161,10 @@ int Engine::init(const kloop_config &cfg) {
     ring_.features &= ~IORING_FEAT_EXT_ARG;
   }
   if (!(features_ & IORING_FEAT_NODROP)) en &= ~KLOOP_CAP_NODROP;
-  if (en & KLOOP_CAP_REG_RING_FD) {
-    if (io_uring_register_ring_fd(&ring_) < 0) en &= ~KLOOP_CAP_REG_RING_FD;
-  }
+  // A registered ring fd lives in the registering thread's io_uring
+  // context: other threads cannot use it. Register it only for a ring that
+  // one thread owns, and only in that thread (ensure_enabled).
+  if (!(en & KLOOP_CAP_SINGLE_ISSUER)) en &= ~KLOOP_CAP_REG_RING_FD;
   enabled_ = en;
 
   buf_size_ = cfg.buf_size;
@@ -249,6 +250,7 @@ void Engine::destroy() {
       if (s->shut_inflight) queue_cancel(&s->shut);
     }
     queue_cancel(&wake_op_);
+    if (timer_) queue_cancel(timer_);
     for (int spins = 0; in_flight_ > 0 && spins < 500; ++spins) {
       __kernel_timespec ts{0, 10 * 1000 * 1000};
       io_uring_cqe *cqe = nullptr;
@@ -268,6 +270,10 @@ void Engine::destroy() {
           }
           // An accepted fd nobody will see must not leak.
           if (op->kind == OpKind::Accept && cqes[i]->res >= 0) close(cqes[i]->res);
+          if (op->kind == OpKind::Timer) {
+            if (timer_ == op) timer_ = nullptr;
+            free_op(op);
+          }
         }
         io_uring_cq_advance(&ring_, n);
       }
@@ -354,12 +360,17 @@ void Engine::arena(uint64_t *base, uint64_t *size) const {
 // ---------------------------------------------------------------------------
 // SQE plumbing
 
-bool Engine::ensure_enabled() {
-  if (enabled_ring_) return true;
-  if (compat::enable_rings(ring_.ring_fd) < 0) return false;
+int Engine::enable() {
+  if (enabled_ring_) return 0;
+  int rc = compat::enable_rings(ring_.ring_fd);
+  if (rc < 0) return rc;
   enabled_ring_ = true;
-  return true;
+  if ((enabled_ & KLOOP_CAP_REG_RING_FD) && io_uring_register_ring_fd(&ring_) != 1)
+    enabled_ &= ~KLOOP_CAP_REG_RING_FD;
+  return 0;
 }
+
+bool Engine::ensure_enabled() { return enable() == 0; }
 
 io_uring_sqe *Engine::get_sqe() {
   io_uring_sqe *sqe = io_uring_get_sqe(&ring_);
@@ -439,6 +450,7 @@ void Engine::prep(io_uring_sqe *sqe, Op *op) {
         io_uring_prep_poll_add(sqe, op->fd, op->flags);
       break;
     case OpKind::Timeout:
+    case OpKind::Timer:
       io_uring_prep_timeout(sqe, &op->ts, 0, 0);
       break;
     case OpKind::Shutdown:
@@ -685,13 +697,24 @@ void Engine::finish_op(Op *op, int32_t res, uint64_t data, uint32_t aux) {
 
 void Engine::handle_cqe(const io_uring_cqe *cqe) {
   uint64_t ud = cqe->user_data;
-  if (ud == kIgnoreUdata || ud == LIBURING_UDATA_TIMEOUT) return;
+  if (ud == kIgnoreUdata || ud == LIBURING_UDATA_TIMEOUT) {
+    ++ignored_cqes_;
+    return;
+  }
   ++st_.cqes;
   Op *op = reinterpret_cast<Op *>(ud);
   bool more = cqe->flags & IORING_CQE_F_MORE;
   if (!more && (op->state & kOpInKernel)) {
     op->state &= static_cast<uint16_t>(~kOpInKernel);
     --in_flight_;
+  }
+  if (op->kind == OpKind::Timer) {
+    // The wait's own timer: it carries no record.
+    --st_.cqes;
+    ++ignored_cqes_;
+    if (timer_ == op) timer_ = nullptr;
+    free_op(op);
+    return;
   }
   if (op->kind == OpKind::Wake) {
     wake_pending_.store(false, std::memory_order_release);
@@ -882,9 +905,8 @@ void Engine::reap(size_t space) {
 int Engine::poll(kloop_completion *out, uint32_t max, int64_t timeout_ns) {
   ++st_.polls;
   if (!enabled_ring_) {
-    int rc = compat::enable_rings(ring_.ring_fd);
+    int rc = enable();
     if (rc < 0) return rc;
-    enabled_ring_ = true;
   }
   // Work queued by API calls since the last poll (gathered sends, re-arms).
   if (!dirty_.empty()) {
@@ -922,29 +944,74 @@ int Engine::poll(kloop_completion *out, uint32_t max, int64_t timeout_ns) {
   };
   drain();
   if (filled < max) {
-    int rc = 0;
     bool may_wait = filled == 0 && pending_.empty() && timeout_ns != 0;
-    if (may_wait) {
-      ++st_.enters;
-      io_uring_cqe *cqe = nullptr;
-      if (timeout_ns < 0) {
-        rc = io_uring_submit_and_wait(&ring_, 1);
-      } else {
-        __kernel_timespec ts{timeout_ns / 1000000000LL, timeout_ns % 1000000000LL};
-        rc = io_uring_submit_and_wait_timeout(&ring_, &cqe, 1, &ts, nullptr);
+    if (!may_wait) {
+      int rc = 0;
+      if (io_uring_sq_ready(&ring_) > 0 || (setup_flags_ & IORING_SETUP_DEFER_TASKRUN)) {
+        ++st_.enters;
+        rc = io_uring_submit_and_get_events(&ring_);
       }
-    } else if (io_uring_sq_ready(&ring_) > 0 || (setup_flags_ & IORING_SETUP_DEFER_TASKRUN)) {
-      ++st_.enters;
-      rc = io_uring_submit_and_get_events(&ring_);
+      reap(max - filled);
+      drain();
+      if (filled == 0 && rc < 0 && rc != -EINTR && rc != -EAGAIN && rc != -EBUSY) return rc;
+    } else {
+      // The kernel does not say why a wait ended: a wait that submitted
+      // SQEs reports their count even when a signal cut it short, and
+      // CQEs that carry nothing (cancel results, timers) end it too. So:
+      // records -> return them; a CQE that did work (a wake-up, a send) ->
+      // return 0; only record-less internal CQEs -> wait again for the
+      // rest of the time; nothing at all before the deadline -> -EINTR.
+      const int64_t deadline = timeout_ns > 0 ? now_ns() + timeout_ns : -1;
+      int64_t remaining = timeout_ns;
+      for (;;) {
+        uint64_t real_before = st_.cqes, ignored_before = ignored_cqes_;
+        int rc = wait_once(remaining);
+        reap(max - filled);
+        drain();
+        if (filled) break;
+        if (st_.cqes != real_before) break;
+        if (rc < 0 && rc != -ETIME && rc != -EINTR && rc != -EAGAIN && rc != -EBUSY) return rc;
+        if (deadline >= 0) {
+          remaining = deadline - now_ns();
+          if (remaining <= 0) break;
+        }
+        if (ignored_cqes_ != ignored_before || rc == -EBUSY || rc == -EAGAIN) continue;
+        return -EINTR;
+      }
     }
-    reap(max - filled);
-    drain();
-    if (filled == 0 && rc == -EINTR) return -EINTR;
-    if (filled == 0 && rc < 0 && rc != -ETIME && rc != -EINTR && rc != -EAGAIN && rc != -EBUSY)
-      return rc;
   }
   st_.completions += filled;
   return static_cast<int>(filled);
+}
+
+int64_t Engine::now_ns() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<int64_t>(ts.tv_sec) * 1000000000LL + ts.tv_nsec;
+}
+
+// One submit-and-wait call. With IORING_FEAT_EXT_ARG the timeout travels
+// with io_uring_enter. Without it (kernels before 5.11, or the capability
+// switched off) the engine arms a timer SQE of its own: liburing's fallback
+// consumes its timer CQE inside its own wait loop and can then wait forever.
+int Engine::wait_once(int64_t timeout_ns) {
+  ++st_.enters;
+  if (timeout_ns < 0) return io_uring_submit_and_wait(&ring_, 1);
+  if (enabled_ & KLOOP_CAP_EXT_ARG) {
+    io_uring_cqe *cqe = nullptr;
+    __kernel_timespec ts{timeout_ns / 1000000000LL, timeout_ns % 1000000000LL};
+    return io_uring_submit_and_wait_timeout(&ring_, &cqe, 1, &ts, nullptr);
+  }
+  if (timer_ && (timer_->state & kOpInKernel)) queue_cancel(timer_);
+  Op *t = alloc_op();
+  if (!t) return -ENOMEM;
+  t->kind = OpKind::Timer;
+  t->ts.tv_sec = timeout_ns / 1000000000LL;
+  t->ts.tv_nsec = timeout_ns % 1000000000LL;
+  timer_ = t;
+  arm(t);
+  int rc = io_uring_submit_and_wait(&ring_, 1);
+  return rc;
 }
 
 int Engine::wake() {

@@ -38,6 +38,7 @@ enum class OpKind : uint8_t {
   ChildPidfd,
   // Engine-internal operations: their completions are never shown as-is.
   Wake,
+  Timer,  // the poll call's own timer (no IORING_FEAT_EXT_ARG)
   StreamRecv,
   StreamSend,
   StreamShutdown,
@@ -190,6 +191,9 @@ class Engine {
   io_uring_sqe *get_sqe();
   int enter_if_needed();
   bool ensure_enabled();
+  int enable();
+  int wait_once(int64_t timeout_ns);
+  static int64_t now_ns();
   void queue_cancel(const Op *target);
   void prep(io_uring_sqe *sqe, Op *op);
   void arm(Op *op);
@@ -266,6 +270,8 @@ class Engine {
   uint64_t wake_buf_ = 0;
   std::atomic<bool> wake_pending_{false};
 
+  Op *timer_ = nullptr;        // the wait's own timer, while in the kernel
+  uint64_t ignored_cqes_ = 0;  // CQEs that carry no record (cancel results, timers)
   uint64_t in_flight_ = 0;  // SQEs whose final CQE has not been reaped
   kloop_stats st_{};
   bool in_destroy_ = false;
