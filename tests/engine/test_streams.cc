@@ -503,6 +503,78 @@ TEST_F(Streams, DoubleCloseIsEalready) {
   EXPECT_EQ(kloop_stream_close(d, 1), -ENOENT);
 }
 
+// Found by fuzz_ops: a stream with nothing in the kernel (read error, EOF,
+// write-only, paused) finished at close()/abort() at once and released its
+// token before CLOSED was handed out.
+enum class Idle { kReadError, kEof, kNoRead, kPaused };
+
+std::string IdleName(Idle i) {
+  switch (i) {
+    case Idle::kReadError:
+      return "ReadError";
+    case Idle::kEof:
+      return "Eof";
+    case Idle::kNoRead:
+      return "NoRead";
+    default:
+      return "Paused";
+  }
+}
+
+class StreamsIdle : public Streams, public ::testing::WithParamInterface<std::pair<Idle, bool>> {};
+
+TEST_P(StreamsIdle, TokenStaysLiveUntilClosedIsReturned) {
+  auto [mode, use_abort] = GetParam();
+  auto [a, b] = UnixPair();
+  auto [r, w] = Pipe();
+  switch (mode) {
+    case Idle::kReadError:
+      // Reading the write end of a pipe fails with EBADF.
+      ASSERT_EQ(kloop_stream_attach(d, 3, w, KLOOP_STREAM_FILE), 0);
+      EXPECT_EQ(d.WaitEvent(3, KLOOP_EVENT_ERROR).result, -EBADF);
+      break;
+    case Idle::kEof:
+      ASSERT_EQ(kloop_stream_attach(d, 3, a, 0), 0);
+      ::shutdown(b, SHUT_WR);
+      EXPECT_EQ(d.WaitEvent(3, KLOOP_EVENT_EOF).result, 0);
+      break;
+    case Idle::kNoRead:
+      ASSERT_EQ(kloop_stream_attach(d, 3, a, KLOOP_STREAM_NO_READ), 0);
+      d.Drain(5ms);
+      break;
+    case Idle::kPaused:
+      ASSERT_EQ(kloop_stream_attach(d, 3, a, KLOOP_STREAM_PAUSED), 0);
+      d.Drain(5ms);
+      break;
+  }
+  if (use_abort) {
+    ASSERT_EQ(kloop_stream_abort(d, 3), 0);
+    EXPECT_EQ(kloop_stream_abort(d, 3), -EALREADY);
+  } else {
+    ASSERT_EQ(kloop_stream_close(d, 3), 0);
+    EXPECT_EQ(kloop_stream_close(d, 3), -EALREADY);
+    EXPECT_EQ(kloop_stream_abort(d, 3), 0) << "abort is allowed after close";
+  }
+  EXPECT_EQ(kloop_stream_write_size(d, 3), 0) << "the stream is gone before its CLOSED";
+  int c = kloop_cancel(d, 3);
+  EXPECT_TRUE(c == 0 || c == -EALREADY) << "cancel of a stream being closed returned " << c;
+  auto [s2, p2] = UnixPair();
+  EXPECT_EQ(kloop_stream_attach(d, 3, s2, 0), -EEXIST) << "token reusable before its CLOSED";
+  EXPECT_EQ(kloop_submit_nop(d, 3), -EEXIST) << "token reusable before its CLOSED";
+  Event fin = d.WaitFinal(3);
+  EXPECT_EQ(fin.event, KLOOP_EVENT_CLOSED);
+  d.Drain(10ms);
+  EXPECT_EQ(d.FinalCount(3), 1);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    States, StreamsIdle,
+    ::testing::Values(std::make_pair(Idle::kReadError, false), std::make_pair(Idle::kReadError, true),
+                      std::make_pair(Idle::kEof, false), std::make_pair(Idle::kEof, true),
+                      std::make_pair(Idle::kNoRead, false), std::make_pair(Idle::kNoRead, true),
+                      std::make_pair(Idle::kPaused, false), std::make_pair(Idle::kPaused, true)),
+    [](const auto &info) { return IdleName(info.param.first) + (info.param.second ? "Abort" : "Close"); });
+
 TEST_F(Streams, CallsWhileClosingAreEpipe) {
   auto [s, peer] = TcpPair();
   ShrinkBuffers(s, peer);
