@@ -147,6 +147,10 @@ class _OpFuture(futures.Future):
         self._keep = keep          # buffers pinned until the final completion
         self._late = late          # (res, data, aux) for a completion after cancel
         self._live = False
+        self._key = None           # (fd, "r"|"w") while it orders its socket's ops
+        self._conn = None
+        self._submit = None
+        self._from_stash = None
 
     def _repr_info(self):
         info = super()._repr_info()
@@ -164,51 +168,46 @@ class _OpFuture(futures.Future):
         if flags & _MORE:
             return
         self._live = False
-        if self.done():
-            late = self._late
-            if late is not None and (res > 0 or (res == 0 and self._finish_zero_is_data)):
-                try:
-                    late(res, data, aux)
-                except Exception:  # pragma: no cover - defensive
-                    logger.exception("kloop: keeping data of a cancelled read failed")
-            self._keep = None
-            return
-        if res == -_ECANCELED:
-            self._keep = None
-            super().cancel()
-            return
         try:
-            value = self._finish(res, data, aux)
-        except (SystemExit, KeyboardInterrupt):
-            raise
-        except BaseException as exc:
-            self._keep = None
-            self.set_exception(exc)
-            return
-        if value is _PENDING:
-            return
-        self._keep = None
-        self.set_result(value)
+            if self.done():
+                late = self._late
+                if late is not None and (res > 0 or (res == 0 and self._finish_zero_is_data)):
+                    try:
+                        late(res, data, aux)
+                    except Exception:  # pragma: no cover - defensive
+                        logger.exception("kloop: keeping data of a cancelled read failed")
+            elif res == -_ECANCELED:
+                super().cancel()
+            else:
+                try:
+                    value = self._finish(res, data, aux)
+                except (SystemExit, KeyboardInterrupt):
+                    raise
+                except BaseException as exc:
+                    self.set_exception(exc)
+                else:
+                    if value is _PENDING:
+                        return
+                    self.set_result(value)
+        finally:
+            if not self._live:
+                self._keep = None
+                if self._key is not None:
+                    self._proactor._op_done(self)
 
     _finish_zero_is_data = False
-    _deferred = False
 
 
 class _Internal:
-    """A ``_cache`` entry that calls a function instead of resolving a future.
+    """A ``_cache`` entry that calls a function instead of resolving a future."""
 
-    ``deferred``: the callback runs protocol code, so it runs with the
-    poll's stream events (see IouringProactor.select) instead of at once.
-    """
+    __slots__ = ("_token", "_callback", "_keep", "_live")
 
-    __slots__ = ("_token", "_callback", "_keep", "_live", "_deferred")
-
-    def __init__(self, callback, keep=None, deferred=False):
+    def __init__(self, callback, keep=None):
         self._token = None
         self._callback = callback  # (res, flags, data, aux)
         self._keep = keep
         self._live = False
-        self._deferred = deferred
 
     def _complete(self, res, flags, data, aux):
         if not flags & _MORE:
@@ -278,6 +277,8 @@ class IouringProactor:
         self._cache = {}      # token -> _OpFuture | _Internal | _Watch-owner
         self._streams = {}    # token -> stream transport
         self._stash = {}      # fd -> (weakref to socket, deque of kept items)
+        self._inflight = {}   # (fd, "r"|"w") -> the _OpFuture in the kernel
+        self._waiting = {}    # (fd, "r"|"w") -> deque of _OpFutures to start
         self._pool = {}       # size -> [bytearray]
         self._watches = {}    # token -> _Watch (poll in flight)
         self._fired = []      # watches whose handle ran: re-arm at next select
@@ -421,9 +422,104 @@ class IouringProactor:
 
     # -- reads ---------------------------------------------------------------
 
+    # -- per-socket ordering -------------------------------------------------
+    #
+    # A read whose cancel was requested may still complete with data (kept
+    # in the stash). A read started on the same socket meanwhile would race
+    # it in the kernel and could get later bytes first, so reads on one
+    # socket (and likewise sends) are started one at a time: a new one waits
+    # until the previous one's final completion, then looks at the stash
+    # before it goes to the kernel.
+
+    def _start(self, fut, kind, attempt=None):
+        conn = fut._conn
+        key = (_fileno(conn), kind)
+        cur = self._inflight.get(key)
+        if cur is not None and cur._conn is conn:
+            waiters = self._waiting.get(key)
+            if waiters is None:
+                waiters = self._waiting[key] = collections.deque()
+            waiters.append(fut)
+            return fut
+        err = self._begin(fut, key, attempt)
+        if err is not None:
+            raise err
+        return fut
+
+    def _begin(self, fut, key, attempt=None):
+        """Serve ``fut`` from the stash, or at once, or submit it; returns an
+        exception on failure.
+
+        ``attempt`` (sock_* calls on non-blocking sockets) makes the system
+        call at once, as asyncio's selector loop does: when the data or the
+        connection is already there, the result is ready in the same
+        iteration, and only a call that would block goes to the ring.
+        """
+        from_stash = fut._from_stash
+        if from_stash is not None:
+            q = self._stash_get(fut._conn)
+            if q is not None:
+                try:
+                    fut.set_result(from_stash(q))
+                except Exception as exc:  # pragma: no cover - defensive
+                    return exc
+                return None
+        if attempt is not None:
+            try:
+                value = attempt()
+            except (BlockingIOError, InterruptedError):
+                pass
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                fut.set_exception(exc)
+                return None
+            else:
+                if value is not _PENDING:
+                    fut.set_result(value)
+                    return None
+        rc = fut._submit(fut._token)
+        if rc < 0:
+            return make_error(rc)
+        fut._live = True
+        fut._key = key
+        self._cache[fut._token] = fut
+        self._inflight[key] = fut
+        return None
+
+    def _op_done(self, fut):
+        key = fut._key
+        fut._key = None
+        if self._inflight.get(key) is fut:
+            del self._inflight[key]
+        waiters = self._waiting.get(key)
+        if waiters is None:
+            return
+        while waiters and key not in self._inflight:
+            nxt = waiters.popleft()
+            if nxt.done():
+                continue
+            if nxt._conn.fileno() != key[0]:
+                nxt.set_exception(OSError(errno.EBADF, os.strerror(errno.EBADF)))
+                continue
+            err = self._begin(nxt, key)
+            if err is not None:
+                nxt.set_exception(err)
+        if not waiters:
+            self._waiting.pop(key, None)
+
+    def _read_fut(self, conn, finish, keep, late, submit, from_stash, attempt=None):
+        fut = self._new(finish, keep, late)
+        fut._conn = conn
+        fut._submit = submit
+        fut._from_stash = from_stash
+        return self._start(fut, "r", attempt)
+
     @staticmethod
-    def _is_stream_socket(conn):
-        return isinstance(conn, socket.socket) and conn.type == socket.SOCK_STREAM
+    def _can_try(conn, try_now):
+        return try_now and isinstance(conn, socket.socket) and conn.gettimeout() == 0
+
+    # -- reads ---------------------------------------------------------------
 
     def _take_bytes(self, conn, q, nbytes):
         data, addr = q.popleft()
@@ -436,14 +532,24 @@ class IouringProactor:
             self._stash.pop(conn.fileno(), None)
         return data, addr
 
-    def recv(self, conn, nbytes, flags=0):
+    def _addr_of(self, data, aux):
+        alen = aux & 0xFFFF
+        if not data or not alen:
+            return None
+        return _sockaddr.decode(ffi.unpack(ffi.cast("char *", data), alen))
+
+    def recv(self, conn, nbytes, flags=0, try_now=False):
         self._check_closed()
-        q = self._stash_get(conn)
-        if q is not None:
-            return self._result(self._take_bytes(conn, q, nbytes)[0])
         fd = _fileno(conn)
         buf = self._buffer(nbytes)
         cbuf = ffi.from_buffer(buf)
+        lib = self._lib
+        is_socket = isinstance(conn, socket.socket)
+
+        def submit(token):
+            if is_socket:
+                return lib.kloop_submit_recv(self._ptr, token, fd, cbuf, nbytes, flags)
+            return lib.kloop_submit_read(self._ptr, token, fd, cbuf, nbytes, _OFFSET_CURRENT)
 
         def finish(res, data, aux):
             if res < 0:
@@ -457,25 +563,30 @@ class IouringProactor:
             self._stash_put(conn, (bytes(buf[:res]), None))
             self._release(buf)
 
-        fut = self._new(finish, (buf, cbuf, conn), late)
-        if isinstance(conn, socket.socket):
-            rc = self._lib.kloop_submit_recv(self._ptr, fut._token, fd, cbuf, nbytes, flags)
-        else:
-            rc = self._lib.kloop_submit_read(self._ptr, fut._token, fd, cbuf, nbytes,
-                                             _OFFSET_CURRENT)
-        return self._register(fut, rc)
+        def from_stash(q):
+            self._release(buf)
+            return self._take_bytes(conn, q, nbytes)[0]
 
-    def recv_into(self, conn, buf, flags=0):
+        attempt = None
+        if self._can_try(conn, try_now):
+            def attempt():
+                return conn.recv(nbytes, flags)
+
+        return self._read_fut(conn, finish, (buf, cbuf, conn), late, submit, from_stash,
+                              attempt)
+
+    def recv_into(self, conn, buf, flags=0, try_now=False):
         self._check_closed()
-        q = self._stash_get(conn)
-        if q is not None:
-            view = memoryview(buf).cast("B")
-            data = self._take_bytes(conn, q, len(view))[0]
-            view[:len(data)] = data
-            return self._result(len(data))
         fd = _fileno(conn)
         cbuf = ffi.from_buffer(buf, require_writable=True)
         nbytes = len(cbuf)
+        lib = self._lib
+        is_socket = isinstance(conn, socket.socket)
+
+        def submit(token):
+            if is_socket:
+                return lib.kloop_submit_recv(self._ptr, token, fd, cbuf, nbytes, flags)
+            return lib.kloop_submit_read(self._ptr, token, fd, cbuf, nbytes, _OFFSET_CURRENT)
 
         def finish(res, data, aux):
             if res < 0:
@@ -483,34 +594,32 @@ class IouringProactor:
             return res
 
         def late(res, data, aux):
-            self._stash_put(conn, (bytes(ffi.buffer(cbuf, res)), None))
+            self._stash_put(conn, (ffi.buffer(cbuf, res)[:], None))
 
-        fut = self._new(finish, (buf, cbuf, conn), late)
-        if isinstance(conn, socket.socket):
-            rc = self._lib.kloop_submit_recv(self._ptr, fut._token, fd, cbuf, nbytes, flags)
-        else:
-            rc = self._lib.kloop_submit_read(self._ptr, fut._token, fd, cbuf, nbytes,
-                                             _OFFSET_CURRENT)
-        return self._register(fut, rc)
+        def from_stash(q):
+            data = self._take_bytes(conn, q, nbytes)[0]
+            ffi.memmove(cbuf, data, len(data))
+            return len(data)
 
-    def recvfrom(self, conn, nbytes, flags=0):
+        attempt = None
+        if self._can_try(conn, try_now):
+            def attempt():
+                return conn.recv_into(buf, nbytes, flags)
+
+        return self._read_fut(conn, finish, (buf, cbuf, conn), late, submit, from_stash,
+                              attempt)
+
+    def recvfrom(self, conn, nbytes, flags=0, try_now=False):
         self._check_closed()
-        q = self._stash_get(conn)
-        if q is not None:
-            return self._result(self._take_bytes(conn, q, nbytes))
         if conn.family not in _CODEC_FAMILIES:
             return self._readiness(conn, _POLLIN, lambda: conn.recvfrom(nbytes, flags))
         fd = _fileno(conn)
         buf = self._buffer(nbytes)
         cbuf = ffi.from_buffer(buf)
-        ffi_unpack = ffi.unpack
-        cast = ffi.cast
+        lib = self._lib
 
-        def addr_of(data, aux):
-            alen = aux & 0xFFFF
-            if not data or not alen:
-                return None
-            return _sockaddr.decode(ffi_unpack(cast("char *", data), alen))
+        def submit(token):
+            return lib.kloop_submit_recvmsg(self._ptr, token, fd, cbuf, nbytes, flags)
 
         def finish(res, data, aux):
             if res < 0:
@@ -518,70 +627,80 @@ class IouringProactor:
                 raise make_error(res)
             out = bytes(buf[:res])
             self._release(buf)
-            return out, addr_of(data, aux)
+            return out, self._addr_of(data, aux)
 
         def late(res, data, aux):
-            self._stash_put(conn, (bytes(buf[:res]), addr_of(data, aux)))
+            self._stash_put(conn, (bytes(buf[:res]), self._addr_of(data, aux)))
             self._release(buf)
+
+        def from_stash(q):
+            self._release(buf)
+            return self._take_bytes(conn, q, nbytes)
+
+        attempt = None
+        if self._can_try(conn, try_now):
+            def attempt():
+                return conn.recvfrom(nbytes, flags)
 
         fut = self._new(finish, (buf, cbuf, conn), late)
         fut._finish_zero_is_data = conn.type != socket.SOCK_STREAM  # empty datagrams count
-        rc = self._lib.kloop_submit_recvmsg(self._ptr, fut._token, fd, cbuf, nbytes, flags)
-        return self._register(fut, rc)
+        fut._conn = conn
+        fut._submit = submit
+        fut._from_stash = from_stash
+        return self._start(fut, "r", attempt)
 
-    def recvfrom_into(self, conn, buf, flags=0):
+    def recvfrom_into(self, conn, buf, flags=0, try_now=False):
         self._check_closed()
-        q = self._stash_get(conn)
-        if q is not None:
-            view = memoryview(buf).cast("B")
-            data, addr = self._take_bytes(conn, q, len(view))
-            view[:len(data)] = data
-            return self._result((len(data), addr))
         if conn.family not in _CODEC_FAMILIES:
             return self._readiness(conn, _POLLIN, lambda: conn.recvfrom_into(buf, 0, flags))
         fd = _fileno(conn)
         cbuf = ffi.from_buffer(buf, require_writable=True)
         nbytes = len(cbuf)
-        ffi_unpack = ffi.unpack
-        cast = ffi.cast
+        lib = self._lib
 
-        def addr_of(data, aux):
-            alen = aux & 0xFFFF
-            if not data or not alen:
-                return None
-            return _sockaddr.decode(ffi_unpack(cast("char *", data), alen))
+        def submit(token):
+            return lib.kloop_submit_recvmsg(self._ptr, token, fd, cbuf, nbytes, flags)
 
         def finish(res, data, aux):
             if res < 0:
                 raise make_error(res)
-            return res, addr_of(data, aux)
+            return res, self._addr_of(data, aux)
 
         def late(res, data, aux):
-            self._stash_put(conn, (bytes(ffi.buffer(cbuf, res)), addr_of(data, aux)))
+            self._stash_put(conn, (ffi.buffer(cbuf, res)[:], self._addr_of(data, aux)))
+
+        def from_stash(q):
+            data, addr = self._take_bytes(conn, q, nbytes)
+            ffi.memmove(cbuf, data, len(data))
+            return len(data), addr
+
+        attempt = None
+        if self._can_try(conn, try_now):
+            def attempt():
+                return conn.recvfrom_into(buf, nbytes, flags)
 
         fut = self._new(finish, (buf, cbuf, conn), late)
         fut._finish_zero_is_data = conn.type != socket.SOCK_STREAM
-        rc = self._lib.kloop_submit_recvmsg(self._ptr, fut._token, fd, cbuf, nbytes, flags)
-        return self._register(fut, rc)
+        fut._conn = conn
+        fut._submit = submit
+        fut._from_stash = from_stash
+        return self._start(fut, "r", attempt)
 
     # -- writes --------------------------------------------------------------
 
-    def send(self, conn, buf, flags=0):
+    def send(self, conn, buf, flags=0, try_now=False):
         """Send all of ``buf`` (stream sockets and pipes: short writes are
         resubmitted; datagram sockets: one datagram). Result: bytes sent."""
         self._check_closed()
         fd = _fileno(conn)
-        if isinstance(buf, bytes):
-            cbuf = buf
-        else:
-            cbuf = ffi.from_buffer(buf)
-        total = len(cbuf) if not isinstance(cbuf, bytes) else len(buf)
+        cbuf = buf if isinstance(buf, bytes) else ffi.from_buffer(buf)
+        total = len(buf) if isinstance(buf, bytes) else len(cbuf)
         is_socket = isinstance(conn, socket.socket)
         whole = not is_socket or conn.type == socket.SOCK_STREAM
         lib = self._lib
         state = [0, None]  # bytes sent, pointer cdata for resubmission
 
-        def submit(token, offset):
+        def submit_at(token, offset):
             if offset:
                 if state[1] is None:
                     state[1] = ffi.from_buffer(buf)
@@ -598,7 +717,7 @@ class IouringProactor:
                 raise make_error(res)
             state[0] += res
             if whole and state[0] < total and res > 0:
-                rc = submit(fut._token, state[0])
+                rc = submit_at(fut._token, state[0])
                 if rc < 0:
                     raise make_error(rc)
                 fut._live = True
@@ -606,10 +725,21 @@ class IouringProactor:
                 return _PENDING
             return state[0]
 
-        fut = self._new(finish, (buf, cbuf, conn, state))
-        return self._register(fut, submit(fut._token, 0))
+        attempt = None
+        if self._can_try(conn, try_now):
+            def attempt():
+                n = conn.send(buf, flags)
+                if n >= total or not whole:
+                    return n
+                state[0] = n
+                return _PENDING
 
-    def sendto(self, conn, buf, flags=0, addr=None):
+        fut = self._new(finish, (buf, cbuf, conn, state))
+        fut._conn = conn
+        fut._submit = lambda token: submit_at(token, state[0])
+        return self._start(fut, "w", attempt)
+
+    def sendto(self, conn, buf, flags=0, addr=None, try_now=False):
         self._check_closed()
         if addr is not None and conn.family not in _CODEC_FAMILIES:
             return self._readiness(conn, _POLLOUT, lambda: conn.sendto(buf, flags, addr))
@@ -622,29 +752,35 @@ class IouringProactor:
             rawlen = len(raw)
         cbuf = buf if isinstance(buf, bytes) else ffi.from_buffer(buf)
         length = len(buf) if isinstance(buf, bytes) else len(cbuf)
+        lib = self._lib
 
         def finish(res, data, aux):
             if res < 0:
                 raise make_error(res)
             return res
 
+        attempt = None
+        if self._can_try(conn, try_now):
+            if addr is None:
+                def attempt():
+                    return conn.send(buf, flags)
+            else:
+                def attempt():
+                    return conn.sendto(buf, flags, addr)
+
         fut = self._new(finish, (buf, cbuf, conn))
-        rc = self._lib.kloop_submit_sendmsg(self._ptr, fut._token, fd, cbuf, length, raw,
-                                            rawlen, flags)
-        return self._register(fut, rc)
+        fut._conn = conn
+        fut._submit = lambda token: lib.kloop_submit_sendmsg(
+            self._ptr, token, fd, cbuf, length, raw, rawlen, flags)
+        return self._start(fut, "w", attempt)
 
     # -- connections ---------------------------------------------------------
 
-    def accept(self, listener):
+    def accept(self, listener, try_now=False):
         self._check_closed()
-        q = self._stash_get(listener)
-        if q is not None:
-            item = q.popleft()
-            if not q:
-                self._stash.pop(listener.fileno(), None)
-            return self._result(item)
         fd = _fileno(listener)
         family, type_, proto = listener.family, listener.type, listener.proto
+        lib = self._lib
 
         def make(res, data, aux):
             conn = socket.socket(family, type_, proto, fileno=res)
@@ -670,9 +806,20 @@ class IouringProactor:
         def late(res, data, aux):
             self._stash_put(listener, make(res, data, aux))
 
-        fut = self._new(finish, (listener,), late)
-        rc = self._lib.kloop_submit_accept(self._ptr, fut._token, fd, 0)
-        return self._register(fut, rc)
+        def from_stash(q):
+            item = q.popleft()
+            if not q:
+                self._stash.pop(listener.fileno(), None)
+            return item
+
+        attempt = None
+        if self._can_try(listener, try_now):
+            def attempt():
+                return listener.accept()
+
+        return self._read_fut(listener, finish, (listener,), late,
+                              lambda token: lib.kloop_submit_accept(self._ptr, token, fd, 0),
+                              from_stash, attempt)
 
     def connect(self, conn, address):
         """Connect ``conn``; result None.
@@ -889,16 +1036,16 @@ class IouringProactor:
     # -- the poll ------------------------------------------------------------
 
     def select(self, timeout=None, *, _defer=True):
-        """Poll the ring once and process what completed.
+        """Poll the ring once and queue what completed.
 
-        Operations finish here: futures are resolved (their callbacks are
-        scheduled as usual) and add_reader/add_writer handles are queued, as
-        the selector loop's _process_events() does. Stream events and the
-        completions of "deferred" internal operations (accepts) call
-        protocol code directly; they are batched and run by one handle
-        appended to the loop's ready queue, so protocol callbacks run after
-        the callbacks that were already ready -- the order in which the
-        selector loop runs its reader handles.
+        add_reader/add_writer handles are appended to the ready queue here,
+        as the selector loop's _process_events() does. Everything else --
+        stream events, operation results -- is batched and run by one handle
+        appended to the ready queue: in the selector loop the I/O callback
+        that resolves a sock_recv() future or calls data_received() runs
+        after the callbacks that were already ready, and code relies on it
+        (a task cancelled by an earlier callback of the same iteration must
+        see its read not done yet, so that the data is not lost).
         """
         ptr = self._ptr
         if ptr is None:
@@ -928,20 +1075,17 @@ class IouringProactor:
             if rec[4]:
                 batch.append(rec)
                 continue
-            tok, res, flags, data, ev, aux = rec
-            if flags & _MORE:
+            tok = rec[0]
+            if rec[2] & _MORE:
                 entry = cache.get(tok)
             else:
                 entry = cache.pop(tok, None)
             if entry is not None:
-                if entry._deferred:
-                    batch.append((entry, res, flags, data, 0, aux))
-                else:
-                    entry._complete(res, flags, data, aux)
+                batch.append((entry, rec[1], rec[2], rec[3], 0, rec[5]))
                 continue
             w = self._watches.pop(tok, None)
             if w is not None:
-                self._watch_fired(w, res)
+                self._watch_fired(w, rec[1])
         if batch:
             if _defer:
                 self._loop._ready.append(self._dispatch_handle)
@@ -1010,6 +1154,10 @@ class IouringProactor:
 
         for w in list(self._readers.values()) + list(self._writers.values()):
             self.unwatch(w.fd, w.events)
+        for waiters in list(self._waiting.values()):
+            for fut in waiters:
+                fut.cancel()
+        self._waiting.clear()
         for entry in list(self._cache.values()):
             if isinstance(entry, _OpFuture):
                 if not entry.cancelled():

@@ -110,7 +110,7 @@ class _Acceptor:
             return
         self._retry = None
         proactor = self._proactor
-        entry = _proactor._Internal(self._completed, deferred=True)
+        entry = _proactor._Internal(self._completed)
         entry._token = proactor._next_token()
         rc = proactor._lib.kloop_submit_accept(proactor._ptr, entry._token, self._fd,
                                                _proactor._ffi.OP_MULTISHOT)
@@ -480,17 +480,17 @@ class IouringProactorEventLoop(proactor_events.BaseProactorEventLoop):
     async def sock_recv(self, sock, n):
         self._check_sock(sock)
         self._ensure_fd_no_transport(sock)
-        return await self._proactor.recv(sock, n)
+        return await self._proactor.recv(sock, n, try_now=True)
 
     async def sock_recv_into(self, sock, buf):
         self._check_sock(sock)
         self._ensure_fd_no_transport(sock)
-        return await self._proactor.recv_into(sock, buf)
+        return await self._proactor.recv_into(sock, buf, try_now=True)
 
     async def sock_recvfrom(self, sock, bufsize):
         self._check_sock(sock)
         self._ensure_fd_no_transport(sock)
-        return await self._proactor.recvfrom(sock, bufsize)
+        return await self._proactor.recvfrom(sock, bufsize, try_now=True)
 
     async def sock_recvfrom_into(self, sock, buf, nbytes=0):
         self._check_sock(sock)
@@ -502,17 +502,17 @@ class IouringProactorEventLoop(proactor_events.BaseProactorEventLoop):
             view = view[:nbytes]
         elif nbytes > len(view):
             raise ValueError("nbytes is greater than the length of the buffer")
-        return await self._proactor.recvfrom_into(sock, view)
+        return await self._proactor.recvfrom_into(sock, view, try_now=True)
 
     async def sock_sendall(self, sock, data):
         self._check_sock(sock)
         self._ensure_fd_no_transport(sock)
-        await self._proactor.send(sock, data)
+        await self._proactor.send(sock, data, try_now=True)
 
     async def sock_sendto(self, sock, data, address):
         self._check_sock(sock)
         self._ensure_fd_no_transport(sock)
-        return await self._proactor.sendto(sock, data, 0, address)
+        return await self._proactor.sendto(sock, data, 0, address, try_now=True)
 
     async def sock_connect(self, sock, address):
         self._check_sock(sock)
@@ -529,7 +529,7 @@ class IouringProactorEventLoop(proactor_events.BaseProactorEventLoop):
     async def sock_accept(self, sock):
         self._check_sock(sock)
         self._ensure_fd_no_transport(sock)
-        conn, address = await self._proactor.accept(sock)
+        conn, address = await self._proactor.accept(sock, try_now=True)
         conn.setblocking(False)
         return conn, address
 
