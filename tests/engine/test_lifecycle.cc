@@ -1,7 +1,9 @@
 // Loop lifecycle: config defaults, create/destroy, config validation,
 // capabilities, version and the small query functions.
+#include <cstddef>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include "common.h"
 
@@ -211,8 +213,9 @@ TEST_P(LifecycleDisable, EnabledIsKernelMinusDisable) {
   Driver d(&c);
   ASSERT_EQ(d.create_rc(), 0);
   kloop_caps caps = GetCaps(d);
-  EXPECT_EQ(caps.enabled, caps.kernel & ~c.disable) << std::hex << "kernel=" << caps.kernel
-                                                    << " enabled=" << caps.enabled;
+  EXPECT_EQ(caps.enabled, ExpectedEnabled(caps.kernel, c.disable, c.flags))
+      << std::hex << "kernel=" << caps.kernel << " enabled=" << caps.enabled;
+  EXPECT_EQ(caps.enabled & c.disable, 0u);
   ASSERT_EQ(kloop_submit_nop(d, 3), 0);
   EXPECT_EQ(d.WaitFinal(3).result, 0);
 }
@@ -224,6 +227,7 @@ INSTANTIATE_TEST_SUITE_P(Bits, LifecycleDisable,
                                            KLOOP_CAP_RECV_BUNDLE | KLOOP_CAP_BUF_RING_INC,
                                            KLOOP_CAP_SPLICE | KLOOP_CAP_PIDFD,
                                            KLOOP_CAP_REG_RING_FD | KLOOP_CAP_SOCKET_OP,
+                                           KLOOP_CAP_SINGLE_ISSUER, KLOOP_CAP_DEFER_TASKRUN,
                                            // Unknown bits are simply absent.
                                            UINT64_C(1) << 40));
 
@@ -269,6 +273,37 @@ TEST(Lifecycle, StatsCountPollsAndCompletions) {
   kloop_stats small{};
   small.size = 4;
   EXPECT_EQ(kloop_get_stats(d, &small), -EINVAL);
+}
+
+// Versioned structs: a caller built against an older header passes a
+// smaller `size`; the engine must not write beyond it. Found by fuzz_abi.
+template <typename T>
+void CheckWritesAtMostSize(const char *what, size_t size, int (*fill)(kloop_t *, T *), kloop_t *loop) {
+  std::vector<unsigned char> mem(sizeof(T) + 64, 0xEE);
+  uint32_t s32 = static_cast<uint32_t>(size);
+  std::memcpy(mem.data(), &s32, sizeof s32);
+  int rc = fill(loop, reinterpret_cast<T *>(mem.data()));
+  if (rc != 0) {
+    EXPECT_EQ(rc, -EINVAL) << what << " size " << size;
+    return;
+  }
+  for (size_t i = size; i < mem.size(); ++i)
+    if (mem[i] != 0xEE) {
+      ADD_FAILURE() << what << " with size " << size << " wrote byte " << i;
+      return;
+    }
+}
+
+TEST(Lifecycle, SmallerVersionedStructsAreNotOverwritten) {
+  Driver d(nullptr);
+  ASSERT_EQ(d.create_rc(), 0);
+  for (size_t size : {offsetof(kloop_stats, reserved), sizeof(kloop_stats) - 8})
+    CheckWritesAtMostSize<kloop_stats>("kloop_get_stats", size, kloop_get_stats, d);
+  for (size_t size : {offsetof(kloop_caps, reserved), sizeof(kloop_caps) - 8})
+    CheckWritesAtMostSize<kloop_caps>("kloop_get_caps", size, kloop_get_caps, d);
+  auto probe = [](kloop_t *, kloop_caps *c) { return kloop_probe(c); };
+  for (size_t size : {offsetof(kloop_caps, reserved), sizeof(kloop_caps) - 8})
+    CheckWritesAtMostSize<kloop_caps>("kloop_probe", size, +probe, d);
 }
 
 TEST(Lifecycle, Strerror) {
