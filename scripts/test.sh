@@ -10,9 +10,11 @@
 #   examples meson test -C build --suite install: libkloop installed into a
 #            temporary root, a C consumer and the C and Rust echo examples
 #            built from it with pkg-config, echoing over loopback TCP
-#   asan     a clang ASan+UBSan build of the engine and its tests (build-asan)
-#            and its meson test (the install suite is left out of sanitized
-#            builds: programs built outside meson cannot load such a library)
+#   asan     a clang ASan+UBSan build of the engine, its tests and the fuzz
+#            targets (build-asan) and its meson test: engine tests, ABI
+#            checks, fuzz corpus replays (the install suite is left out of
+#            sanitized builds: programs built outside meson cannot load such
+#            a library)
 #   python   pytest tests/python
 #   conform  pytest tests/conformance
 # A stage that cannot run (configure or build error, no tests collected,
@@ -113,23 +115,27 @@ build_stage() {
 
 stage_asan() {
   say "asan: clang ASan+UBSan build in build-asan"
-  if [ ! -f build-asan/build.ninja ]; then
-    # -fno-sanitize-recover: an UBSan report fails the test instead of
-    # scrolling by. libkloop links with --no-undefined, and clang links the
-    # sanitizer runtime statically into executables only: -shared-libasan
-    # links the shared runtime (it carries UBSan too) into the library and
-    # the tests alike, found through an rpath.
-    local rt
-    rt=$(dirname "$(clang -print-file-name=libclang_rt.asan-x86_64.so)")
-    if ! CC=clang CXX=clang++ meson setup build-asan \
-        -Db_sanitize=address,undefined -Db_lundef=false -Dbuildtype=debug \
-        -Dbenchmarks=false \
-        -Dc_args=-fno-sanitize-recover=all -Dcpp_args=-fno-sanitize-recover=all \
-        "-Dc_link_args=-shared-libasan -Wl,-rpath,$rt" \
-        "-Dcpp_link_args=-shared-libasan -Wl,-rpath,$rt"; then
-      record asan 0 1 0 "meson setup build-asan failed"
+  # -fno-sanitize-recover: an UBSan report fails the test instead of
+  # scrolling by. libkloop links with --no-undefined, and clang links the
+  # sanitizer runtime statically into executables only: -shared-libasan
+  # links the shared runtime (it carries UBSan too) into the library and the
+  # tests alike, found through an rpath. -Dfuzz=true (clang only) builds the
+  # libFuzzer targets too, so their corpus replays run under the sanitizers.
+  local rt opts
+  rt=$(dirname "$(clang -print-file-name=libclang_rt.asan-x86_64.so)")
+  opts=("-Db_sanitize=address,undefined" -Db_lundef=false -Dbuildtype=debug
+        -Dbenchmarks=false -Dfuzz=true
+        -Dc_args=-fno-sanitize-recover=all -Dcpp_args=-fno-sanitize-recover=all
+        "-Dc_link_args=-shared-libasan -Wl,-rpath,$rt"
+        "-Dcpp_link_args=-shared-libasan -Wl,-rpath,$rt")
+  if [ -f build-asan/build.ninja ]; then
+    meson configure build-asan "${opts[@]}" || {
+      record asan 0 1 0 "meson configure build-asan failed"
       return
-    fi
+    }
+  elif ! CC=clang CXX=clang++ meson setup build-asan "${opts[@]}"; then
+    record asan 0 1 0 "meson setup build-asan failed"
+    return
   fi
   if ! ninja -C build-asan -j "$JOBS"; then
     record asan 0 1 0 "ninja -C build-asan failed"
