@@ -86,9 +86,9 @@ _PENDING = object()  # a finish function resubmitted the operation
 def fork_error(pid):
     return RuntimeError(
         f"kloop: this event loop was created in process {pid} and cannot be used in "
-        f"the forked child {os.getpid()}; io_uring rings are not inherited across "
-        f"fork(). Create a new loop in the child (kloop.new_event_loop() or "
-        f"kloop.run()).")
+        f"the forked child {os.getpid()}: its io_uring ring belongs to the parent and "
+        f"cannot be shared across fork(). Create a new loop in the child "
+        f"(kloop.new_event_loop() or kloop.run()).")
 
 
 def unsupported_error(rc):
@@ -97,8 +97,7 @@ def unsupported_error(rc):
     reason = os.strerror(code)
     if code == errno.ENOSYS:
         why = ("the kernel has no io_uring (io_uring_setup(2) is ENOSYS): it is "
-               "older than 5.1 or built without CONFIG_IO_URING; kloop needs "
-               "Linux >= 5.19 (6.1 or newer recommended)")
+               "older than 5.1 or was built without CONFIG_IO_URING")
     elif code == errno.EPERM:
         disabled = None
         try:
@@ -116,10 +115,11 @@ def unsupported_error(rc):
                    "CAP_SYS_ADMIN) may create rings; add this user to that group or "
                    "set the sysctl to 0")
         else:
-            why = ("io_uring_setup(2) was refused (EPERM): a seccomp filter blocks it, "
-                   "as Docker's and Podman's default profiles, gVisor and many "
-                   "sandboxes do; run the container with a seccomp profile that "
-                   "allows io_uring_setup, io_uring_enter and io_uring_register")
+            why = ("io_uring_setup(2) was refused (EPERM) although "
+                   "kernel.io_uring_disabled allows it: a seccomp filter blocks it, "
+                   "as the default profiles of recent container runtimes and many "
+                   "sandboxes do; run with a seccomp profile that allows "
+                   "io_uring_setup, io_uring_enter and io_uring_register")
     elif code == errno.ENOMEM:
         why = ("the ring could not be allocated (ENOMEM); on kernels before 5.12 "
                "rings count against RLIMIT_MEMLOCK: raise `ulimit -l`")

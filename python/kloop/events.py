@@ -212,7 +212,11 @@ class IouringProactorEventLoop(proactor_events.BaseProactorEventLoop):
 
     def __init__(self, proactor=None):
         if proactor is None:
-            proactor = _proactor.IouringProactor()
+            try:
+                proactor = _proactor.IouringProactor()
+            except BaseException:
+                self._closed = True   # nothing to release in __del__
+                raise
         # BaseProactorEventLoop.__init__ would install the signal wakeup fd
         # at once, as Windows needs; on Unix it is installed by
         # add_signal_handler() only, like the selector loop does.
@@ -243,6 +247,10 @@ class IouringProactorEventLoop(proactor_events.BaseProactorEventLoop):
     def run_forever(self):
         self._check_fork()
         return super().run_forever()
+
+    def run_until_complete(self, future):
+        self._check_fork()   # before the coroutine is wrapped in a task
+        return super().run_until_complete(future)
 
     def close(self):
         if self.is_running():

@@ -79,6 +79,7 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
         self._close_pending = False    # close() waits for the queue to drain
         self._drain_limits = False     # the engine's marks are held at 0
         self._called_connection_lost = False
+        self._wok = True               # write() may take the fast path
         self._engine_closed = False    # CLOSED received: the engine let go of the fd
         self._loop_closing = False     # the proactor aborted us at loop close
         if self._server is not None:
@@ -345,6 +346,16 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
     # -- writing ------------------------------------------------------------
 
     def write(self, data):
+        # Fast path: bytes, on a transport that takes writes (_wok is false
+        # after write_eof(), during sendfile and once the connection is lost).
+        if self._wok and type(data) is bytes:
+            if data:
+                size = self._kwrite(self._kptr, self._token, data, len(data))
+                if size > self._high_water:
+                    self._maybe_pause_protocol()
+                elif size < 0:
+                    self._write_failed(size)
+            return
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"data argument must be a bytes-like object, "
                             f"not {type(data).__name__!r}")
@@ -358,16 +369,17 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
             if self._conn_lost >= constants.LOG_THRESHOLD_FOR_CONNLOST_WRITES:
                 logger.warning("socket.send() raised exception.")
             self._conn_lost += 1
+            self._update_wok()
             return
-        if type(data) is bytes:
-            size = self._kwrite(self._kptr, self._token, data, len(data))
-        else:
-            buf = _ffi.ffi.from_buffer(data)
-            size = self._kwrite(self._kptr, self._token, buf, len(buf))
+        buf = _ffi.ffi.from_buffer(data)
+        size = self._kwrite(self._kptr, self._token, buf, len(buf))
         if size > self._high_water:
             self._maybe_pause_protocol()
         elif size < 0:
             self._write_failed(size)
+
+    def _update_wok(self):
+        self._wok = not (self._conn_lost or self._eof or self._empty_waiter is not None)
 
     def writelines(self, list_of_data):
         data = b"".join(list_of_data)
@@ -382,6 +394,7 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
             # says why is on its way; drop the data like asyncio does after
             # a connection is lost.
             self._conn_lost += 1
+            self._update_wok()
             return
         exc = make_error(rc)
         self._fatal_error(exc, "Fatal write error on socket transport")
@@ -435,6 +448,7 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
         if self._closing or self._eof:
             return
         self._eof = True
+        self._update_wok()
         rc = self._klib.kloop_stream_shutdown(self._kptr, self._token)
         if rc < 0 and rc != -_EPIPE and rc != -_ENOENT:
             self._fatal_error(make_error(rc), "Fatal write error on socket transport")
@@ -485,6 +499,7 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
         if self._empty_waiter is not None:
             raise RuntimeError("Empty waiter is already set")
         self._empty_waiter = self._loop.create_future()
+        self._update_wok()
         if self._conn_lost:
             self._empty_waiter.set_exception(ConnectionError("Connection is closed by peer"))
         elif self._engine_size() == 0:
@@ -495,6 +510,7 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
 
     def _reset_empty_waiter(self):
         self._empty_waiter = None
+        self._update_wok()
         self._drain_unwatch()
 
     # -- closing --------------------------------------------------------------
@@ -525,6 +541,7 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
             self._klib.kloop_stream_close(self._kptr, self._token)
         if not self._conn_lost:
             self._conn_lost += 1
+            self._update_wok()
             self._loop.call_soon(self._call_connection_lost, None)
 
     def abort(self):
@@ -557,6 +574,7 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
         self._held = None
         self._close_pending = False
         self._conn_lost += 1
+        self._update_wok()
         if not self._engine_closed:
             self._klib.kloop_stream_abort(self._kptr, self._token)
         self._loop.call_soon(self._call_connection_lost, exc)
@@ -578,6 +596,7 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
         if not self._conn_lost:
             # A graceful close that had to flush: report how it ended.
             self._conn_lost += 1
+            self._update_wok()
             exc = None
             if res < 0 and res != -errno.ECANCELED:
                 exc = make_error(res)
