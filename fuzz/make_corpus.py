@@ -93,6 +93,13 @@ def ops_seeds():
         .op(POLL, 2, PIPE_R, 0, 1).op(ACCEPT, 3, 1).op(CONNECT, 4).poll(4).op(CANCEL, 2).op(CANCEL, 3) \
         .op(STREAM_CLOSE, 1).poll(4)
     s['no_defer_taskrun'] = Ops(sizes=0x95).op(RECV, 1, SOCK_A, u16(10), 0).op(PEER_WRITE, 0, SOCK_B, u16(5)).poll(3)
+    # Regressions found by fuzzing (see the commit that added them).
+    # A stream with nothing in the kernel (here: read error on a pipe's
+    # write end) released its token at close(), before CLOSED.
+    s['regress_stream_token_release'] = (Ops().attach(3, 3, 0).poll(2).op(STREAM_CLOSE, 3)
+                                         .op(STREAM_CLOSE, 3).op(NOP, 3).poll(3))
+    # kloop_cancel of a closing stream answered -EPIPE (not in its contract).
+    s['regress_cancel_closing_stream'] = Ops().attach(3, 3, 0).op(STREAM_CLOSE, 3).op(CANCEL, 3).poll(2)
     return {k: bytes(v.b) for k, v in s.items()}
 
 
@@ -111,6 +118,9 @@ def abi_seeds(rng):
             body += bytes(rng.randrange(256) for _ in range(24))
         s[f'case_{case:02d}'] = bytes(body)
     s.update(random_seeds(rng, 16, 40, 400))
+    # Regression: kloop_get_stats with size = offsetof(reserved) wrote the
+    # whole struct (heap overflow in the caller).
+    s['regress_stats_small_size'] = bytes([28 + 36 * 3, 0x18, 0x18, 0x18])
     return s
 
 
