@@ -395,8 +395,10 @@ KLOOP_API int kloop_submit_child_exit(kloop_t *loop, uint64_t token, int pid);
  *   with this token. Its final completion follows (usually -ECANCELED; an
  *   operation that had already finished reports its real result, and data
  *   that arrived is still delivered).
+ *   A token stays live until its final completion has been returned.
  * Returns: 0, -ENOENT (no live operation with this token), -EALREADY (a
- *   cancel is already in progress), -EBADF. Since: 0.1
+ *   cancel is already in progress, the operation has finished and its
+ *   completion is on the way, or the stream is closing), -EBADF. Since: 0.1
  */
 KLOOP_API int kloop_cancel(kloop_t *loop, uint64_t token);
 
@@ -488,7 +490,8 @@ KLOOP_API int kloop_stream_close(kloop_t *loop, uint64_t token);
 /*
  * kloop_stream_abort - drop the write queue, cancel everything in flight, and
  *   after the kernel has let go (close the fd and) report CLOSED with
- *   -ECANCELED. Allowed after kloop_stream_close() to cut a slow flush.
+ *   -ECANCELED. Allowed after kloop_stream_close() to cut a slow flush (if
+ *   the close already finished, it returns 0 and CLOSED reports the close).
  * Returns: 0, -ENOENT, -EALREADY (already aborting), -EBADF. Since: 0.1
  */
 KLOOP_API int kloop_stream_abort(kloop_t *loop, uint64_t token);

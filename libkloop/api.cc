@@ -54,6 +54,17 @@ inline bool len_ok(const void *buf, uint32_t len) {
   return buf != nullptr || len == 0;
 }
 
+// Structs that may grow are copied up to the size the caller declared, so
+// a binary built against an older header never has memory written past
+// its struct.
+template <typename T>
+void copy_sized(T *dst, const T &src) {
+  uint32_t n = dst->size < sizeof(T) ? dst->size : static_cast<uint32_t>(sizeof(T));
+  uint32_t keep = dst->size;
+  memcpy(dst, &src, n);
+  dst->size = keep;
+}
+
 }  // namespace
 
 #define KLOOP_RESOLVE()          \
@@ -81,14 +92,13 @@ int kloop_probe(struct kloop_caps *caps) {
   kl::ProbeResult r;
   int rc = kl::probe_kernel(&r);
   if (rc < 0) return rc;
-  caps->features = r.features;
-  caps->kernel = r.caps;
-  caps->enabled = r.caps;
-  caps->sq_entries = 0;
-  caps->cq_entries = 0;
-  caps->buf_size = 0;
-  caps->buf_count = 0;
-  memcpy(caps->opcodes, r.opcodes, sizeof(caps->opcodes));
+  kloop_caps full{};
+  full.size = sizeof(full);
+  full.features = r.features;
+  full.kernel = r.caps;
+  full.enabled = r.caps;
+  memcpy(full.opcodes, r.opcodes, sizeof(full.opcodes));
+  copy_sized(caps, full);
   return 0;
 }
 
@@ -169,7 +179,11 @@ int kloop_destroy(kloop_t *loop) {
 int kloop_get_caps(kloop_t *loop, struct kloop_caps *caps) {
   KLOOP_RESOLVE();
   if (!caps || caps->size < kCapsMinSize) return -EINVAL;
-  return eng->caps(caps);
+  kloop_caps full{};
+  full.size = sizeof(full);
+  eng->caps(&full);
+  copy_sized(caps, full);
+  return 0;
 }
 
 int kloop_ring_fd(kloop_t *loop) {
@@ -180,7 +194,10 @@ int kloop_ring_fd(kloop_t *loop) {
 int kloop_get_stats(kloop_t *loop, struct kloop_stats *stats) {
   KLOOP_RESOLVE();
   if (!stats || stats->size < kStatsMinSize) return -EINVAL;
-  return eng->stats(stats);
+  kloop_stats full{};
+  eng->stats(&full);
+  copy_sized(stats, full);
+  return 0;
 }
 
 int kloop_buffer_arena(kloop_t *loop, uint64_t *base, uint64_t *size) {

@@ -245,6 +245,7 @@ void Engine::destroy() {
       if (kv.second->state & kOpInKernel) queue_cancel(kv.second);
     for (auto &kv : streams_) {
       Stream *s = kv.second;
+      if (s->finished) continue;
       if (s->recv_armed) queue_cancel(&s->recv);
       if (s->send_inflight) queue_cancel(&s->send);
       if (s->shut_inflight) queue_cancel(&s->shut);
@@ -293,6 +294,7 @@ void Engine::destroy() {
   bool child = forked();
   for (auto &kv : ops_) {
     Op *op = kv.second;
+    if (op->state & kOpFinished) continue;  // owned by its record in pending_
     if (op->kind == OpKind::ChildPidfd && op->fd2 >= 0) close(op->fd2);
     delete op;
   }
@@ -300,6 +302,7 @@ void Engine::destroy() {
   wait_close_.clear();  // its ops were in ops_
   for (auto &kv : streams_) {
     Stream *s = kv.second;
+    if (s->finished) continue;  // owned by its CLOSED record in pending_
     if (!child && (s->flags & KLOOP_STREAM_CLOSE_FD) && s->fd >= 0 && !s->close_inflight) close(s->fd);
     delete s;
   }
@@ -638,14 +641,18 @@ int Engine::cancel(uint64_t token) {
   auto it = ops_.find(token);
   if (it != ops_.end()) {
     Op *op = it->second;
-    if (op->state & kOpCancelling) return -EALREADY;
+    if (op->state & (kOpCancelling | kOpFinished)) return -EALREADY;
     op->state |= kOpCancelling;
     if (op->state & kOpWaitClose) return 0;  // completes -ECANCELED when the fd drains
     if (op->state & kOpInKernel) queue_cancel(op);
     return 0;
   }
   auto st = streams_.find(token);
-  if (st != streams_.end()) return stream_pause(token, true);
+  if (st != streams_.end()) {
+    Stream *s = st->second;
+    if (s->finished || s->closing || s->aborting) return -EALREADY;
+    return stream_pause(token, true);
+  }
   return -ENOENT;
 }
 
@@ -653,7 +660,7 @@ int Engine::cancel_fd(int fd) {
   int n = 0;
   for (auto &kv : ops_) {
     Op *op = kv.second;
-    if (op->kind == OpKind::Close) continue;
+    if (op->kind == OpKind::Close || (op->state & kOpFinished)) continue;
     if ((op->fd == fd || (op->kind == OpKind::Splice && op->fd2 == fd)) &&
         !(op->state & kOpCancelling)) {
       op->state |= kOpCancelling;
@@ -684,7 +691,8 @@ void Engine::emit(uint64_t token, int32_t res, uint32_t flags, uint64_t data, ui
 void Engine::finish_op(Op *op, int32_t res, uint64_t data, uint32_t aux) {
   if (op->state & kOpFinished) return;
   op->state |= kOpFinished;
-  ops_.erase(op->token);
+  // The token stays taken until this record is returned (Engine::poll), so
+  // it cannot be reused while its final completion is still on the way.
   if (op->kind != OpKind::Close && op->kind != OpKind::Nop && op->kind != OpKind::Timeout &&
       op->kind != OpKind::ChildWaitid && op->kind != OpKind::ChildPidfd && op->fd >= 0)
     fd_unref(op->fd);
@@ -938,8 +946,16 @@ int Engine::poll(kloop_completion *out, uint32_t max, int64_t timeout_ns) {
       }
       out[filled++] = p.rec;
       if (p.bid >= 0) handed_out_.push_back(static_cast<uint32_t>(p.bid));
-      if (p.retire_op) retire_ops_.push_back(p.retire_op);
-      if (p.retire_stream) retire_streams_.push_back(p.retire_stream);
+      if (p.retire_op) {
+        auto it = ops_.find(p.retire_op->token);
+        if (it != ops_.end() && it->second == p.retire_op) ops_.erase(it);
+        retire_ops_.push_back(p.retire_op);
+      }
+      if (p.retire_stream) {
+        auto it = streams_.find(p.retire_stream->token);
+        if (it != streams_.end() && it->second == p.retire_stream) streams_.erase(it);
+        retire_streams_.push_back(p.retire_stream);
+      }
     }
   };
   drain();

@@ -22,6 +22,9 @@ Stream *Engine::find_stream(uint64_t token) const {
   return it == streams_.end() ? nullptr : it->second;
 }
 
+// A stream whose CLOSED record is queued but not yet returned keeps its
+// token; calls on it answer as for a closing stream.
+
 void Engine::mark_dirty(Stream *s) {
   if (s->dirty) return;
   s->dirty = true;
@@ -94,7 +97,7 @@ void Engine::stream_finish(Stream *s, int err) {
   s->finished = true;
   drop_held(s);
   s->wq.clear();
-  streams_.erase(s->token);
+  // The token stays taken until CLOSED is returned (Engine::poll).
   // The Stream is freed after its CLOSED record is returned: no list may
   // keep pointing at it by then.
   if (s->starved) {
@@ -316,7 +319,7 @@ void Engine::handle_stream_cqe(Op *op, int res, uint32_t cflags) {
 int Engine::stream_pause(uint64_t token, bool pause) {
   Stream *s = find_stream(token);
   if (!s) return -ENOENT;
-  if (s->closing || s->aborting) return -EPIPE;
+  if (s->closing || s->aborting || s->finished) return -EPIPE;
   if (pause == s->paused) return 0;
   s->paused = pause;
   if (pause) {
@@ -342,7 +345,7 @@ int Engine::stream_pause(uint64_t token, bool pause) {
 int64_t Engine::stream_write(uint64_t token, const void *buf, size_t len) {
   Stream *s = find_stream(token);
   if (!s) return -ENOENT;
-  if (s->shut_req || s->closing || s->aborting || s->write_failed) return -EPIPE;
+  if (s->shut_req || s->closing || s->aborting || s->write_failed || s->finished) return -EPIPE;
   if (len) {
     if (!s->wq.append(buf, len)) return -ENOMEM;
     if (!s->send_inflight) mark_dirty(s);
@@ -371,7 +374,7 @@ int64_t Engine::stream_write_size(uint64_t token) {
 int Engine::stream_shutdown(uint64_t token) {
   Stream *s = find_stream(token);
   if (!s) return -ENOENT;
-  if (s->shut_req || s->closing || s->aborting) return -EPIPE;
+  if (s->shut_req || s->closing || s->aborting || s->finished) return -EPIPE;
   s->shut_req = true;
   mark_dirty(s);
   return 0;
@@ -380,7 +383,7 @@ int Engine::stream_shutdown(uint64_t token) {
 int Engine::stream_close(uint64_t token) {
   Stream *s = find_stream(token);
   if (!s) return -ENOENT;
-  if (s->closing || s->aborting) return -EALREADY;
+  if (s->closing || s->aborting || s->finished) return -EALREADY;
   s->closing = true;
   drop_held(s);
   progress(s);
@@ -391,6 +394,7 @@ int Engine::stream_abort(uint64_t token) {
   Stream *s = find_stream(token);
   if (!s) return -ENOENT;
   if (s->aborting) return -EALREADY;
+  if (s->finished) return 0;  // a close already finished; its CLOSED is on the way
   s->aborting = true;
   s->wq.clear();
   drop_held(s);
