@@ -158,9 +158,34 @@ def loop_name(request):
     return request.param
 
 
+_WARMED = set()
+
+
+def open_fds():
+    """{fd: target} of this process's open file descriptors."""
+    out = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            out[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:  # the fd of the listdir itself, gone by now
+            pass
+    return out
+
+
 @pytest.fixture
 def loop(loop_name, request):
-    """A LoopHarness on a new loop of each kind (see ALL_LOOPS)."""
+    """A LoopHarness on a new loop of each kind (see ALL_LOOPS).
+
+    After the test, the loop is closed and every fd the test opened (ring,
+    sockets, pipes) must be closed again.
+    """
+    if loop_name not in _WARMED:
+        # libuv opens a process-wide pipe pair with the first loop (uvloop)
+        # and keeps it; make such one-time state exist before counting fds.
+        loops.loop_factory(loop_name)().close()
+        _WARMED.add(loop_name)
+    gc.collect()
+    fds_before = open_fds()
     h = LoopHarness(loop_name, request)
     asyncio.set_event_loop(None)
     try:
@@ -168,6 +193,10 @@ def loop(loop_name, request):
     finally:
         h.close()
         gc.collect()
+    leaked = {fd: t for fd, t in open_fds().items() if fds_before.get(fd) != t}
+    if leaked:
+        pytest.fail(f"{loop_name}: fds left open after the loop was closed: {leaked}",
+                    pytrace=False)
     if h.errors and not h._expect_errors:
         lines = [f"{len(h.errors)} unexpected call(s) to the exception handler on {loop_name}:"]
         for ctx in h.errors:

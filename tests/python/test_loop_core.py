@@ -14,7 +14,48 @@ import pytest
 from util import RecordingProtocol, connect_pair, pattern
 
 
-def test_cancel_sock_recv_while_data_arrives_loses_nothing(loop):
+STOCK_CANCEL_LOSS = (
+    "stock asyncio 3.11 (and uvloop 0.17) lose it: when the recv's future got its "
+    "data in the iteration in which Task.cancel() runs, the task throws "
+    "CancelledError into sock_recv and the bytes are dropped (measured here: every "
+    "round of test_cancel_sock_recv_in_completion_iteration_keeps_data loses its byte)")
+
+
+def test_cancel_sock_recv_in_completion_iteration_keeps_data(loop):
+    """The data arrives and the cancel is due in the same loop iteration: the
+    cancelled call must leave the byte for the next sock_recv."""
+    loop.known_failure(("asyncio", "uvloop"), STOCK_CANCEL_LOSS)
+
+    async def main():
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        lost = []
+        try:
+            for i in range(20):
+                if len(lost) >= 3:
+                    break
+                t = asyncio.ensure_future(loop.loop.sock_recv(a, 100))
+                await asyncio.sleep(0)  # the task now waits for data
+                b.send(bytes([i]))  # data is in the socket ...
+                loop.loop.call_later(0, t.cancel)  # ... and a cancel is due now
+                try:
+                    got = await t
+                except asyncio.CancelledError:
+                    try:
+                        got = await asyncio.wait_for(loop.loop.sock_recv(a, 100), 0.3)
+                    except asyncio.TimeoutError:
+                        got = b""
+                if got != bytes([i]):
+                    lost.append((i, got))
+        finally:
+            a.close()
+            b.close()
+        assert not lost, f"bytes lost or changed (round, got): {lost}"
+
+    loop.run(main())
+
+
+def test_cancel_sock_recv_while_data_arrives_loses_nothing(loop, request):
     """sock_recv tasks cancelled at random moments while a peer streams data:
     the bytes the completed calls return add up to exactly what was sent."""
     total = 2 * 1024 * 1024
@@ -24,6 +65,9 @@ def test_cancel_sock_recv_while_data_arrives_loses_nothing(loop):
         "uvloop",
         "uvloop 0.17 drops the bytes a cancelled sock_recv had already read "
         "(measured here: 1468019 of 2097152 bytes arrived)")
+    if loop.is_("asyncio"):
+        # A race: fails in about half of the runs here, so not strict.
+        request.node.add_marker(pytest.mark.xfail(strict=False, reason=STOCK_CANCEL_LOSS))
 
     async def main():
         a, b = socket.socketpair()
