@@ -303,3 +303,134 @@ def test_eof_received_false_closes(loop):
             peer.close()
 
     loop.run(main())
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=FAMILY_IDS)
+def test_write_eof_flushes_queued_data_first(loop, family):
+    """write_eof() after a large write: the peer gets every byte, then EOF,
+    and can still answer on the half-closed connection."""
+    total = 8 * 1024 * 1024
+    payload = pattern(total, seed=6)
+
+    async def main():
+        tr, pr, peer = await connect_pair(loop.loop, lambda: RecordingProtocol(loop.loop),
+                                          family=family, rcvbuf=32768, sndbuf=32768)
+        try:
+            tr.write(payload)
+            assert tr.get_write_buffer_size() > 0
+            tr.write_eof()
+            data, err = await loop.loop.run_in_executor(None, read_all, peer)
+            assert err is None and len(data) == total and data == payload
+            peer.sendall(b"answer after your EOF")
+            peer.shutdown(socket.SHUT_WR)
+            assert await pr.lost is None
+            assert bytes(pr.data) == b"answer after your EOF"
+        finally:
+            tr.close()
+            peer.close()
+
+    loop.run(main())
+
+
+class PausingBufferedProto(asyncio.BufferedProtocol):
+    """Pauses after every buffer_updated; no get_buffer while paused."""
+
+    def __init__(self, loop):
+        self.loop = loop
+        self.data = bytearray()
+        self.paused = False
+        self.get_buffer_while_paused = 0
+        self.updated_while_paused = 0
+        self.lost = loop.create_future()
+        self.eof = loop.create_future()
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def get_buffer(self, sizehint):
+        if self.paused:
+            self.get_buffer_while_paused += 1
+        self.buf = bytearray(4096)
+        return self.buf
+
+    def buffer_updated(self, nbytes):
+        if self.paused:
+            self.updated_while_paused += 1
+        self.data += self.buf[:nbytes]
+        self.transport.pause_reading()
+        self.paused = True
+        self.loop.call_soon(self.resume)
+
+    def resume(self):
+        if not self.transport.is_closing():
+            self.paused = False
+            self.transport.resume_reading()
+
+    def eof_received(self):
+        self.eof.set_result(None)
+
+    def connection_lost(self, exc):
+        self.lost.set_result(exc)
+
+
+def test_pause_resume_reading_buffered_protocol(loop):
+    total = 2 * 1024 * 1024
+    payload = pattern(total, seed=7)
+
+    async def main():
+        tr, pr, peer = await connect_pair(loop.loop, lambda: PausingBufferedProto(loop.loop))
+        try:
+            await loop.loop.run_in_executor(None, peer.sendall, payload)
+            peer.shutdown(socket.SHUT_WR)
+            await pr.eof
+        finally:
+            tr.close()
+            peer.close()
+        assert await pr.lost is None
+        assert bytes(pr.data) == payload
+        assert (pr.get_buffer_while_paused, pr.updated_while_paused) == (0, 0), \
+            "calls while paused: (get_buffer, buffer_updated)"
+
+    loop.run(main())
+
+
+def test_loop_close_with_live_transports_releases_everything(loop):
+    """Closing a loop whose transports were never closed (some with queued
+    writes, some with pending sock_recv) returns promptly, warns about the
+    unclosed transports as asyncio does, and leaves no fd open once they are
+    collected (the fixture checks the fds)."""
+    import gc
+    import time
+    import warnings
+
+    async def main():
+        keep = []
+        for i in range(10):
+            tr, pr, peer = await connect_pair(loop.loop, lambda: RecordingProtocol(loop.loop),
+                                              rcvbuf=16384, sndbuf=16384)
+            tr.write(b"q" * (1024 * 1024))  # stays queued: the peer never reads
+            keep.append((tr, peer))
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        pending = asyncio.ensure_future(loop.loop.sock_recv(a, 10))
+        await asyncio.sleep(0.05)
+        return keep, (a, b, pending)
+
+    keep, (a, b, pending) = loop.loop.run_until_complete(main())
+    pending.cancel()
+    t0 = time.monotonic()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loop.close()
+        assert time.monotonic() - t0 < 5.0
+        transports = [tr for tr, _ in keep]
+        for _, peer in keep:
+            peer.close()
+        a.close()
+        b.close()
+        del keep, pending, transports
+        for _ in range(3):
+            gc.collect()
+    unclosed = [w for w in caught if issubclass(w.category, ResourceWarning)
+                and "unclosed" in str(w.message)]
+    assert len(unclosed) >= 10, [str(w.message) for w in caught]
