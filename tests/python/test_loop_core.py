@@ -515,3 +515,46 @@ def test_signal_handler_many_signals(loop):
                 loop.loop.remove_signal_handler(s)
 
     loop.run(main())
+
+
+@pytest.mark.parametrize("where", ["get_buffer", "buffer_updated", "eof_received"])
+def test_exception_in_buffered_protocol_reaches_handler(loop, where):
+    """An exception in get_buffer/buffer_updated/eof_received is a fatal
+    error of the transport: the handler gets it, connection_lost(exc) runs."""
+    errors = loop.expect_errors()
+    boom = ArithmeticError(f"boom in {where}")
+    loop.known_failure(
+        "uvloop", "uvloop 0.17 wraps a get_buffer() error in RuntimeError('unhandled error "
+        "(or an empty buffer) in get_buffer()') and reports the others as 'Fatal error on "
+        "transport TCPTransport' (measured here)")
+
+    class Bad(BufProto):
+        def get_buffer(self, sizehint):
+            if where == "get_buffer":
+                raise boom
+            return super().get_buffer(sizehint)
+
+        def buffer_updated(self, nbytes):
+            if where == "buffer_updated":
+                raise boom
+            super().buffer_updated(nbytes)
+
+        def eof_received(self):
+            if where == "eof_received":
+                raise boom
+
+    async def main():
+        tr, pr, peer = await connect_pair(loop.loop, lambda: Bad(loop.loop, 1024))
+        try:
+            peer.sendall(b"data")
+            if where == "eof_received":
+                peer.shutdown(socket.SHUT_WR)
+            exc = await pr.lost
+        finally:
+            peer.close()
+        assert exc is boom
+        assert tr.is_closing()
+
+    loop.run(main())
+    assert [c["exception"] for c in errors] == [boom]
+    assert where in errors[0]["message"]
