@@ -130,12 +130,24 @@ def unsupported_error(rc):
                          f"in advance)")
 
 
-class _OpFuture(futures.Future):
+class _OpFuture(futures._PyFuture):
     """A future for one engine operation; cancelling it cancels the operation.
 
     The future is also the ``_cache`` entry of its token: ``_complete`` is
-    called with the final completion (and ``_more`` with earlier ones).
+    called with the final completion.
+
+    A read's future can be cancelled even after its result was set, as long
+    as nobody has taken the result yet: the task awaiting it is woken by a
+    callback that runs an iteration later, and a ``task.cancel()`` in
+    between would make asyncio drop the result (with the stock loops too).
+    Here the result goes back to the socket's stash (``_undo``) and the
+    future turns cancelled, so the next read gets the data. This is why the
+    class derives from asyncio's pure-Python Future, whose state can be
+    changed this way.
     """
+
+    _undo = None          # value -> None: give a result back to the stash
+    _taken = False        # result() or exception() was called
 
     def __init__(self, proactor, finish, keep=None, late=None):
         super().__init__(loop=proactor._loop)
@@ -160,9 +172,29 @@ class _OpFuture(futures.Future):
         return info
 
     def cancel(self, msg=None):
-        if self._live and not self.done():
-            self._proactor._cancel_token(self._token)
-        return super().cancel(msg=msg)
+        state = self._state
+        if state == "PENDING":
+            if self._live:
+                self._proactor._cancel_token(self._token)
+            return super().cancel(msg=msg)
+        if (state == "FINISHED" and self._undo is not None and not self._taken
+                and self._exception is None):
+            undo = self._undo
+            self._undo = None
+            undo(self._result)
+            self._result = None
+            self._state = "CANCELLED"
+            self._cancel_message = msg
+            return True
+        return False
+
+    def result(self):
+        self._taken = True
+        return super().result()
+
+    def exception(self):
+        self._taken = True
+        return super().exception()
 
     def _complete(self, res, flags, data, aux):
         if flags & _MORE:
@@ -216,11 +248,10 @@ class _Internal:
 
 
 class _Watch:
-    """An add_reader/add_writer registration: a one-shot poll re-armed after
-    each time its handle was queued, which gives the selector loop's
-    level-triggered semantics (see IouringProactor.watch)."""
+    """An add_reader/add_writer registration: one level-triggered multishot
+    poll (see IouringProactor.watch)."""
 
-    __slots__ = ("fd", "fileobj", "events", "handle", "token", "armed", "fired", "active")
+    __slots__ = ("fd", "fileobj", "events", "handle", "token", "armed", "active")
 
     def __init__(self, fd, fileobj, events, handle):
         self.fd = fd
@@ -229,7 +260,6 @@ class _Watch:
         self.handle = handle
         self.token = None
         self.armed = False
-        self.fired = False
         self.active = True
 
 
@@ -281,7 +311,6 @@ class IouringProactor:
         self._waiting = {}    # (fd, "r"|"w") -> deque of _OpFutures to start
         self._pool = {}       # size -> [bytearray]
         self._watches = {}    # token -> _Watch (poll in flight)
-        self._fired = []      # watches whose handle ran: re-arm at next select
         self._readers = {}    # fd -> _Watch
         self._writers = {}    # fd -> _Watch
         self._stopped_serving = weakref.WeakSet()
@@ -387,7 +416,7 @@ class IouringProactor:
 
     # -- the stash: data that completed after its read was cancelled --------
 
-    def _stash_put(self, sock, item):
+    def _stash_put(self, sock, item, front=False):
         fd = sock.fileno()
         if fd < 0:
             if isinstance(item, tuple) and item and isinstance(item[0], socket.socket):
@@ -397,7 +426,10 @@ class IouringProactor:
         if entry is None or entry[0]() is not sock:
             entry = (weakref.ref(sock), collections.deque())
             self._stash[fd] = entry
-        entry[1].append(item)
+        if front:
+            entry[1].appendleft(item)
+        else:
+            entry[1].append(item)
 
     def _stash_get(self, sock):
         """The deque of kept items for ``sock`` or None (fast path: None)."""
@@ -508,12 +540,35 @@ class IouringProactor:
         if not waiters:
             self._waiting.pop(key, None)
 
-    def _read_fut(self, conn, finish, keep, late, submit, from_stash, attempt=None):
+    def _read_fut(self, conn, finish, keep, late, submit, from_stash, attempt=None,
+                  undo=None):
         fut = self._new(finish, keep, late)
         fut._conn = conn
         fut._submit = submit
         fut._from_stash = from_stash
+        fut._undo = undo
         return self._start(fut, "r", attempt)
+
+    def _undo_bytes(self, conn):
+        # Give a taken-back result of recv()/recvfrom() to the stash. An
+        # end of stream (b'' on a stream socket) is not data: recv(2) keeps
+        # returning it.
+        stream = not isinstance(conn, socket.socket) or conn.type == socket.SOCK_STREAM
+
+        def undo(value):
+            data, addr = value if isinstance(value, tuple) else (value, None)
+            if data or not stream:
+                self._stash_put(conn, (data, addr), front=True)
+        return undo
+
+    def _undo_into(self, conn, cbuf):
+        stream = not isinstance(conn, socket.socket) or conn.type == socket.SOCK_STREAM
+
+        def undo(value):
+            n, addr = value if isinstance(value, tuple) else (value, None)
+            if n or not stream:
+                self._stash_put(conn, (ffi.buffer(cbuf, n)[:], addr), front=True)
+        return undo
 
     @staticmethod
     def _can_try(conn, try_now):
@@ -573,7 +628,7 @@ class IouringProactor:
                 return conn.recv(nbytes, flags)
 
         return self._read_fut(conn, finish, (buf, cbuf, conn), late, submit, from_stash,
-                              attempt)
+                              attempt, self._undo_bytes(conn))
 
     def recv_into(self, conn, buf, flags=0, try_now=False):
         self._check_closed()
@@ -607,7 +662,7 @@ class IouringProactor:
                 return conn.recv_into(buf, nbytes, flags)
 
         return self._read_fut(conn, finish, (buf, cbuf, conn), late, submit, from_stash,
-                              attempt)
+                              attempt, self._undo_into(conn, cbuf))
 
     def recvfrom(self, conn, nbytes, flags=0, try_now=False):
         self._check_closed()
@@ -644,6 +699,7 @@ class IouringProactor:
 
         fut = self._new(finish, (buf, cbuf, conn), late)
         fut._finish_zero_is_data = conn.type != socket.SOCK_STREAM  # empty datagrams count
+        fut._undo = self._undo_bytes(conn)
         fut._conn = conn
         fut._submit = submit
         fut._from_stash = from_stash
@@ -681,6 +737,7 @@ class IouringProactor:
 
         fut = self._new(finish, (buf, cbuf, conn), late)
         fut._finish_zero_is_data = conn.type != socket.SOCK_STREAM
+        fut._undo = self._undo_into(conn, cbuf)
         fut._conn = conn
         fut._submit = submit
         fut._from_stash = from_stash
@@ -817,9 +874,12 @@ class IouringProactor:
             def attempt():
                 return listener.accept()
 
+        def undo(item):
+            self._stash_put(listener, item, front=True)
+
         return self._read_fut(listener, finish, (listener,), late,
                               lambda token: lib.kloop_submit_accept(self._ptr, token, fd, 0),
-                              from_stash, attempt)
+                              from_stash, attempt, undo)
 
     def connect(self, conn, address):
         """Connect ``conn``; result None.
@@ -940,14 +1000,13 @@ class IouringProactor:
     # -- add_reader / add_writer ---------------------------------------------
     #
     # The selector loop calls a reader's handle on every iteration in which
-    # the fd is readable (level-triggered). A kernel multishot poll reports
-    # only new wake-ups (edge-like), so a reader that leaves data behind
-    # would never be called again. Each registration therefore has at most
-    # one one-shot poll in flight; when it fires, the handle is queued and
-    # the poll is re-armed at the start of the next select(), after the
-    # handle has run -- arming a poll checks readiness at once, so this is
-    # level-triggered. The re-arm costs one SQE, no extra system call: it is
-    # submitted by that select()'s kloop_poll().
+    # the fd is readable (level-triggered). The kernel's multishot poll
+    # reports wake-ups (edge-like): a reader that leaves data behind would
+    # never hear of it again. The engine's level-triggered multishot poll
+    # (KLOOP_OP_MULTISHOT without KLOOP_POLL_EDGE) re-arms a one-shot poll
+    # after each report, at the next kloop_poll() -- after the handle queued
+    # here has run -- and arming checks readiness at once. The re-arm is one
+    # SQE in the next poll's submission, not a system call of its own.
 
     def watch(self, fd, fileobj, events, handle):
         """Register (or replace the handle of) a reader/writer on ``fd``."""
@@ -992,33 +1051,32 @@ class IouringProactor:
     def _arm(self, w):
         token = self._next_token()
         poll_events = _POLLIN if w.events == selectors.EVENT_READ else _POLLOUT
-        rc = self._lib.kloop_submit_poll(self._ptr, token, w.fd, poll_events, 0)
+        rc = self._lib.kloop_submit_poll(self._ptr, token, w.fd, poll_events,
+                                         _ffi.OP_MULTISHOT)
         if rc < 0:
-            if rc == -errno.EINVAL or rc == -errno.EBADF:
-                # Like epoll_ctl() on a bad fd.
-                raise make_error(rc)
             raise make_error(rc)
         w.token = token
         w.armed = True
         self._watches[token] = w
 
-    def _watch_fired(self, w, res):
-        w.armed = False
+    def _watch_fired(self, w, res, more):
+        if not more:
+            w.armed = False
         if not w.active:
             return
         if res < 0:
-            if res == -_ECANCELED:
-                return
-            # The fd is gone (EBADF) or cannot be polled: epoll would have
-            # dropped it silently; stay registered but never fire.
-            logger.debug("kloop: poll on fd %d failed: %s", w.fd, os.strerror(-res))
+            if res != -_ECANCELED:
+                # The fd is gone (EBADF) or cannot be polled: epoll would
+                # have dropped it silently; stay registered, never fire.
+                logger.debug("kloop: poll on fd %d failed: %s", w.fd, os.strerror(-res))
             return
         handle = w.handle
-        if handle is not None and not handle._cancelled:
-            self._loop._ready.append(handle)
-            w.fired = True
-            self._fired.append(w)
-        else:
+        if handle._cancelled:
+            # As the selector loop: a cancelled handle unregisters itself.
+            self.unwatch(w.fd, w.events)
+            return
+        self._loop._ready.append(handle)
+        if not more:
             self._arm(w)
 
     # -- streams -------------------------------------------------------------
@@ -1054,8 +1112,6 @@ class IouringProactor:
             # An earlier iteration was interrupted before its batch ran: run
             # it now, while the buffers it points into are still valid.
             self._dispatch()
-        if self._fired:
-            self._rearm()
         if timeout is None:
             tns = -1
         elif timeout <= 0:
@@ -1083,9 +1139,14 @@ class IouringProactor:
             if entry is not None:
                 batch.append((entry, rec[1], rec[2], rec[3], 0, rec[5]))
                 continue
-            w = self._watches.pop(tok, None)
-            if w is not None:
-                self._watch_fired(w, rec[1])
+            if rec[2] & _MORE:
+                w = self._watches.get(tok)
+                if w is not None:
+                    self._watch_fired(w, rec[1], True)
+            else:
+                w = self._watches.pop(tok, None)
+                if w is not None:
+                    self._watch_fired(w, rec[1], False)
         if batch:
             if _defer:
                 self._loop._ready.append(self._dispatch_handle)
@@ -1123,17 +1184,6 @@ class IouringProactor:
                         t._on_error(res)
                     elif ev == _EVENT_WRITE_DONE:
                         t._on_write_done(res)
-
-    def _rearm(self):
-        fired = self._fired
-        self._fired = []
-        for w in fired:
-            w.fired = False
-            if w.active and not w.armed:
-                try:
-                    self._arm(w)
-                except OSError as exc:
-                    logger.debug("kloop: re-arming poll on fd %d failed: %s", w.fd, exc)
 
     # -- shutdown ------------------------------------------------------------
 

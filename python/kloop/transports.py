@@ -297,11 +297,20 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
             except BaseException as exc:
                 self._fatal_error(exc, "Fatal error: protocol.buffer_updated() call failed.")
                 return
-            if self._closing or self._protocol is not protocol:
-                if pos < total and not self._closing:
+            if pos < total and (self._rblock or self._protocol is not protocol):
+                if self._closing:
+                    return
+                rest = bytes(view[pos:])
+                if self._paused:
+                    # Paused in buffer_updated(): the rest waits for
+                    # resume_reading(), ahead of anything held already.
+                    if self._held is None:
+                        self._held = collections.deque()
+                    self._held.appendleft((_H_DATA, rest))
+                else:
                     # The protocol was swapped (start_tls): the rest goes to
                     # the new one.
-                    self._deliver(bytes(view[pos:]))
+                    self._deliver(rest)
                 return
 
     def _on_eof(self):
@@ -401,26 +410,28 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
 
     def _on_write_low(self):
         # The engine's queue fell to the low mark (to 0 while _drain_watch
-        # has set both marks to 0).
+        # holds both marks at 0). The protocol is resumed without looking at
+        # the size again: the engine reports the mark once per excursion
+        # above the high mark, so a protocol that wrote while paused must
+        # not be left paused with no report to come.
         if self._protocol_paused:
-            self._maybe_resume_protocol()
+            self._resume_protocol()
         if self._drain_wanted and self._engine_size() == 0:
             self._drained()
 
-    def _maybe_resume_protocol(self):
-        if self._protocol_paused and self.get_write_buffer_size() <= self._low_water:
-            self._protocol_paused = False
-            try:
-                self._context_run(self._protocol.resume_writing)
-            except (SystemExit, KeyboardInterrupt):
-                raise
-            except BaseException as exc:
-                self._loop.call_exception_handler({
-                    "message": "protocol.resume_writing() failed",
-                    "exception": exc,
-                    "transport": self,
-                    "protocol": self._protocol,
-                })
+    def _resume_protocol(self):
+        self._protocol_paused = False
+        try:
+            self._context_run(self._protocol.resume_writing)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._loop.call_exception_handler({
+                "message": "protocol.resume_writing() failed",
+                "exception": exc,
+                "transport": self,
+                "protocol": self._protocol,
+            })
 
     def _engine_size(self):
         if self._engine_closed:
@@ -521,9 +532,11 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
         self._closing = True
         self._rblock = True
         self._held = None
-        if self._engine_size() == 0:
+        if self._engine_size() == 0 and not self._protocol_paused:
             self._close_now()
         else:
+            # (A paused protocol with an empty queue has a WRITE_LOW on its
+            # way, and may write more when it is resumed: sslproto does.)
             # As asyncio: stop reading, flush what is queued -- and accept
             # further writes meanwhile (sslproto writes its close_notify
             # after close()) -- then lose the connection. The engine refuses
