@@ -53,6 +53,7 @@ from ._errors import make_error
 logger = logging.getLogger("kloop")
 
 ffi = _ffi.ffi
+_CData = ffi.CData
 
 _ECANCELED = errno.ECANCELED
 _EINTR = errno.EINTR
@@ -176,6 +177,8 @@ class _OpFuture(futures._PyFuture):
         if state == "PENDING":
             if self._live:
                 self._proactor._cancel_token(self._token)
+            else:
+                self._unpin()   # queued, never submitted
             return super().cancel(msg=msg)
         if (state == "FINISHED" and self._undo is not None and not self._taken
                 and self._exception is None):
@@ -191,6 +194,21 @@ class _OpFuture(futures._PyFuture):
     def result(self):
         self._taken = True
         return super().result()
+
+    def _unpin(self):
+        # Release the buffer exports (ffi.from_buffer) of this operation now
+        # that the kernel is done with them. Leaving them to the garbage
+        # collector is unsafe: when a cycle holds both a memoryview and the
+        # cdata exporting it, the collector may clear the memoryview first.
+        keep = self._keep
+        self._keep = None
+        if keep:
+            for obj in keep:
+                if isinstance(obj, _CData):
+                    try:
+                        ffi.release(obj)
+                    except (TypeError, ValueError):
+                        pass
 
     def exception(self):
         self._taken = True
@@ -223,7 +241,7 @@ class _OpFuture(futures._PyFuture):
                     self.set_result(value)
         finally:
             if not self._live:
-                self._keep = None
+                self._unpin()
                 if self._key is not None:
                     self._proactor._op_done(self)
 
@@ -495,6 +513,8 @@ class IouringProactor:
                     fut.set_result(from_stash(q))
                 except Exception as exc:  # pragma: no cover - defensive
                     return exc
+                finally:
+                    fut._unpin()
                 return None
         if attempt is not None:
             try:
@@ -505,13 +525,16 @@ class IouringProactor:
                 raise
             except BaseException as exc:
                 fut.set_exception(exc)
+                fut._unpin()
                 return None
             else:
                 if value is not _PENDING:
                     fut.set_result(value)
+                    fut._unpin()
                     return None
         rc = fut._submit(fut._token)
         if rc < 0:
+            fut._unpin()
             return make_error(rc)
         fut._live = True
         fut._key = key
@@ -561,13 +584,15 @@ class IouringProactor:
                 self._stash_put(conn, (data, addr), front=True)
         return undo
 
-    def _undo_into(self, conn, cbuf):
+    def _undo_into(self, conn, buf):
         stream = not isinstance(conn, socket.socket) or conn.type == socket.SOCK_STREAM
 
         def undo(value):
             n, addr = value if isinstance(value, tuple) else (value, None)
             if n or not stream:
-                self._stash_put(conn, (ffi.buffer(cbuf, n)[:], addr), front=True)
+                with memoryview(buf) as view, view.cast("B") as raw:
+                    data = bytes(raw[:n])
+                self._stash_put(conn, (data, addr), front=True)
         return undo
 
     @staticmethod
@@ -662,7 +687,7 @@ class IouringProactor:
                 return conn.recv_into(buf, nbytes, flags)
 
         return self._read_fut(conn, finish, (buf, cbuf, conn), late, submit, from_stash,
-                              attempt, self._undo_into(conn, cbuf))
+                              attempt, self._undo_into(conn, buf))
 
     def recvfrom(self, conn, nbytes, flags=0, try_now=False):
         self._check_closed()
@@ -737,7 +762,7 @@ class IouringProactor:
 
         fut = self._new(finish, (buf, cbuf, conn), late)
         fut._finish_zero_is_data = conn.type != socket.SOCK_STREAM
-        fut._undo = self._undo_into(conn, cbuf)
+        fut._undo = self._undo_into(conn, buf)
         fut._conn = conn
         fut._submit = submit
         fut._from_stash = from_stash
@@ -761,6 +786,7 @@ class IouringProactor:
             if offset:
                 if state[1] is None:
                     state[1] = ffi.from_buffer(buf)
+                    keep.append(state[1])
                 ptr = state[1] + offset
             else:
                 ptr = cbuf
@@ -791,7 +817,8 @@ class IouringProactor:
                 state[0] = n
                 return _PENDING
 
-        fut = self._new(finish, (buf, cbuf, conn, state))
+        keep = [buf, cbuf, conn]
+        fut = self._new(finish, keep)
         fut._conn = conn
         fut._submit = lambda token: submit_at(token, state[0])
         return self._start(fut, "w", attempt)

@@ -381,7 +381,10 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
             self._update_wok()
             return
         buf = _ffi.ffi.from_buffer(data)
-        size = self._kwrite(self._kptr, self._token, buf, len(buf))
+        try:
+            size = self._kwrite(self._kptr, self._token, buf, len(buf))
+        finally:
+            _ffi.ffi.release(buf)   # the engine has copied the bytes
         if size > self._high_water:
             self._maybe_pause_protocol()
         elif size < 0:
