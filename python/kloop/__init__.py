@@ -22,10 +22,11 @@ __version__ = f"{_ffi.ABI_MAJOR}.{_ffi.ABI_MINOR}.{_ffi.ABI_PATCH}"
 __all__ = (
     "new_event_loop", "run", "install", "is_supported",
     "IouringProactorEventLoop", "EventLoop", "IouringProactorEventLoopPolicy",
-    "EventLoopPolicy", "__version__",
+    "EventLoopPolicy", "IouringProactor", "__version__",
 )
 
 from .events import IouringProactorEventLoop, EventLoop  # noqa: E402
+from ._proactor import IouringProactor  # noqa: E402
 
 
 def new_event_loop():

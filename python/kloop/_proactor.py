@@ -304,6 +304,10 @@ class IouringProactor:
             raise unsupported_error(rc)
         self._ptr = out[0]
         self._wake_lock = threading.Lock()
+        caps = ffi.new("struct kloop_caps *")
+        caps.size = ffi.sizeof("struct kloop_caps")
+        self._single_issuer = (lib.kloop_get_caps(self._ptr, caps) == 0 and
+                               bool(caps.enabled & _ffi.CAP_SINGLE_ISSUER))
 
         self._cq_len = CQ_BATCH
         self._cq = ffi.new("struct kloop_completion[]", CQ_BATCH)
@@ -333,6 +337,9 @@ class IouringProactor:
         self._writers = {}    # fd -> _Watch
         self._stopped_serving = weakref.WeakSet()
         self._batch = []      # stream events and deferred completions to run
+        self._owner = None    # thread that runs the ring (claim_thread)
+        self._destroy_first = ()
+        self._unpinned_later = ()
         self._dispatch_handle = None
 
     # -- misc ----------------------------------------------------------------
@@ -1258,19 +1265,25 @@ class IouringProactor:
                 logger.debug("kloop: aborting stream %d failed: %s", token, os.strerror(-rc))
 
         # Wait until the kernel has let go of every buffer handed to it.
-        msg_update = 1.0
-        start_time = time.monotonic()
-        next_msg = start_time + msg_update
-        while self._cache or self._streams or self._watches:
-            if next_msg <= time.monotonic():
-                logger.debug("%r is running after closing for %.1f seconds",
-                             self, time.monotonic() - start_time)
-                next_msg = time.monotonic() + msg_update
-            try:
-                self.select(msg_update, _defer=False)
-            except OSError as exc:  # pragma: no cover - engine failure
-                logger.error("kloop: polling while closing failed: %s", exc)
-                break
+        if self._foreign_thread():
+            # Only the thread that runs the ring may poll it: let
+            # kloop_destroy() reap everything, then finish on our side.
+            self._finish_unpolled()
+        else:
+            msg_update = 1.0
+            start_time = time.monotonic()
+            next_msg = start_time + msg_update
+            while self._cache or self._streams or self._watches:
+                if next_msg <= time.monotonic():
+                    logger.debug("%r is running after closing for %.1f seconds",
+                                 self, time.monotonic() - start_time)
+                    next_msg = time.monotonic() + msg_update
+                try:
+                    self.select(msg_update, _defer=False)
+                except OSError as exc:  # pragma: no cover - engine failure
+                    logger.error("kloop: polling while closing failed: %s", exc)
+                    self._finish_unpolled()
+                    break
 
         for fd, (ref, q) in list(self._stash.items()):
             for item in q:
@@ -1282,6 +1295,58 @@ class IouringProactor:
             ptr = self._ptr
             self._ptr = None
         self._lib.kloop_destroy(ptr)
+        # Streams finished without their CLOSED event: the engine has let go
+        # of their fds now.
+        streams, self._destroy_first = self._destroy_first, ()
+        for transport in streams:
+            transport._on_closed(-_ECANCELED)
+        for entry in self._unpinned_later:
+            entry._unpin()
+        self._unpinned_later = ()
+
+    # -- threads ---------------------------------------------------------------
+    #
+    # With IORING_SETUP_SINGLE_ISSUER (the default where the kernel has it)
+    # a ring belongs to the thread that first polls it; the kernel refuses
+    # the others. asyncio lets any thread run a loop in turn, and close it.
+    # The first is refused with a clear error (a loop for that is made with
+    # KLOOP_CONFIG_NO_DEFER_TASKRUN); the second works.
+
+    def claim_thread(self):
+        """Called by the loop when it starts running in the current thread."""
+        ident = threading.get_ident()
+        if self._owner is None:
+            self._owner = ident
+        elif self._owner != ident and self._single_issuer:
+            raise RuntimeError(
+                "kloop: this loop's io_uring ring belongs to the thread that ran it "
+                "first, and the kernel refuses it to other threads "
+                "(IORING_SETUP_SINGLE_ISSUER); run the loop from that thread, or "
+                "create it with kloop.IouringProactorEventLoop(kloop.IouringProactor("
+                "config={'flags': kloop._ffi.CONFIG_NO_DEFER_TASKRUN})) to use it "
+                "from several threads in turn")
+
+    def _foreign_thread(self):
+        return (self._single_issuer and self._owner is not None
+                and self._owner != threading.get_ident())
+
+    def _finish_unpolled(self):
+        # kloop_destroy() will cancel and reap everything; what Python holds
+        # is finished here as if the final completions had come.
+        later = []
+        for entry in list(self._cache.values()):
+            if isinstance(entry, _OpFuture):
+                entry._live = False
+                entry._key = None
+                later.append(entry)
+        self._unpinned_later = later
+        self._cache.clear()
+        self._watches.clear()
+        self._inflight.clear()
+        streams = list(self._streams.values())
+        self._streams.clear()
+        self._batch = []
+        self._destroy_first = streams
 
     def __del__(self):
         if getattr(self, "_ptr", None) is not None:

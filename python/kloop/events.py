@@ -286,10 +286,14 @@ class IouringProactorEventLoop(proactor_events.BaseProactorEventLoop):
 
     def run_forever(self):
         self._check_fork()
+        if self._proactor is not None:
+            self._proactor.claim_thread()
         return super().run_forever()
 
     def run_until_complete(self, future):
         self._check_fork()   # before the coroutine is wrapped in a task
+        if self._proactor is not None:
+            self._proactor.claim_thread()
         return super().run_until_complete(future)
 
     def close(self):
