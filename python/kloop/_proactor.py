@@ -63,12 +63,10 @@ _EBADFD = errno.EBADFD
 _POLLIN = 0x001
 _POLLOUT = 0x004
 
-_EVENT_DATA = _ffi.EVENT_DATA
-_EVENT_EOF = _ffi.EVENT_EOF
-_EVENT_ERROR = _ffi.EVENT_ERROR
-_EVENT_WRITE_LOW = _ffi.EVENT_WRITE_LOW
-_EVENT_CLOSED = _ffi.EVENT_CLOSED
-_EVENT_WRITE_DONE = _ffi.EVENT_WRITE_DONE
+# The dispatch loop compares event numbers as literals (no global lookups
+# per record); they must stay equal to kloop.h's.
+assert (_ffi.EVENT_OP, _ffi.EVENT_DATA, _ffi.EVENT_EOF, _ffi.EVENT_ERROR, _ffi.EVENT_WRITE_LOW,
+        _ffi.EVENT_CLOSED, _ffi.EVENT_WRITE_DONE) == (0, 1, 2, 3, 4, 5, 6)
 _MORE = _ffi.COMPLETION_MORE
 _OFFSET_CURRENT = _ffi.OFFSET_CURRENT
 
@@ -1194,29 +1192,29 @@ class IouringProactor:
         if not batch:
             return
         self._batch = []
-        streams = self._streams
+        get = self._streams.get
         base = self._arena_base
         for tok, res, flags, data, ev, aux in batch:
-            if ev == _EVENT_DATA:
-                t = streams.get(tok)
+            if ev == 1:                                  # KLOOP_EVENT_DATA
+                t = get(tok)
                 if t is not None:
                     t._data_received(data - base, res)
             elif ev == 0:
-                tok._complete(res, flags, data, aux)   # a deferred entry
-            elif ev == _EVENT_CLOSED:
-                t = streams.pop(tok, None)
+                tok._complete(res, flags, data, aux)     # an operation's entry
+            elif ev == 5:                                # KLOOP_EVENT_CLOSED
+                t = self._streams.pop(tok, None)
                 if t is not None:
                     t._on_closed(res)
             else:
-                t = streams.get(tok)
+                t = get(tok)
                 if t is not None:
-                    if ev == _EVENT_EOF:
+                    if ev == 2:                          # KLOOP_EVENT_EOF
                         t._on_eof()
-                    elif ev == _EVENT_WRITE_LOW:
+                    elif ev == 4:                        # KLOOP_EVENT_WRITE_LOW
                         t._on_write_low()
-                    elif ev == _EVENT_ERROR:
+                    elif ev == 3:                        # KLOOP_EVENT_ERROR
                         t._on_error(res)
-                    elif ev == _EVENT_WRITE_DONE:
+                    elif ev == 6:                        # KLOOP_EVENT_WRITE_DONE
                         t._on_write_done(res)
 
     # -- shutdown ------------------------------------------------------------

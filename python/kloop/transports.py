@@ -65,6 +65,9 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
         self._context_run = (context or contextvars.copy_context()).run
         self._protocol = None
         self._protocol_connected = False
+        self._protocol_paused = False
+        self._rblock_ = True           # read events must take the slow path
+        self._fast = False             # not _rblock and not _buffered
         self.set_protocol(protocol)
         self._server = server
         self._closing = False          # close() or a fatal error happened
@@ -74,7 +77,6 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
         self._read_done = False        # EOF or read error seen
         self._started = False          # reading enabled after connection_made()
         self._held = None              # read events kept while paused
-        self._rblock = True            # read events must take the slow path
         self._empty_waiter = None
         self._close_pending = False    # close() waits for the queue to drain
         self._drain_limits = False     # the engine's marks are held at 0
@@ -136,6 +138,15 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
 
     # -- protocol -------------------------------------------------------------
 
+    @property
+    def _rblock(self):
+        return self._rblock_
+
+    @_rblock.setter
+    def _rblock(self, value):
+        self._rblock_ = value
+        self._fast = not value and not self._buffered
+
     def set_protocol(self, protocol):
         if self._protocol is not None and self._protocol_paused:
             # The new protocol (start_tls' SSLProtocol) never saw the
@@ -151,6 +162,7 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
         self._protocol = protocol
         self._protocol_data_received = getattr(protocol, "data_received", None)
         self._protocol_connected = True
+        self._fast = not self._rblock_ and not self._buffered
 
     def get_protocol(self):
         return self._protocol
@@ -241,22 +253,22 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
         self._held.append((kind, value))
 
     def _data_received(self, off, n):
-        # Called by IouringProactor.select() for each DATA record; the bytes
-        # at [off, off + n) of the arena are valid until the next poll.
+        # Called by IouringProactor._dispatch() for each DATA record; the
+        # bytes at [off, off + n) of the arena are valid until the next poll.
+        if self._fast:
+            try:
+                self._context_run(self._protocol_data_received, self._arena[off:off + n])
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                self._fatal_error(exc, "Fatal error: protocol.data_received() call failed.")
+            return
         if self._rblock:
             if self._closing:
                 return  # close() stops reading: asyncio drops what follows
             self._hold(_H_DATA, self._arena[off:off + n])
             return
-        if self._buffered:
-            self._feed_buffered(self._arena_view[off:off + n])
-            return
-        try:
-            self._context_run(self._protocol_data_received, self._arena[off:off + n])
-        except (SystemExit, KeyboardInterrupt):
-            raise
-        except BaseException as exc:
-            self._fatal_error(exc, "Fatal error: protocol.data_received() call failed.")
+        self._feed_buffered(self._arena_view[off:off + n])
 
     def _deliver(self, data):
         if self._buffered:
