@@ -5,7 +5,8 @@
 // every successfully submitted token gets exactly one final completion.
 //
 // Input layout: byte 0 = ring/buffer sizes, byte 1 = capabilities to
-// disable, then one opcode byte per step followed by its arguments.
+// disable, then one opcode byte per step followed by its arguments. The
+// kDestroy step ends the input with kloop_destroy() on a busy loop.
 #include <sys/socket.h>
 
 #include <cstddef>
@@ -63,6 +64,7 @@ enum Opcode : uint8_t {
   kClose,
   kChildExit,
   kWriteSize,
+  kDestroy,
   kOpcodeCount
 };
 
@@ -88,7 +90,8 @@ void Run(Reader &in) {
   const char *payload = Payload();
   std::vector<int> connectors;  // client sockets made for kConnect
 
-  for (int step = 0; step < 256 && !in.empty(); ++step) {
+  bool destroyed = false;
+  for (int step = 0; step < 256 && !in.empty() && !destroyed; ++step) {
     uint8_t op = in.u8() % kOpcodeCount;
     uint64_t tok = TokenOf(in.u8());
     switch (op) {
@@ -265,19 +268,30 @@ void Run(Reader &in) {
         t.Submitted("close", tok, r, std::move(l));
         break;
       }
+      case kDestroy: {
+        // Destroy with whatever is in flight: it must cancel everything,
+        // wait for the kernel and free all (ASan/LSan check the rest).
+        rc = kloop_destroy(loop);
+        if (rc != 0) Fail("kloop_destroy with work in flight returned %d", rc);
+        t.Abandon();
+        destroyed = true;
+        break;
+      }
       case kChildExit:
         // Not our child: must complete with an error, never hang.
         t.Submitted("child_exit", tok, kloop_submit_child_exit(loop, tok, (in.u8() & 1) ? 1 : ::getpid()), {});
         break;
     }
   }
-  // Let what is in flight progress a little, then end everything.
-  t.Poll(32, 0);
-  t.Finish();
-  // Nothing may arrive after every token completed.
-  if (t.Poll(32, 1'000'000) != 0) Fail("records after every token had completed");
-  rc = kloop_destroy(loop);
-  if (rc != 0) Fail("kloop_destroy returned %d", rc);
+  if (!destroyed) {
+    // Let what is in flight progress a little, then end everything.
+    t.Poll(32, 0);
+    t.Finish();
+    // Nothing may arrive after every token completed.
+    if (t.Poll(32, 1'000'000) != 0) Fail("records after every token had completed");
+    rc = kloop_destroy(loop);
+    if (rc != 0) Fail("kloop_destroy returned %d", rc);
+  }
   for (int s : connectors) ::close(s);
 }
 

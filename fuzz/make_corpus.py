@@ -15,7 +15,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 (NOP, TIMEOUT, RECV, SEND, RECVMSG, SENDMSG, READ, WRITE, POLL, ACCEPT, CONNECT,
  SHUTDOWN, CANCEL, CANCEL_FD, LOOP_POLL, ATTACH, STREAM_WRITE, PAUSE_RESUME,
  STREAM_SHUTDOWN, STREAM_CLOSE, STREAM_ABORT, SET_LIMITS, PEER_WRITE, PEER_READ,
- SPLICE, CLOSE, CHILD_EXIT, WRITE_SIZE) = range(28)
+ SPLICE, CLOSE, CHILD_EXIT, WRITE_SIZE, DESTROY) = range(29)
 # fd indices (struct Fds in harness.h)
 SOCK_A, SOCK_B, DGRAM_A, DGRAM_B, PIPE_R, PIPE_W, FILE, LISTENER = range(8)
 # attach selector: b % 5 picks sockA, sockB, pipeR, pipeW, dgramA; bits 3..6 flags
@@ -93,6 +93,13 @@ def ops_seeds():
         .op(POLL, 2, PIPE_R, 0, 1).op(ACCEPT, 3, 1).op(CONNECT, 4).poll(4).op(CANCEL, 2).op(CANCEL, 3) \
         .op(STREAM_CLOSE, 1).poll(4)
     s['no_defer_taskrun'] = Ops(sizes=0x95).op(RECV, 1, SOCK_A, u16(10), 0).op(PEER_WRITE, 0, SOCK_B, u16(5)).poll(3)
+    # kloop_destroy with reads, a multishot accept, a timeout and a stream
+    # with a queued write in flight.
+    s['destroy_busy'] = (Ops().op(RECV, 1, SOCK_A, u16(100), 0).op(ACCEPT, 2, 1).op(TIMEOUT, 3, 255)
+                         .attach(4, 1, FLAG_NO_READ).op(STREAM_WRITE, 4, u16(60000))
+                         .op(STREAM_WRITE, 4, u16(60000)).op(POLL, 5, PIPE_R, 0, 1).op(CONNECT, 6)
+                         .poll(1).op(STREAM_CLOSE, 4).op(DESTROY, 0))
+    s['destroy_unpolled'] = Ops().op(NOP, 1).op(TIMEOUT, 2, 1).attach(3, 0, FLAG_CLOSE_FD).op(DESTROY, 0)
     # Regressions found by fuzzing (see the commit that added them).
     # A stream with nothing in the kernel (here: read error on a pipe's
     # write end) released its token at close(), before CLOSED.

@@ -312,6 +312,22 @@ TEST_F(Misuse, DuplicateLiveTokenIsEexistForEveryKind) {
   EXPECT_EQ(d.Of(5).size(), 1u) << "a refused submit produced a completion";
 }
 
+TEST_F(Misuse, TokensNearUint64MaxAreOrdinary) {
+  auto [s, peer] = UnixPair();
+  for (uint64_t k = 0; k < 8; ++k) {
+    uint64_t tok = UINT64_MAX - k;
+    char buf[8];
+    ASSERT_EQ(kloop_submit_recv(d, tok, s, buf, sizeof buf, 0), 0) << k;
+    EXPECT_EQ(kloop_submit_nop(d, tok), -EEXIST) << k;
+    EXPECT_EQ(kloop_submit_sendmsg(d, tok, s, "x", 1, nullptr, 0, 0), -EEXIST) << k;
+    d.Drain(2ms);
+    EXPECT_FALSE(d.HasFinal(tok)) << k;
+    EXPECT_EQ(kloop_submit_nop(d, tok), -EEXIST) << k;
+    ASSERT_EQ(kloop_cancel(d, tok), 0) << k;
+    EXPECT_EQ(d.WaitFinal(tok).result, -ECANCELED) << k;
+  }
+}
+
 TEST_F(Misuse, DuplicateOfMultishotIsEexist) {
   Fd l = TcpListener();
   ASSERT_EQ(kloop_submit_accept(d, 8, l, KLOOP_OP_MULTISHOT), 0);

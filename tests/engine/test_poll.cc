@@ -134,6 +134,35 @@ TEST_F(PollCall, MaxSmallerThanReadyKeepsTheRest) {
   EXPECT_EQ(kloop_poll(d, c, 3, 10 * kMs), 0);
 }
 
+TEST_F(PollCall, TokensOfRecordsNotYetReturnedStayTaken) {
+  // Found by fuzz_ops: a token whose final record waits in the engine
+  // (kloop_poll's max was too small) must not be reusable yet.
+  auto [a, b] = UnixPair();
+  Addr bogus = Loopback(AF_INET, 9);  // sendmsg with an address on a connected Unix stream fails
+  for (uint64_t t = 1; t <= 4; ++t) ASSERT_EQ(kloop_submit_nop(d, t), 0);
+  ASSERT_EQ(kloop_submit_sendmsg(d, 5, a, "x", 1, bogus.sa(), bogus.len, 0), 0);
+  char buf[4];
+  ASSERT_EQ(kloop_submit_recv(d, 6, b, buf, sizeof buf, 0), 0);
+  ASSERT_TRUE(WriteAll(a, "y"));
+  std::this_thread::sleep_for(10ms);
+  kloop_completion c{};
+  ASSERT_EQ(kloop_poll(d, &c, 1, 100 * kMs), 1);
+  std::set<uint64_t> returned{c.token};
+  for (uint64_t t = 1; t <= 6; ++t) {
+    if (returned.count(t)) continue;
+    EXPECT_EQ(kloop_submit_nop(d, t), -EEXIST) << "token " << t << " reusable before its record was returned";
+  }
+  // Harvest the rest: every token exactly once.
+  std::multiset<uint64_t> all{c.token};
+  auto end = Clock::now() + kDeadline;
+  while (all.size() < 6 && Clock::now() < end) {
+    int n = kloop_poll(d, &c, 1, 10 * kMs);
+    ASSERT_GE(n, 0);
+    if (n == 1) all.insert(c.token);
+  }
+  for (uint64_t t = 1; t <= 6; ++t) EXPECT_EQ(all.count(t), 1u) << t;
+}
+
 TEST_F(PollCall, MaxOneHarvestsOneByOne) {
   for (uint64_t t = 0; t < 5; ++t) ASSERT_EQ(kloop_submit_nop(d, t), 0);
   kloop_completion c{};
