@@ -131,7 +131,8 @@ KLOOP_API int kloop_probe(struct kloop_caps *caps);
  * struct kloop_config - how to build a loop. Fill with kloop_config_init().
  *   size:        sizeof(struct kloop_config).
  *   sq_entries:  submission queue depth (default 256, 1..32768).
- *   cq_entries:  completion queue size (default 4 x sq_entries; >= sq_entries).
+ *   cq_entries:  completion queue size (default 1024; 0 means 4 x sq_entries;
+ *                sq_entries..65536).
  *   flags:       KLOOP_CONFIG_*.
  *   disable:     KLOOP_CAP_* bits to treat as absent even if the kernel has
  *                them: this forces the fallback paths (feature ladder).
@@ -256,7 +257,8 @@ KLOOP_API int kloop_buffer_arena(kloop_t *loop, uint64_t *base, uint64_t *size);
 
 /*
  * kloop_wake - make a kloop_poll() that waits (or the next one) return.
- * Returns: 0, -EBADF. Thread safety: any thread, async-signal-safe.
+ * Returns: 0, -EBADF, -EBADFD (after fork). Thread safety: any thread,
+ *   async-signal-safe.
  * Since: 0.1
  */
 KLOOP_API int kloop_wake(kloop_t *loop);
@@ -384,6 +386,9 @@ KLOOP_API int kloop_submit_splice(kloop_t *loop, uint64_t token, int fd_in, uint
  * kloop_submit_child_exit - wait for child process pid to exit and reap it.
  *   Uses IORING_OP_WAITID where available, else polls a pidfd and reaps
  *   with waitid(2).
+ * Submit errors besides the common ones: -EINVAL (pid <= 0), -ENOSYS (the
+ *   kernel has neither WAITID nor pidfd_open), and errors of pidfd_open(2)
+ *   (-ESRCH: no such process) on the pidfd path.
  * Completion: result = wait status as waitpid(2) reports it (use
  *   WIFEXITED/WEXITSTATUS...) or -errno (-ECHILD: not our child).
  * Since: 0.1
@@ -405,7 +410,8 @@ KLOOP_API int kloop_cancel(kloop_t *loop, uint64_t token);
 /*
  * kloop_cancel_fd - request cancellation of every live operation on fd
  *   (not streams: use kloop_stream_abort).
- * Returns: number of operations asked to cancel (>= 0), -EBADF. Since: 0.1
+ * Returns: number of operations asked to cancel (>= 0), -EINVAL (fd < 0),
+ *   -EBADF. Since: 0.1
  */
 KLOOP_API int kloop_cancel_fd(kloop_t *loop, int fd);
 
@@ -430,7 +436,8 @@ KLOOP_API int kloop_cancel_fd(kloop_t *loop, int fd);
  * Reading: the engine receives into its buffers; DATA points at them until
  * the next poll. After EOF or ERROR it stops reading. A stream with
  * KLOOP_STREAM_PAUSED starts reading at kloop_stream_resume().
- * Returns: 0, -EINVAL (fd < 0, unknown flag), -EEXIST, -EBADF. Since: 0.1
+ * Returns: 0, -EINVAL (fd < 0, unknown flag), -EEXIST, -ENOMEM, -EBADF.
+ * Since: 0.1
  */
 KLOOP_API int kloop_stream_attach(kloop_t *loop, uint64_t token, int fd, uint32_t flags);
 
@@ -450,7 +457,8 @@ KLOOP_API int kloop_stream_resume(kloop_t *loop, uint64_t token);
  *   short sends are resubmitted. No completion per write.
  * Returns: bytes now queued and not yet accepted by the kernel (>= 0, after
  *   this write), -ENOENT, -EPIPE (write side shut down, closing, or failed:
- *   the data is dropped), -EBADF, -EINVAL (buf NULL with len > 0).
+ *   the data is dropped), -EBADF, -EINVAL (buf NULL with len > 0, or len
+ *   over 1 TiB), -ENOMEM (the data is dropped).
  * When the result rises above the high-water mark the engine remembers it
  * and sends WRITE_LOW once the queue falls to the low-water mark or below.
  * Since: 0.1

@@ -80,11 +80,11 @@ uint32_t kloop_version(void) { return KLOOP_VERSION; }
 
 const char *kloop_strerror(int err) {
   if (err == 0) return "Success";
-  int e = err < 0 ? -err : err;
-  // strerror() is not thread-safe in general, but glibc's returns static
-  // strings for known values; unknown ones get a fixed text here.
-  if (e <= 0 || e >= 4096) return "Unknown error";
-  return strerrordesc_np(e) ? strerrordesc_np(e) : "Unknown error";
+  // Widen before negating: -INT_MIN does not fit an int.
+  long long e = err < 0 ? -static_cast<long long>(err) : err;
+  if (e >= 4096) return "Unknown error";
+  const char *d = strerrordesc_np(static_cast<int>(e));  // static strings, thread-safe
+  return d ? d : "Unknown error";
 }
 
 int kloop_probe(struct kloop_caps *caps) {
