@@ -6,7 +6,6 @@
 #include <sys/socket.h>
 
 #include <climits>
-#include <mutex>
 #include <new>
 
 #include "engine.h"
@@ -27,12 +26,14 @@ namespace {
 constexpr uint32_t kMagicLive = 0x6b6c6f6fu;  // "kloo"
 constexpr uint32_t kMagicDead = 0xdeadbeefu;
 
-std::mutex g_shell_mu;
+pthread_mutex_t g_shell_mu = PTHREAD_MUTEX_INITIALIZER;
 kloop *g_free_shells = nullptr;
 
 void on_fork_child() { kl::g_fork_generation.fetch_add(1, std::memory_order_relaxed); }
 
-std::once_flag g_atfork_once;
+pthread_once_t g_atfork_once = PTHREAD_ONCE_INIT;
+
+void install_atfork() { pthread_atfork(nullptr, nullptr, on_fork_child); }
 
 constexpr uint32_t kConfigMinSize = offsetof(kloop_config, reserved);
 constexpr uint32_t kCapsMinSize = offsetof(kloop_caps, reserved);
@@ -134,7 +135,7 @@ int kloop_create(const struct kloop_config *cfg_in, kloop_t **out) {
     return -EINVAL;
   if (cfg.sqpoll_idle_ms == 0) cfg.sqpoll_idle_ms = 1000;
 
-  std::call_once(g_atfork_once, [] { pthread_atfork(nullptr, nullptr, on_fork_child); });
+  pthread_once(&g_atfork_once, install_atfork);
 
   kl::Engine *eng = new (std::nothrow) kl::Engine;
   if (!eng) return -ENOMEM;
@@ -145,11 +146,10 @@ int kloop_create(const struct kloop_config *cfg_in, kloop_t **out) {
     return rc;
   }
   kloop *shell;
-  {
-    std::lock_guard<std::mutex> lock(g_shell_mu);
-    shell = g_free_shells;
-    if (shell) g_free_shells = shell->next_free;
-  }
+  pthread_mutex_lock(&g_shell_mu);
+  shell = g_free_shells;
+  if (shell) g_free_shells = shell->next_free;
+  pthread_mutex_unlock(&g_shell_mu);
   if (!shell) shell = new (std::nothrow) kloop;
   if (!shell) {
     eng->destroy();
@@ -170,9 +170,10 @@ int kloop_destroy(kloop_t *loop) {
   loop->eng = nullptr;
   eng->destroy();
   delete eng;
-  std::lock_guard<std::mutex> lock(g_shell_mu);
+  pthread_mutex_lock(&g_shell_mu);
   loop->next_free = g_free_shells;
   g_free_shells = loop;
+  pthread_mutex_unlock(&g_shell_mu);
   return 0;
 }
 

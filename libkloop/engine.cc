@@ -41,24 +41,35 @@ ByteQueue::~ByteQueue() { clear(); }
 
 bool ByteQueue::append(const void *p, size_t n) {
   const char *src = static_cast<const char *>(p);
+  size_t take = 0;
   if (!blocks_.empty()) {
-    Block &b = blocks_.back();
+    Block &b = blocks_.at(blocks_.size() - 1);
     size_t room = b.cap - b.end;
-    size_t take = room < n ? room : n;
-    if (take) {
-      memcpy(b.data + b.end, src, take);
-      b.end += take;
-      bytes_ += take;
-      src += take;
-      n -= take;
-    }
+    take = room < n ? room : n;
   }
-  if (n == 0) return true;
-  size_t cap = n < 16384 ? 16384 : n;
-  char *d = static_cast<char *>(::operator new(cap, std::nothrow));
-  if (!d) return false;
-  memcpy(d, src, n);
-  blocks_.push_back(Block{d, cap, 0, n});
+  if (take < n) {
+    // Allocate the new block first, so a failure leaves the queue as it was.
+    size_t rest = n - take;
+    size_t cap = rest < 16384 ? 16384 : rest;
+    char *d = static_cast<char *>(::operator new(cap, std::nothrow));
+    if (!d) return false;
+    if (!blocks_.push_back(Block{d, cap, 0, 0})) {
+      ::operator delete(d);
+      return false;
+    }
+    if (take) {
+      Block &prev = blocks_.at(blocks_.size() - 2);
+      memcpy(prev.data + prev.end, src, take);
+      prev.end += take;
+    }
+    Block &nb = blocks_.at(blocks_.size() - 1);
+    memcpy(nb.data, src + take, rest);
+    nb.end = rest;
+  } else if (take) {
+    Block &b = blocks_.at(blocks_.size() - 1);
+    memcpy(b.data + b.end, src, take);
+    b.end += take;
+  }
   bytes_ += n;
   return true;
 }
@@ -83,15 +94,15 @@ void ByteQueue::consume(size_t n) {
 }
 
 void ByteQueue::clear() {
-  for (Block &b : blocks_) ::operator delete(b.data);
+  for (size_t i = 0; i < blocks_.size(); ++i) ::operator delete(blocks_.at(i).data);
   blocks_.clear();
   bytes_ = 0;
 }
 
 int ByteQueue::fill_iov(iovec *iov, int max) const {
   int n = 0;
-  for (const Block &b : blocks_) {
-    if (n == max) break;
+  for (size_t i = 0; i < blocks_.size() && n < max; ++i) {
+    const Block &b = blocks_.at(i);
     if (b.end == b.begin) continue;
     iov[n].iov_base = b.data + b.begin;
     iov[n].iov_len = b.end - b.begin;
@@ -225,7 +236,7 @@ bool Engine::setup_buffers() {
       return true;
     }
   }
-  own_free_.reserve(buf_count_);
+  if (!own_free_.reserve(buf_count_)) return false;
   for (uint32_t i = buf_count_; i-- > 0;) own_free_.push_back(i);
   return true;
 }
@@ -241,15 +252,15 @@ void Engine::destroy() {
   bool kernel_may_hold_memory = false;
   if (can_wait && in_flight_ > 0) {
     // Cancel everything the kernel holds, then reap until it let go.
-    for (auto &kv : ops_)
-      if (kv.second->state & kOpInKernel) queue_cancel(kv.second);
-    for (auto &kv : streams_) {
-      Stream *s = kv.second;
-      if (s->finished) continue;
+    ops_.for_each([&](uint64_t, Op *op) {
+      if (op->state & kOpInKernel) queue_cancel(op);
+    });
+    streams_.for_each([&](uint64_t, Stream *s) {
+      if (s->finished) return;
       if (s->recv_armed) queue_cancel(&s->recv);
       if (s->send_inflight) queue_cancel(&s->send);
       if (s->shut_inflight) queue_cancel(&s->shut);
-    }
+    });
     queue_cancel(&wake_op_);
     if (timer_) queue_cancel(timer_);
     for (int spins = 0; in_flight_ > 0 && spins < 500; ++spins) {
@@ -292,22 +303,21 @@ void Engine::destroy() {
   if (kernel_may_hold_memory) return;  // leak rather than let the kernel write freed memory
 
   bool child = forked();
-  for (auto &kv : ops_) {
-    Op *op = kv.second;
-    if (op->state & kOpFinished) continue;  // owned by its record in pending_
+  ops_.for_each([&](uint64_t, Op *op) {
+    if (op->state & kOpFinished) return;  // owned by its record in pending_
     if (op->kind == OpKind::ChildPidfd && op->fd2 >= 0) close(op->fd2);
     delete op;
-  }
+  });
   ops_.clear();
   wait_close_.clear();  // its ops were in ops_
-  for (auto &kv : streams_) {
-    Stream *s = kv.second;
-    if (s->finished) continue;  // owned by its CLOSED record in pending_
+  streams_.for_each([&](uint64_t, Stream *s) {
+    if (s->finished) return;  // owned by its CLOSED record in pending_
     if (!child && (s->flags & KLOOP_STREAM_CLOSE_FD) && s->fd >= 0 && !s->close_inflight) close(s->fd);
     delete s;
-  }
+  });
   streams_.clear();
-  for (Pending &p : pending_) {
+  for (size_t i = 0; i < pending_.size(); ++i) {
+    Pending &p = pending_.at(i);
     if (p.retire_op) delete p.retire_op;
     if (p.retire_stream) delete p.retire_stream;
   }
@@ -562,22 +572,27 @@ void Engine::free_op(Op *op) {
 }
 
 bool Engine::token_in_use(uint64_t token) const {
-  return ops_.count(token) != 0 || streams_.count(token) != 0;
+  return ops_.contains(token) || streams_.contains(token);
 }
 
-void Engine::fd_ref(int fd) { ++fd_ops_[fd]; }
+bool Engine::fd_ref(int fd) {
+  if (uint32_t *n = fd_ops_.find(fd)) {
+    ++*n;
+    return true;
+  }
+  return fd_ops_.put(fd, 1);
+}
 
 void Engine::fd_unref(int fd) {
-  auto it = fd_ops_.find(fd);
-  if (it == fd_ops_.end()) return;
-  if (--it->second > 0) return;
-  fd_ops_.erase(it);
+  uint32_t *n = fd_ops_.find(fd);
+  if (!n) return;
+  if (--*n > 0) return;
+  fd_ops_.erase(fd);
   // Closes that waited for this fd to drain may go now.
   for (size_t i = 0; i < wait_close_.size();) {
     Op *c = wait_close_[i];
     if (c->fd == fd) {
-      wait_close_[i] = wait_close_.back();
-      wait_close_.pop_back();
+      wait_close_.swap_remove(i);
       c->state &= static_cast<uint16_t>(~kOpWaitClose);
       if (c->state & kOpCancelling)
         finish_op(c, -ECANCELED);
@@ -622,14 +637,27 @@ int Engine::submit_op(OpKind kind, uint64_t token, const Op &args) {
     if (kind == OpKind::Poll && (op->state & kOpEdge) && (enabled_ & KLOOP_CAP_MULTISHOT_POLL))
       op->state |= kOpKernelMulti;
   }
-  ops_.emplace(token, op);
-  if (kind != OpKind::Close && kind != OpKind::Nop && kind != OpKind::Timeout &&
-      kind != OpKind::ChildWaitid && kind != OpKind::ChildPidfd && op->fd >= 0)
-    fd_ref(op->fd);
-  if (kind == OpKind::Splice && op->fd2 >= 0) fd_ref(op->fd2);
-  if (kind == OpKind::Close && fd_ops_.count(op->fd)) {
+  // Take every allocation this operation can need before anything is
+  // visible, so -ENOMEM leaves no trace: the token, the fd counts, a place
+  // for its final record, and for a close its place in the waiting list.
+  bool tracked = kind != OpKind::Close && kind != OpKind::Nop && kind != OpKind::Timeout &&
+                 kind != OpKind::ChildWaitid && kind != OpKind::ChildPidfd && op->fd >= 0;
+  bool ok = reserve_records(2) && ops_.put(token, op);
+  bool ref1 = false, ref2 = false;
+  if (ok && tracked) ok = ref1 = fd_ref(op->fd);
+  if (ok && kind == OpKind::Splice && op->fd2 >= 0) ok = ref2 = fd_ref(op->fd2);
+  bool wait = ok && kind == OpKind::Close && fd_ops_.contains(op->fd);
+  if (wait) ok = wait_close_.push_back(op);
+  if (!ok) {
+    if (ref1) fd_unref(op->fd);
+    if (ref2) fd_unref(op->fd2);
+    ops_.erase(token);
+    if (pidfd >= 0) close(pidfd);
+    free_op(op);
+    return -ENOMEM;
+  }
+  if (wait) {
     op->state |= kOpWaitClose;
-    wait_close_.push_back(op);
     cancel_fd(op->fd);
     return 0;
   }
@@ -638,18 +666,16 @@ int Engine::submit_op(OpKind kind, uint64_t token, const Op &args) {
 }
 
 int Engine::cancel(uint64_t token) {
-  auto it = ops_.find(token);
-  if (it != ops_.end()) {
-    Op *op = it->second;
+  if (Op **found = ops_.find(token)) {
+    Op *op = *found;
     if (op->state & (kOpCancelling | kOpFinished)) return -EALREADY;
     op->state |= kOpCancelling;
     if (op->state & kOpWaitClose) return 0;  // completes -ECANCELED when the fd drains
     if (op->state & kOpInKernel) queue_cancel(op);
     return 0;
   }
-  auto st = streams_.find(token);
-  if (st != streams_.end()) {
-    Stream *s = st->second;
+  if (Stream **found = streams_.find(token)) {
+    Stream *s = *found;
     if (s->finished || s->closing || s->aborting) return -EALREADY;
     return stream_pause(token, true);
   }
@@ -658,16 +684,15 @@ int Engine::cancel(uint64_t token) {
 
 int Engine::cancel_fd(int fd) {
   int n = 0;
-  for (auto &kv : ops_) {
-    Op *op = kv.second;
-    if (op->kind == OpKind::Close || (op->state & kOpFinished)) continue;
+  ops_.for_each([&](uint64_t, Op *op) {
+    if (op->kind == OpKind::Close || (op->state & kOpFinished)) return;
     if ((op->fd == fd || (op->kind == OpKind::Splice && op->fd2 == fd)) &&
         !(op->state & kOpCancelling)) {
       op->state |= kOpCancelling;
       if (op->state & kOpInKernel) queue_cancel(op);
       ++n;
     }
-  }
+  });
   return n;
 }
 
@@ -682,9 +707,11 @@ void Engine::emit(uint64_t token, int32_t res, uint32_t flags, uint64_t data, ui
   p.stream = s;
   if (s && s->paused && (event == KLOOP_EVENT_DATA || event == KLOOP_EVENT_EOF ||
                          event == KLOOP_EVENT_ERROR)) {
-    s->held.push_back(p);
-    return;
+    if (s->held.push_back(p)) return;
+    // No memory to hold it: deliver it (the poll call retries holding).
   }
+  // Space was reserved: at poll start for what CQEs can produce, and by
+  // each API call for what it can produce itself.
   pending_.push_back(p);
 }
 
@@ -868,13 +895,16 @@ void Engine::flush_recycled() {
   retire_ops_.clear();
   for (Stream *s : retire_streams_) delete s;
   retire_streams_.clear();
-  if (!starved_.empty() && buffers_in_use_ < buf_count_) {
-    std::vector<Stream *> again;
-    again.swap(starved_);
-    for (Stream *s : again) {
+  if (starved_ && buffers_in_use_ < buf_count_) {
+    Stream *s = starved_;
+    starved_ = nullptr;
+    while (s) {
+      Stream *next = s->next_starved;
+      s->next_starved = nullptr;
       s->starved = false;
       s->recv_nobufs = false;
       progress(s);
+      s = next;
     }
   }
 }
@@ -917,13 +947,20 @@ int Engine::poll(kloop_completion *out, uint32_t max, int64_t timeout_ns) {
     if (rc < 0) return rc;
   }
   // Work queued by API calls since the last poll (gathered sends, re-arms).
-  if (!dirty_.empty()) {
-    std::vector<Stream *> d;
-    d.swap(dirty_);
-    for (Stream *s : d) {
-      s->dirty = false;
-      progress(s);
-    }
+  // Room for every record this call can produce: what is queued, up to 4
+  // records per CQE reaped (reap() takes at most `max` CQEs), and what
+  // stream progress below emits. Failing here loses nothing.
+  size_t room = pending_.size() + 4 * static_cast<size_t>(max) + 16;
+  if (!pending_.reserve(room) || !handed_out_.reserve(room) ||
+      !retire_ops_.reserve(retire_ops_.size() + max) ||
+      !retire_streams_.reserve(retire_streams_.size() + max))
+    return -ENOMEM;
+  while (dirty_) {
+    Stream *s = dirty_;
+    dirty_ = s->next_dirty;
+    s->next_dirty = nullptr;
+    s->dirty = false;
+    progress(s);
   }
   flush_recycled();
 
@@ -940,20 +977,20 @@ int Engine::poll(kloop_completion *out, uint32_t max, int64_t timeout_ns) {
           continue;
         }
         if (s->paused) {
-          s->held.push_back(p);
-          continue;
+          if (s->held.push_back(p)) continue;
+          // no memory to hold it: deliver it now rather than lose it
         }
       }
       out[filled++] = p.rec;
       if (p.bid >= 0) handed_out_.push_back(static_cast<uint32_t>(p.bid));
       if (p.retire_op) {
-        auto it = ops_.find(p.retire_op->token);
-        if (it != ops_.end() && it->second == p.retire_op) ops_.erase(it);
+        Op **cur = ops_.find(p.retire_op->token);
+        if (cur && *cur == p.retire_op) ops_.erase(p.retire_op->token);
         retire_ops_.push_back(p.retire_op);
       }
       if (p.retire_stream) {
-        auto it = streams_.find(p.retire_stream->token);
-        if (it != streams_.end() && it->second == p.retire_stream) streams_.erase(it);
+        Stream **cur = streams_.find(p.retire_stream->token);
+        if (cur && *cur == p.retire_stream) streams_.erase(p.retire_stream->token);
         retire_streams_.push_back(p.retire_stream);
       }
     }

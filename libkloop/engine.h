@@ -9,10 +9,8 @@
 
 #include <atomic>
 #include <cstdint>
-#include <deque>
-#include <unordered_map>
-#include <vector>
 
+#include "containers.h"
 #include "kloop.h"
 
 namespace kl {
@@ -92,15 +90,18 @@ struct Block {
 // send in flight can point into them while more bytes are appended.
 class ByteQueue {
  public:
+  ByteQueue() = default;
+  ByteQueue(const ByteQueue &) = delete;
+  ByteQueue &operator=(const ByteQueue &) = delete;
   ~ByteQueue();
-  bool append(const void *p, size_t n);  // false on ENOMEM
+  bool append(const void *p, size_t n);  // false on ENOMEM, nothing appended
   void consume(size_t n);
   void clear();
   size_t size() const { return bytes_; }
   int fill_iov(iovec *iov, int max) const;
 
  private:
-  std::deque<Block> blocks_;
+  Fifo<Block> blocks_;
   size_t bytes_ = 0;
 };
 
@@ -135,8 +136,10 @@ struct Stream {
   bool send_cancel = false;
   bool write_failed = false;
   bool over_high = false;
-  bool dirty = false;  // in Engine::dirty_ list
-  bool starved = false;  // in Engine::starved_ list
+  bool dirty = false;    // on Engine::dirty_ list
+  bool starved = false;  // on Engine::starved_ list
+  Stream *next_dirty = nullptr;
+  Stream *next_starved = nullptr;
   ByteQueue wq;
   iovec iov[kMaxIov];
   uint64_t high = 65536, low = 16384;
@@ -148,7 +151,7 @@ struct Stream {
   bool closing = false, aborting = false, finished = false;
   int close_err = 0;
   // read records kept while paused, delivered in order on resume
-  std::deque<Pending> held;
+  Fifo<Pending> held;
 };
 
 class Engine {
@@ -209,7 +212,10 @@ class Engine {
   Op *alloc_op();
   void free_op(Op *op);
   bool token_in_use(uint64_t token) const;
-  void fd_ref(int fd);
+  bool fd_ref(int fd);
+  bool reserve_records(size_t n) { return pending_.reserve(pending_.size() + n); }
+  void add_starved(Stream *s);
+  void unlink(Stream *s);
   void fd_unref(int fd);
 
   // buffers
@@ -247,20 +253,20 @@ class Engine {
   io_uring_buf_ring *br_ = nullptr;
   size_t br_size_ = 0;
   bool br_registered_ = false;
-  std::vector<uint32_t> handed_out_;  // returned by the last poll
-  std::vector<uint32_t> own_free_;    // free list without buffer ring
+  Vec<uint32_t> handed_out_;  // returned by the last poll
+  Vec<uint32_t> own_free_;    // free list without buffer ring
   uint32_t buffers_in_use_ = 0;
   int pending_recycle_ = 0;  // buffers added to the ring, not yet published
 
-  std::unordered_map<uint64_t, Op *> ops_;
-  std::unordered_map<uint64_t, Stream *> streams_;
-  std::unordered_map<int, uint32_t> fd_ops_;
-  std::vector<Op *> wait_close_;        // close ops waiting for their fd to drain
-  std::vector<Stream *> dirty_;         // streams with work to queue at next poll
-  std::vector<Stream *> starved_;       // streams waiting for receive buffers
-  std::deque<Pending> pending_;         // records not yet returned
-  std::vector<Op *> retire_ops_;        // free at the next poll
-  std::vector<Stream *> retire_streams_;
+  IntMap<uint64_t, Op *> ops_;
+  IntMap<uint64_t, Stream *> streams_;
+  IntMap<int, uint32_t> fd_ops_;
+  Vec<Op *> wait_close_;              // close ops waiting for their fd to drain
+  Stream *dirty_ = nullptr;           // intrusive: work to queue at next poll
+  Stream *starved_ = nullptr;         // intrusive: waiting for receive buffers
+  Fifo<Pending> pending_;             // records not yet returned
+  Vec<Op *> retire_ops_;              // free at the next poll
+  Vec<Stream *> retire_streams_;
   Op *free_ops_ = nullptr;
   size_t free_op_count_ = 0;
 

@@ -9,7 +9,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#include <mutex>
+#include <pthread.h>
 
 #include "compat.h"
 #include "kloop.h"
@@ -18,7 +18,7 @@ namespace kl {
 
 namespace {
 
-std::mutex g_probe_mu;
+pthread_mutex_t g_probe_mu = PTHREAD_MUTEX_INITIALIZER;
 bool g_probe_done = false;
 ProbeResult g_probe;
 
@@ -98,16 +98,19 @@ int do_probe(ProbeResult *r) {
 }  // namespace
 
 int probe_kernel(ProbeResult *out) {
-  std::lock_guard<std::mutex> lock(g_probe_mu);
+  pthread_mutex_lock(&g_probe_mu);
+  int rc = 0;
   if (!g_probe_done) {
     ProbeResult r;
-    int rc = do_probe(&r);
-    if (rc < 0) return rc;
-    g_probe = r;
-    g_probe_done = true;
+    rc = do_probe(&r);
+    if (rc == 0) {
+      g_probe = r;
+      g_probe_done = true;
+    }
   }
-  *out = g_probe;
-  return 0;
+  if (rc == 0) *out = g_probe;
+  pthread_mutex_unlock(&g_probe_mu);
+  return rc;
 }
 
 }  // namespace kl

@@ -18,8 +18,8 @@ inline bool is_read_event(uint32_t ev) {
 }  // namespace
 
 Stream *Engine::find_stream(uint64_t token) const {
-  auto it = streams_.find(token);
-  return it == streams_.end() ? nullptr : it->second;
+  Stream *const *found = streams_.find(token);
+  return found ? *found : nullptr;
 }
 
 // A stream whose CLOSED record is queued but not yet returned keeps its
@@ -28,7 +28,38 @@ Stream *Engine::find_stream(uint64_t token) const {
 void Engine::mark_dirty(Stream *s) {
   if (s->dirty) return;
   s->dirty = true;
-  dirty_.push_back(s);
+  s->next_dirty = dirty_;
+  dirty_ = s;
+}
+
+void Engine::add_starved(Stream *s) {
+  s->recv_nobufs = true;
+  if (s->starved) return;
+  s->starved = true;
+  s->next_starved = starved_;
+  starved_ = s;
+}
+
+// Take s off the intrusive lists before it is freed.
+void Engine::unlink(Stream *s) {
+  if (s->starved) {
+    for (Stream **pp = &starved_; *pp; pp = &(*pp)->next_starved)
+      if (*pp == s) {
+        *pp = s->next_starved;
+        break;
+      }
+    s->starved = false;
+    s->next_starved = nullptr;
+  }
+  if (s->dirty) {
+    for (Stream **pp = &dirty_; *pp; pp = &(*pp)->next_dirty)
+      if (*pp == s) {
+        *pp = s->next_dirty;
+        break;
+      }
+    s->dirty = false;
+    s->next_dirty = nullptr;
+  }
 }
 
 int Engine::stream_attach(uint64_t token, int fd, uint32_t flags) {
@@ -55,7 +86,10 @@ int Engine::stream_attach(uint64_t token, int fd, uint32_t flags) {
   s->close_op.stream = s;
   s->close_op.fd = fd;
   s->close_op.token = token;
-  streams_.emplace(token, s);
+  if (!streams_.put(token, s)) {
+    delete s;
+    return -ENOMEM;
+  }
   progress(s);
   return 0;
 }
@@ -64,11 +98,7 @@ void Engine::arm_recv(Stream *s) {
   if (!(enabled_ & KLOOP_CAP_BUF_RING)) {
     int bid = take_own_buffer();
     if (bid < 0) {
-      s->recv_nobufs = true;
-      if (!s->starved) {
-        s->starved = true;
-        starved_.push_back(s);
-      }
+      add_starved(s);
       return;
     }
     s->recv.off = static_cast<uint64_t>(bid);
@@ -85,8 +115,8 @@ void Engine::submit_send(Stream *s) {
 }
 
 void Engine::drop_held(Stream *s) {
-  for (Pending &p : s->held)
-    if (p.bid >= 0) recycle(static_cast<uint32_t>(p.bid));
+  for (size_t i = 0; i < s->held.size(); ++i)
+    if (s->held.at(i).bid >= 0) recycle(static_cast<uint32_t>(s->held.at(i).bid));
   s->held.clear();
   // Read records of this stream still queued for delivery are dropped at
   // delivery time (Engine::poll checks closing/aborting).
@@ -100,22 +130,7 @@ void Engine::stream_finish(Stream *s, int err) {
   // The token stays taken until CLOSED is returned (Engine::poll).
   // The Stream is freed after its CLOSED record is returned: no list may
   // keep pointing at it by then.
-  if (s->starved) {
-    for (size_t i = 0; i < starved_.size(); ++i)
-      if (starved_[i] == s) {
-        starved_.erase(starved_.begin() + static_cast<std::ptrdiff_t>(i));
-        break;
-      }
-    s->starved = false;
-  }
-  if (s->dirty) {
-    for (size_t i = 0; i < dirty_.size(); ++i)
-      if (dirty_[i] == s) {
-        dirty_.erase(dirty_.begin() + static_cast<std::ptrdiff_t>(i));
-        break;
-      }
-    s->dirty = false;
-  }
+  unlink(s);
   Pending p;
   p.rec = kloop_completion{s->token, err, 0, 0, KLOOP_EVENT_CLOSED, 0};
   p.retire_stream = s;
@@ -217,11 +232,7 @@ void Engine::handle_stream_cqe(Op *op, int res, uint32_t cflags) {
           emit(s->token, 0, KLOOP_COMPLETION_MORE, 0, KLOOP_EVENT_EOF, 0, -1, s);
         } else if (res == -ENOBUFS) {
           ++st_.enobufs;
-          s->recv_nobufs = true;
-          if (!s->starved) {
-            s->starved = true;
-            starved_.push_back(s);
-          }
+          add_starved(s);
         } else if (res == -EAGAIN && !s->recv_cancel && (s->flags & KLOOP_STREAM_FILE)) {
           // O_NONBLOCK pipe or tty: wait for readability, then read again.
           if (!(enabled_ & KLOOP_CAP_BUF_RING)) {
@@ -230,11 +241,7 @@ void Engine::handle_stream_cqe(Op *op, int res, uint32_t cflags) {
             op->off = static_cast<uint64_t>(nb < 0 ? 0 : nb);
             if (nb < 0) {
               s->recv_armed = false;
-              s->recv_nobufs = true;
-              if (!s->starved) {
-                s->starved = true;
-                starved_.push_back(s);
-              }
+              add_starved(s);
               return;
             }
           }
@@ -324,15 +331,19 @@ int Engine::stream_pause(uint64_t token, bool pause) {
   s->paused = pause;
   if (pause) {
     // Read records already queued for delivery wait with the held ones.
-    for (auto it = pending_.begin(); it != pending_.end();) {
-      if (it->stream == s && is_read_event(it->rec.event)) {
-        s->held.push_back(*it);
-        it = pending_.erase(it);
-      } else {
-        ++it;
-      }
-    }
+    // A record that cannot be held for lack of memory stays queued: it is
+    // then delivered (late) rather than lost.
+    Fifo<Pending> &held = s->held;
+    pending_.partition(
+        [&](const Pending &p) {
+          return !(p.stream == s && is_read_event(p.rec.event)) || !held.push_back(p);
+        },
+        [](const Pending &) {});
   } else {
+    if (!reserve_records(s->held.size() + 2)) {
+      s->paused = true;
+      return -ENOMEM;
+    }
     while (!s->held.empty()) {
       pending_.push_back(s->held.front());
       s->held.pop_front();
@@ -384,6 +395,7 @@ int Engine::stream_close(uint64_t token) {
   Stream *s = find_stream(token);
   if (!s) return -ENOENT;
   if (s->closing || s->aborting || s->finished) return -EALREADY;
+  if (!reserve_records(2)) return -ENOMEM;  // CLOSED may be queued right away
   s->closing = true;
   drop_held(s);
   progress(s);
@@ -395,6 +407,7 @@ int Engine::stream_abort(uint64_t token) {
   if (!s) return -ENOENT;
   if (s->aborting) return -EALREADY;
   if (s->finished) return 0;  // a close already finished; its CLOSED is on the way
+  if (!reserve_records(2)) return -ENOMEM;
   s->aborting = true;
   s->wq.clear();
   drop_held(s);
