@@ -1194,11 +1194,24 @@ class IouringProactor:
         self._batch = []
         get = self._streams.get
         base = self._arena_base
+        arena = self._arena
         for tok, res, flags, data, ev, aux in batch:
             if ev == 1:                                  # KLOOP_EVENT_DATA
                 t = get(tok)
                 if t is not None:
-                    t._data_received(data - base, res)
+                    if t._fast:
+                        # protocol.data_received(bytes) in the transport's
+                        # context, without a Python frame in between.
+                        off = data - base
+                        try:
+                            t._sink(arena[off:off + res])
+                        except (SystemExit, KeyboardInterrupt):
+                            raise
+                        except BaseException as exc:
+                            t._fatal_error(exc, "Fatal error: protocol.data_received() "
+                                                "call failed.")
+                    else:
+                        t._data_received(data - base, res)
             elif ev == 0:
                 tok._complete(res, flags, data, aux)     # an operation's entry
             elif ev == 5:                                # KLOOP_EVENT_CLOSED

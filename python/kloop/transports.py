@@ -22,6 +22,7 @@ the socket itself is closed once the engine has let go of it.
 import collections
 import contextvars
 import errno
+import functools
 import os
 import socket
 import warnings
@@ -161,6 +162,9 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
             self._buffered = False
         self._protocol = protocol
         self._protocol_data_received = getattr(protocol, "data_received", None)
+        # What IouringProactor._dispatch() calls with the bytes of a DATA
+        # record while self._fast holds.
+        self._sink = functools.partial(self._context_run, self._protocol_data_received)
         self._protocol_connected = True
         self._fast = not self._rblock_ and not self._buffered
 
