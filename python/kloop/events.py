@@ -15,27 +15,20 @@ mode are the stock code. kloop supplies:
   selector loop -- the signal and pipe code *is* asyncio's.
 """
 
-import collections
 import contextvars
 import errno
-import functools
 import io
 import os
 import selectors
-import signal
 import socket
 import sys
-import threading
 import warnings
 import weakref
 
 from asyncio import base_events
-from asyncio import base_subprocess
 from asyncio import constants
-from asyncio import coroutines
 from asyncio import events
 from asyncio import exceptions
-from asyncio import futures
 from asyncio import proactor_events
 from asyncio import trsock
 from asyncio import unix_events

@@ -23,8 +23,6 @@ import collections
 import contextvars
 import errno
 import functools
-import os
-import socket
 import warnings
 
 from asyncio import base_events
