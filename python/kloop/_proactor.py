@@ -662,6 +662,7 @@ class IouringProactor:
 
     def recv_into(self, conn, buf, flags=0, try_now=False):
         self._check_closed()
+        _check_writable(buf, "recv_into")
         fd = _fileno(conn)
         cbuf = ffi.from_buffer(buf, require_writable=True)
         nbytes = len(cbuf)
@@ -737,6 +738,7 @@ class IouringProactor:
 
     def recvfrom_into(self, conn, buf, flags=0, try_now=False):
         self._check_closed()
+        _check_writable(buf, "recvfrom_into")
         if conn.family not in _CODEC_FAMILIES:
             return self._readiness(conn, _POLLIN, lambda: conn.recvfrom_into(buf, 0, flags))
         fd = _fileno(conn)
@@ -1365,6 +1367,18 @@ class IouringProactor:
                 self.close()
             except Exception:  # pragma: no cover
                 pass
+
+
+def _check_writable(buf, what):
+    # The TypeError socket.recv_into() raises for a read-only buffer.
+    try:
+        with memoryview(buf) as view:
+            readonly = view.readonly
+    except TypeError:
+        readonly = True
+    if readonly:
+        raise TypeError(f"{what}() argument 'buffer' must be read-write bytes-like "
+                        f"object, not {type(buf).__name__}")
 
 
 def _fileno(obj):

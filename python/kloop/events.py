@@ -517,29 +517,30 @@ class IouringProactorEventLoop(proactor_events.BaseProactorEventLoop):
 
     # -- sock_* ----------------------------------------------------------------
 
-    def _check_sock(self, sock):
+    def _check_sock(self, sock, method):
         base_events._check_ssl_socket(sock)
         if self._debug and sock.gettimeout() != 0:
             raise ValueError("the socket must be non-blocking")
+        if not isinstance(sock, socket.socket):
+            # The selector loop calls sock.<method>() first: an object that
+            # is not a socket fails there, with the same AttributeError.
+            getattr(sock, method)
+        self._ensure_fd_no_transport(sock)
 
     async def sock_recv(self, sock, n):
-        self._check_sock(sock)
-        self._ensure_fd_no_transport(sock)
+        self._check_sock(sock, 'recv')
         return await self._proactor.recv(sock, n, try_now=True)
 
     async def sock_recv_into(self, sock, buf):
-        self._check_sock(sock)
-        self._ensure_fd_no_transport(sock)
+        self._check_sock(sock, 'recv_into')
         return await self._proactor.recv_into(sock, buf, try_now=True)
 
     async def sock_recvfrom(self, sock, bufsize):
-        self._check_sock(sock)
-        self._ensure_fd_no_transport(sock)
+        self._check_sock(sock, 'recvfrom')
         return await self._proactor.recvfrom(sock, bufsize, try_now=True)
 
     async def sock_recvfrom_into(self, sock, buf, nbytes=0):
-        self._check_sock(sock)
-        self._ensure_fd_no_transport(sock)
+        self._check_sock(sock, 'recvfrom_into')
         if not nbytes:
             nbytes = len(buf)
         view = memoryview(buf)
@@ -550,17 +551,17 @@ class IouringProactorEventLoop(proactor_events.BaseProactorEventLoop):
         return await self._proactor.recvfrom_into(sock, view, try_now=True)
 
     async def sock_sendall(self, sock, data):
-        self._check_sock(sock)
-        self._ensure_fd_no_transport(sock)
+        self._check_sock(sock, 'send')
         await self._proactor.send(sock, data, try_now=True)
 
     async def sock_sendto(self, sock, data, address):
-        self._check_sock(sock)
-        self._ensure_fd_no_transport(sock)
+        self._check_sock(sock, 'sendto')
         return await self._proactor.sendto(sock, data, 0, address, try_now=True)
 
     async def sock_connect(self, sock, address):
-        self._check_sock(sock)
+        base_events._check_ssl_socket(sock)
+        if self._debug and sock.gettimeout() != 0:
+            raise ValueError("the socket must be non-blocking")
         if sock.family == socket.AF_INET or (
                 base_events._HAS_IPv6 and sock.family == socket.AF_INET6):
             resolved = await self._ensure_resolved(
@@ -572,8 +573,7 @@ class IouringProactorEventLoop(proactor_events.BaseProactorEventLoop):
         await self._proactor.connect(sock, address)
 
     async def sock_accept(self, sock):
-        self._check_sock(sock)
-        self._ensure_fd_no_transport(sock)
+        self._check_sock(sock, 'accept')
         conn, address = await self._proactor.accept(sock, try_now=True)
         conn.setblocking(False)
         return conn, address
