@@ -116,7 +116,7 @@ TEST_P(Ladder, StreamWriteToSlowReader) {
   auto [s, peer] = TcpPair();
   ShrinkBuffers(s, peer);
   ASSERT_EQ(kloop_stream_attach(d, 1, s, KLOOP_STREAM_NO_READ), 0);
-  constexpr size_t kSize = 2 << 20;
+  constexpr size_t kSize = 1 << 20;
   std::string data = Pattern(3, kSize);
   ASSERT_GT(kloop_stream_write(d, 1, data.data(), data.size()), 65536);
   std::string got;

@@ -3,6 +3,7 @@
 #include <cstddef>
 #include <cstring>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "common.h"
@@ -143,6 +144,26 @@ TEST(Lifecycle, BoundaryConfigsAreAccepted) {
       EXPECT_EQ(kloop_destroy(loop), 0);
     }
   }
+}
+
+TEST(Lifecycle, SqpollLoopWorks) {
+  kloop_config c = DefaultConfig();
+  c.flags = KLOOP_CONFIG_SQPOLL;
+  c.sqpoll_idle_ms = 10;
+  Driver d(&c);
+  ASSERT_EQ(d.create_rc(), 0) << kloop_strerror(d.create_rc());
+  EXPECT_EQ(GetCaps(d).enabled & KLOOP_CAP_DEFER_TASKRUN, 0u);
+  auto [a, b] = UnixPair();
+  char buf[8] = {};
+  ASSERT_EQ(kloop_submit_recv(d, 1, a, buf, sizeof buf, 0), 0);
+  ASSERT_EQ(kloop_submit_send(d, 2, b, "sq", 2, 0), 0);
+  EXPECT_EQ(d.WaitFinal(2).result, 2);
+  EXPECT_EQ(d.WaitFinal(1).result, 2);
+  EXPECT_EQ(std::string(buf, 2), "sq");
+  // After the kernel thread went idle, new work still gets submitted.
+  std::this_thread::sleep_for(30ms);
+  ASSERT_EQ(kloop_submit_nop(d, 3), 0);
+  EXPECT_EQ(d.WaitFinal(3).result, 0);
 }
 
 TEST(Lifecycle, DestroyTwiceGivesEbadf) {
