@@ -1194,10 +1194,23 @@ class IouringProactor:
         if not batch:
             return
         self._batch = []
+        it = iter(batch)
+        try:
+            self._dispatch_records(it)
+        except BaseException:
+            # KeyboardInterrupt or SystemExit from a protocol callback: keep
+            # the records not run yet (a CLOSED among them must not be lost)
+            # for the next select(), which runs them before it polls.
+            rest = list(it)
+            if rest:
+                self._batch = rest + self._batch
+            raise
+
+    def _dispatch_records(self, it):
         get = self._streams.get
         base = self._arena_base
         arena = self._arena
-        for tok, res, flags, data, ev, aux in batch:
+        for tok, res, flags, data, ev, aux in it:
             if ev == 1:                                  # KLOOP_EVENT_DATA
                 t = get(tok)
                 if t is not None:
