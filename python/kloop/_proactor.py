@@ -75,6 +75,9 @@ _CODEC_FAMILIES = (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX)
 # Completion records fetched per kloop_poll(); the rest wait for the next.
 CQ_BATCH = 256
 
+# Seconds IouringProactor.close() waits for the final completions.
+CLOSE_TIMEOUT = 10.0
+
 # Datagram reads receive into pooled buffers: a fresh 256 KiB bytearray per
 # datagram would cost an mmap, a memset and a munmap each time.
 _POOL_KEEP = 4
@@ -1300,10 +1303,20 @@ class IouringProactor:
             start_time = time.monotonic()
             next_msg = start_time + msg_update
             while self._cache or self._streams or self._watches:
-                if next_msg <= time.monotonic():
+                now = time.monotonic()
+                if next_msg <= now:
                     logger.debug("%r is running after closing for %.1f seconds",
-                                 self, time.monotonic() - start_time)
-                    next_msg = time.monotonic() + msg_update
+                                 self, now - start_time)
+                    next_msg = now + msg_update
+                if now - start_time > CLOSE_TIMEOUT:
+                    # A final completion that never comes would be an engine
+                    # bug; kloop_destroy() still reaps what the kernel holds.
+                    logger.error("kloop: %d operations and %d streams still had no final "
+                                 "completion %.0f s after closing; destroying the ring",
+                                 len(self._cache) + len(self._watches), len(self._streams),
+                                 CLOSE_TIMEOUT)
+                    self._finish_unpolled()
+                    break
                 try:
                     self.select(msg_update, _defer=False)
                 except OSError as exc:  # pragma: no cover - engine failure
