@@ -210,7 +210,7 @@ class PostgresServer:
     Listens on 127.0.0.1:<port> (TLS offered, with a certificate from
     `ca`) and on a Unix socket in ``socket_dir``; trust authentication, no
     fsync. initdb and postgres refuse to run as root: as root, both run as
-    the ``postgres`` user (Debian's package creates it) through runuser.
+    the ``postgres`` user (Debian's package creates it).
     """
 
     def __init__(self, ca):
@@ -228,15 +228,16 @@ class PostgresServer:
         self.user = "postgres"
         self.database = "postgres"
         os.mkdir(self.socket_dir)
-        prefix = []
+        as_user = {}
         if os.geteuid() == 0:
             try:
                 pw = pwd.getpwnam("postgres")
             except KeyError:
                 raise ServerError("running as root and there is no postgres user "
                                   "to run initdb as") from None
-            runuser = which("runuser")
-            prefix = [runuser, "-u", "postgres", "--"]
+            # Popen drops the privileges itself: postgres is then our direct
+            # child and gets our signals (runuser would stand in between).
+            as_user = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
             for p in (self.dir, self.socket_dir):
                 os.chown(p, pw.pw_uid, pw.pw_gid)
         # The server's key must belong to the server's user, mode 0600.
@@ -245,15 +246,15 @@ class PostgresServer:
         shutil.copy(ca.cert, self.ssl_cert)
         shutil.copy(ca.key, self.ssl_key)
         os.chmod(self.ssl_key, 0o600)
-        if prefix:
+        if as_user:
             for p in (self.ssl_cert, self.ssl_key):
                 os.chown(p, pw.pw_uid, pw.pw_gid)
         with open(self.log, "ab") as logf:
             r = subprocess.run(
-                prefix + [initdb, "-D", self.data, "-U", self.user, "-A", "trust",
+                [initdb, "-D", self.data, "-U", self.user, "-A", "trust",
                           "-E", "UTF8", "--locale=C", "--no-sync"],
                 stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                timeout=120)
+                cwd=self.dir, timeout=120, **as_user)
         if r.returncode != 0:
             log = log_tail(self.log)
             shutil.rmtree(self.dir, ignore_errors=True)
@@ -263,14 +264,15 @@ class PostgresServer:
             self.unix_path = os.path.join(self.socket_dir, f".s.PGSQL.{self.port}")
             with open(self.log, "ab") as logf:
                 self.proc = subprocess.Popen(
-                    prefix + [postgres, "-D", self.data, "-p", str(self.port),
+                    [postgres, "-D", self.data, "-p", str(self.port),
                               "-c", f"listen_addresses={self.host}",
                               "-c", f"unix_socket_directories={self.socket_dir}",
                               "-c", "fsync=off", "-c", "synchronous_commit=off",
                               "-c", "full_page_writes=off", "-c", "max_connections=120",
                               "-c", "ssl=on", "-c", f"ssl_cert_file={self.ssl_cert}",
                               "-c", f"ssl_key_file={self.ssl_key}"],
-                    stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT)
+                    stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                    cwd=self.dir, **as_user)
             try:
                 wait_listening(self.proc, [(self.host, self.port), self.unix_path],
                                self.log, "postgres")
