@@ -1,53 +1,34 @@
-"""``python -m kloop``: information about kloop on this machine.
+"""``python -m kloop``: operate kloop from the command line.
 
-    python -m kloop            library, version, kernel capabilities
-    python -m kloop bench ...  the benchmark suite (kloop._bench)
+    python -m kloop [info] [--json]         can kloop run here, and if not, why not
+    python -m kloop run script.py [args]    run a program with kloop as the loop
+    python -m kloop run -m module [args]
+    python -m kloop bench ...               the benchmark demo (kloop._bench)
 """
 
-import json
 import sys
 
 
-def _info():
-    import kloop
-    from kloop import _ffi
-    out = {"kloop": kloop.__version__, "python": sys.version.split()[0]}
-    try:
-        lib, path = _ffi.load()
-    except ImportError as exc:
-        out["library"] = None
-        out["error"] = str(exc)
-        print(json.dumps(out, indent=2))
-        return 1
-    v = lib.kloop_version()
-    out["library"] = path
-    out["library_version"] = f"{v >> 16}.{(v >> 8) & 0xff}.{v & 0xff}"
-    out["supported"] = kloop.is_supported()
-    try:
-        loop = kloop.new_event_loop()
-    except OSError as exc:
-        out["error"] = str(exc)
-    else:
-        try:
-            out["caps"] = loop._proactor.caps()
-        finally:
-            loop.close()
-    print(json.dumps(out, indent=2))
-    return 0
-
-
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "bench":
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command, rest = (argv[0], argv[1:]) if argv else ("info", [])
+    if command == "bench":
         from kloop import _bench
-        return _bench.main(argv[1:])
-    if argv and argv[0] in ("-h", "--help"):
+        return _bench.main(rest)
+    if command == "run":
+        from kloop import _run
+        return _run.main(rest)
+    if command == "info":
+        from kloop import _info
+        return _info.main(rest)
+    if command.startswith("-") and command not in ("-h", "--help"):
+        from kloop import _info   # `python -m kloop --json`
+        return _info.main(argv)
+    if command in ("-h", "--help"):
         print(__doc__.strip())
         return 0
-    if argv and argv[0] not in ("info",):
-        print(f"unknown command {argv[0]!r}\n\n{__doc__.strip()}", file=sys.stderr)
-        return 2
-    return _info()
+    print(f"unknown command {command!r}\n\n{__doc__.strip()}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

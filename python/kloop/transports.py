@@ -375,7 +375,8 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
             if data:
                 size = self._kwrite(self._kptr, self._token, data, len(data))
                 if size > self._high_water:
-                    self._maybe_pause_protocol()
+                    if not self._protocol_paused:
+                        self._pause_protocol()
                 elif size < 0:
                     self._write_failed(size)
             return
@@ -400,9 +401,25 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
         finally:
             _ffi.ffi.release(buf)   # the engine has copied the bytes
         if size > self._high_water:
-            self._maybe_pause_protocol()
+            if not self._protocol_paused:
+                self._pause_protocol()
         elif size < 0:
             self._write_failed(size)
+
+    def _pause_protocol(self):
+        # The queue is above the high mark (kloop_stream_write said so).
+        self._protocol_paused = True
+        try:
+            self._context_run(self._protocol.pause_writing)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._loop.call_exception_handler({
+                "message": "protocol.pause_writing() failed",
+                "exception": exc,
+                "transport": self,
+                "protocol": self._protocol,
+            })
 
     def _update_wok(self):
         self._wok = not (self._conn_lost or self._eof or self._empty_waiter is not None)
