@@ -408,9 +408,10 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
 
     def _pause_protocol(self):
         # The queue is above the high mark (kloop_stream_write said so).
+        # Called from write(), in the caller's context, as asyncio does.
         self._protocol_paused = True
         try:
-            self._context_run(self._protocol.pause_writing)
+            self._protocol.pause_writing()
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:
