@@ -6,16 +6,21 @@ token, and the future (or internal handler) that owns it stays in
 ``_cache`` -- together with the buffer the kernel reads or writes -- until
 the engine reports the token's final completion, even after a cancel.
 
-The poll path does one ``kloop_poll()`` per loop iteration into a
-preallocated array of 32-byte ``struct kloop_completion`` records, decodes
-them in bulk with ``struct.iter_unpack`` over a memoryview, and dispatches:
-one-shot and multishot operations to the object in ``_cache``; stream
-events (DATA, EOF, ...) straight to the transport in ``_streams``, DATA as
-bytes sliced out of one buffer over the engine's receive-buffer arena. No
-FFI attribute access, Future or Handle per stream message.
+The poll path
+-------------
+One ``kloop_poll()`` per loop iteration fills a preallocated array of
+32-byte ``struct kloop_completion`` records, decoded in bulk with
+``struct.iter_unpack`` over a memoryview. add_reader/add_writer handles are
+queued at once (as the selector loop's ``_process_events()`` does); every
+other record goes into a batch that one reusable handle, appended to the
+loop's ready queue, runs after the callbacks that were already ready --
+the order in which the selector loop runs its I/O callbacks, which code
+relies on. Stream DATA is sliced as bytes out of one buffer over the
+engine's receive-buffer arena and handed to ``protocol.data_received()``:
+no FFI attribute access, Future or Handle per stream message.
 
 Data that arrives for a cancelled read is not lost
-------------------------------------------------------
+--------------------------------------------------
 io_uring can complete a read whose cancel was already requested; the bytes
 are then out of the kernel's socket buffer. With the selector loop a
 cancelled ``sock_recv()`` leaves them in the kernel for the next read, so
@@ -25,8 +30,12 @@ next read on that socket (``recv``, ``recv_into``, ``recvfrom``,
 ``accept``, or a stream transport attached to it) is served from the stash
 first. A future that is cancelled stays cancelled (asyncio code expects
 ``fut.cancel()`` to take effect at once); its data is what the next reader
-gets. The stash is keyed by fd and checked against the socket object, so a
-recycled fd number never sees another socket's data.
+gets. Reads on one socket go to the kernel one at a time, so a new read
+cannot overtake a cancelled one still in flight. A read future cancelled
+after its result arrived but before anyone took it gives the result back to
+the stash too (see ``_OpFuture``). The stash is keyed by fd and checked
+against the socket object, so a recycled fd number never sees another
+socket's data.
 """
 
 import collections
