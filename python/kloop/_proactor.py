@@ -94,6 +94,25 @@ _POOL_KEEP = 4
 _PENDING = object()  # a finish function resubmitted the operation
 
 
+# Bumped in a child process after fork(): objects compare the generation
+# they were made in with the current one instead of calling getpid() (a
+# system call) on every operation.
+_fork_generation = 0
+
+
+def _after_fork_in_child():
+    global _fork_generation
+    _fork_generation += 1
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def forked_since(generation):
+    """True in a process forked after ``generation`` was read."""
+    return generation != _fork_generation
+
+
 def fork_error(pid):
     return RuntimeError(
         f"kloop: this event loop was created in process {pid} and cannot be used in "
@@ -300,6 +319,7 @@ class IouringProactor:
         self._library_path = path
         self._loop = None
         self._pid = os.getpid()
+        self._generation = _fork_generation
         out = ffi.new("kloop_t **")
         cfg = ffi.NULL
         if config is not None:
@@ -369,7 +389,7 @@ class IouringProactor:
     def _check_closed(self):
         if self._ptr is None:
             raise RuntimeError("IouringProactor is closed")
-        if self._pid != os.getpid():
+        if self._generation != _fork_generation:
             raise fork_error(self._pid)
 
     def caps(self):
@@ -407,7 +427,7 @@ class IouringProactor:
         """Make a waiting select() return; safe from any thread."""
         with self._wake_lock:
             ptr = self._ptr
-            if ptr is not None and self._pid == os.getpid():
+            if ptr is not None and self._generation == _fork_generation:
                 self._lib.kloop_wake(ptr)
 
     # -- registration --------------------------------------------------------
@@ -1168,7 +1188,7 @@ class IouringProactor:
         if n <= 0:
             if n == 0 or n == -_EINTR:
                 return ()
-            if n == -_EBADFD or self._pid != os.getpid():
+            if n == -_EBADFD or self._generation != _fork_generation:
                 raise fork_error(self._pid)
             raise make_error(n)
         cache = self._cache
@@ -1265,7 +1285,7 @@ class IouringProactor:
     def close(self):
         if self._ptr is None:
             return
-        if self._pid != os.getpid():
+        if self._generation != _fork_generation:
             # Forked child: the engine frees user-space memory only.
             self._lib.kloop_destroy(self._ptr)
             with self._wake_lock:

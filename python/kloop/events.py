@@ -262,6 +262,7 @@ class IouringProactorEventLoop(proactor_events.BaseProactorEventLoop):
         self._transports = weakref.WeakValueDictionary()
         self._signal_handlers = {}
         self._pid = os.getpid()
+        self._generation = _proactor._fork_generation
         self._self_reading_token = None
         proactor.set_loop(self)
         self._make_self_pipe()
@@ -274,7 +275,7 @@ class IouringProactorEventLoop(proactor_events.BaseProactorEventLoop):
     # -- running and closing ------------------------------------------------
 
     def _check_fork(self):
-        if self._pid != os.getpid():
+        if _proactor.forked_since(self._generation):
             raise _proactor.fork_error(self._pid)
 
     def run_forever(self):
@@ -294,7 +295,7 @@ class IouringProactorEventLoop(proactor_events.BaseProactorEventLoop):
             raise RuntimeError("Cannot close a running event loop")
         if self.is_closed():
             return
-        if self._pid != os.getpid():
+        if _proactor.forked_since(self._generation):
             # A forked child: nothing here may touch the parent's ring; the
             # engine only frees this process's copy of its memory.
             self._proactor.close()
