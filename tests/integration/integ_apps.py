@@ -1,0 +1,147 @@
+"""ASGI and aiohttp applications the integration tests serve.
+
+Every app answers ``/loop`` with the class of the loop it runs on, so a
+test can check that the server really runs on the loop it asked for.
+"""
+
+import asyncio
+import hashlib
+
+
+def loop_class():
+    cls = type(asyncio.get_running_loop())
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+# -- Starlette ----------------------------------------------------------------
+
+def make_starlette():
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+    from starlette.routing import Route, WebSocketRoute
+
+    async def hello(request):
+        return PlainTextResponse("Hello, world!")
+
+    async def loop(request):
+        return PlainTextResponse(loop_class())
+
+    async def peer(request):
+        # The client's port tells requests on one connection apart from
+        # requests on several (keep-alive).
+        client = request.client
+        return JSONResponse({"host": client.host if client else None,
+                             "port": client.port if client else None})
+
+    async def upload(request):
+        h = hashlib.sha256()
+        n = chunks = 0
+        async for chunk in request.stream():
+            h.update(chunk)
+            n += len(chunk)
+            chunks += bool(chunk)
+        return JSONResponse({"size": n, "sha256": h.hexdigest(), "chunks": chunks})
+
+    async def blob(request):
+        size = int(request.query_params.get("size", "0"))
+        return Response(_blob(size), media_type="application/octet-stream")
+
+    async def stream(request):
+        n = int(request.query_params.get("n", "10"))
+        size = int(request.query_params.get("size", "100"))
+        delay = float(request.query_params.get("delay", "0"))
+
+        async def gen():
+            for i in range(n):
+                yield (b"%08d" % i) + b"s" * (size - 8)
+                if delay:
+                    await asyncio.sleep(delay)
+
+        return StreamingResponse(gen(), media_type="application/octet-stream")
+
+    async def slow(request):
+        await asyncio.sleep(float(request.query_params.get("t", "1")))
+        return PlainTextResponse("slow done")
+
+    async def ws_echo(websocket):
+        await websocket.accept()
+        while True:
+            msg = await websocket.receive()
+            if msg["type"] == "websocket.disconnect":
+                return
+            if msg.get("text") is not None:
+                if msg["text"] == "close-please":
+                    await websocket.close(code=4001)
+                    return
+                await websocket.send_text(msg["text"])
+            else:
+                await websocket.send_bytes(msg["bytes"])
+
+    return Starlette(routes=[
+        Route("/", hello),
+        Route("/loop", loop),
+        Route("/peer", peer),
+        Route("/upload", upload, methods=["POST"]),
+        Route("/blob", blob),
+        Route("/stream", stream),
+        Route("/slow", slow),
+        WebSocketRoute("/ws", ws_echo),
+    ])
+
+
+def _blob(size):
+    return (hashlib.sha256(b"blob").digest() * (size // 32 + 1))[:size]
+
+
+# -- FastAPI ------------------------------------------------------------------
+
+def make_fastapi():
+    from fastapi import FastAPI, HTTPException, WebSocket
+    from fastapi.responses import PlainTextResponse
+    from pydantic import BaseModel
+
+    app = FastAPI()
+    items = {}
+
+    class Item(BaseModel):
+        name: str
+        price: float
+        tags: list = []
+
+    @app.get("/", response_class=PlainTextResponse)
+    async def hello():
+        return "Hello, world!"
+
+    @app.get("/loop", response_class=PlainTextResponse)
+    async def loop():
+        return loop_class()
+
+    @app.post("/items/{item_id}")
+    async def put_item(item_id: int, item: Item):
+        items[item_id] = item
+        return {"id": item_id, "name": item.name, "total": item.price * len(item.tags)}
+
+    @app.get("/items/{item_id}")
+    async def get_item(item_id: int):
+        if item_id not in items:
+            raise HTTPException(status_code=404, detail="no such item")
+        return items[item_id]
+
+    @app.websocket("/ws")
+    async def ws(websocket: WebSocket):
+        await websocket.accept()
+        async for text in websocket.iter_text():
+            await websocket.send_json({"echo": text, "len": len(text)})
+
+    return app
+
+
+# Module-level apps for "integ_apps:starlette_app"-style import strings
+# (uvicorn, gunicorn). Built lazily: importing this module stays cheap.
+def __getattr__(name):
+    if name == "starlette_app":
+        return make_starlette()
+    if name == "fastapi_app":
+        return make_fastapi()
+    raise AttributeError(name)
+
