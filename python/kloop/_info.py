@@ -30,7 +30,8 @@ __all__ = ("gather", "render_text", "main")
 CAPABILITIES = {
     "single_issuer": ("6.0", "cheaper completion handling (IORING_SETUP_SINGLE_ISSUER)",
                       "COOP_TASKRUN + TASKRUN_FLAG ring"),
-    "defer_taskrun": ("6.1", "completions run only when the loop polls (IORING_SETUP_DEFER_TASKRUN)",
+    "defer_taskrun": ("6.1",
+                      "completions run only when the loop polls (IORING_SETUP_DEFER_TASKRUN)",
                       "COOP_TASKRUN + TASKRUN_FLAG ring"),
     "multishot_accept": ("5.19", "servers: one accept request for many connections",
                          "accept re-armed after each connection"),
