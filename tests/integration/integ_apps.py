@@ -6,6 +6,7 @@ test can check that the server really runs on the loop it asked for.
 
 import asyncio
 import hashlib
+import os
 
 
 def loop_class():
@@ -25,6 +26,9 @@ def make_starlette():
 
     async def loop(request):
         return PlainTextResponse(loop_class())
+
+    async def pid(request):
+        return PlainTextResponse(str(os.getpid()))
 
     async def peer(request):
         # The client's port tells requests on one connection apart from
@@ -81,6 +85,7 @@ def make_starlette():
         Route("/", hello),
         Route("/loop", loop),
         Route("/peer", peer),
+        Route("/pid", pid),
         Route("/upload", upload, methods=["POST"]),
         Route("/blob", blob),
         Route("/stream", stream),

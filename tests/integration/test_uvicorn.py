@@ -370,3 +370,82 @@ def test_wrk_load(loop_name, servers):
     # The server is still fine afterwards.
     with httpx.Client() as client:
         assert client.get(srv.url + "/loop").text == EXPECTED_LOOP[loop_name]
+
+
+def gunicorn(loop_name, workers, *extra):
+    if not have("gunicorn"):
+        pytest.skip("gunicorn is not installed (Debian: gunicorn)")
+    worker = {"asyncio": "AsyncioUvicornWorker", "kloop": "KloopUvicornWorker"}.get(loop_name)
+    if worker is None:
+        pytest.skip(f"no gunicorn worker class for {loop_name}")
+    port = integ_util.free_port()
+    srv = integ_util.PythonServer(
+        ["-m", "gunicorn", "-k", f"kloop_uvicorn_worker.{worker}", "-w", str(workers),
+         "-b", f"127.0.0.1:{port}", "--graceful-timeout", "10", *extra, STARLETTE],
+        [("127.0.0.1", port)], f"gunicorn ({worker})")
+    srv.url = f"http://127.0.0.1:{port}"
+    return srv
+
+
+def test_gunicorn_uvicorn_workers(loop_name):
+    """gunicorn with 2 uvicorn workers on the loop (kloop_uvicorn_worker.py):
+    both workers take connections from the shared listening socket, and
+    SIGTERM stops them all cleanly."""
+    workers = 2
+    srv = gunicorn(loop_name, workers)
+    try:
+        url = srv.url
+        pids = {}
+        deadline = time.monotonic() + 8
+        # Each worker boots on its own; ask on new connections until every
+        # worker has answered (or the time is up: that fails below).
+        with httpx.Client(headers={"connection": "close"}, timeout=10) as client:
+            while len(pids) < workers and time.monotonic() < deadline:
+                r = client.get(url + "/loop")
+                assert r.status_code == 200
+                assert r.text == EXPECTED_LOOP[loop_name]
+                pid = client.get(url + "/pid").text
+                pids[pid] = pids.get(pid, 0) + 1
+            for _ in range(50):
+                assert client.get(url + "/").text == "Hello, world!"
+        assert len(pids) == workers, (pids, srv.output())
+        assert srv.stop(signal.SIGTERM, timeout=20) == 0, srv.output()
+        text = srv.output()
+        assert text.count("Finished server process") == workers, text
+        assert not [line for line in text.splitlines()
+                    if BAD_LOG.search(line) and "Shutting down" not in line], text
+    finally:
+        srv.cleanup()
+
+
+def test_gunicorn_worker_restarts(loop_name):
+    """--max-requests: workers restart after 25 requests each while clients
+    keep coming. A worker that stops serving must leave the listening socket
+    it shares with the others listening: every request gets an answer."""
+    srv = gunicorn(loop_name, 2, "--max-requests", "25")
+    try:
+        ok = 0
+        refused = []
+        reset = []
+        with httpx.Client(headers={"connection": "close"}, timeout=10) as client:
+            for _ in range(150):
+                try:
+                    r = client.get(srv.url + "/loop")
+                except httpx.ConnectError as exc:
+                    refused.append(repr(exc))
+                    time.sleep(0.05)
+                    continue
+                except httpx.TransportError as exc:
+                    # A connection accepted by a worker that is stopping is
+                    # closed unanswered: seen now and then on the stock loop.
+                    reset.append(repr(exc))
+                    continue
+                assert r.text == EXPECTED_LOOP[loop_name]
+                ok += 1
+        text = srv.output()
+        assert not refused, (f"{len(refused)} of 150 connections refused", refused[:3], text)
+        assert len(reset) <= 5, (f"{len(reset)} of 150 requests reset", reset[:3], text)
+        assert text.count("Booting worker") >= 4, text  # workers were restarted
+        assert srv.stop(signal.SIGTERM, timeout=20) == 0, srv.output()
+    finally:
+        srv.cleanup()
