@@ -141,6 +141,74 @@ def make_fastapi():
     return app
 
 
+# -- aiohttp -------------------------------------------------------------------
+
+def make_aiohttp(static_dir=None):
+    from aiohttp import WSMsgType, web
+
+    async def hello(request):
+        return web.Response(text="Hello, world!")
+
+    async def loop(request):
+        return web.Response(text=loop_class())
+
+    async def peer(request):
+        host, port = request.transport.get_extra_info("peername")[:2] if isinstance(
+            request.transport.get_extra_info("peername"), tuple) else (None, None)
+        return web.json_response({"host": host, "port": port})
+
+    async def upload(request):
+        h = hashlib.sha256()
+        n = 0
+        async for chunk in request.content.iter_chunked(1 << 16):
+            h.update(chunk)
+            n += len(chunk)
+        return web.json_response({"size": n, "sha256": h.hexdigest()})
+
+    async def stream(request):
+        n = int(request.query.get("n", "10"))
+        size = int(request.query.get("size", "100"))
+        delay = float(request.query.get("delay", "0"))
+        resp = web.StreamResponse()
+        resp.content_type = "application/octet-stream"
+        await resp.prepare(request)
+        for i in range(n):
+            await resp.write((b"%08d" % i) + b"s" * (size - 8))
+            if delay:
+                await asyncio.sleep(delay)
+        await resp.write_eof()
+        return resp
+
+    async def slow(request):
+        await asyncio.sleep(float(request.query.get("t", "1")))
+        return web.Response(text="slow done")
+
+    async def ws_echo(request):
+        ws = web.WebSocketResponse(max_msg_size=8 << 20)
+        await ws.prepare(request)
+        async for msg in ws:
+            if msg.type == WSMsgType.TEXT:
+                if msg.data == "close-please":
+                    await ws.close(code=4001, message=b"bye")
+                    break
+                await ws.send_str(msg.data)
+            elif msg.type == WSMsgType.BINARY:
+                await ws.send_bytes(msg.data)
+        return ws
+
+    app = web.Application(client_max_size=64 << 20)
+    app.router.add_get("/", hello)
+    app.router.add_get("/loop", loop)
+    app.router.add_get("/peer", peer)
+    app.router.add_post("/upload", upload)
+    app.router.add_get("/stream", stream)
+    app.router.add_get("/slow", slow)
+    app.router.add_get("/ws", ws_echo)
+    if static_dir:
+        app.router.add_static("/static", static_dir)
+    return app
+
+
 # Module-level apps for "integ_apps:starlette_app"-style import strings
 # (uvicorn, gunicorn). Built lazily: importing this module stays cheap.
 def __getattr__(name):
