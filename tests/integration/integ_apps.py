@@ -209,6 +209,37 @@ def make_aiohttp(static_dir=None):
     return app
 
 
+class AiohttpServed:
+    """An aiohttp app served on the running loop (TCP, TLS or Unix)."""
+
+    def __init__(self, app, ssl_context=None, unix_path=None):
+        self.app = app
+        self.ssl_context = ssl_context
+        self.unix_path = unix_path
+
+    async def __aenter__(self):
+        from aiohttp import web
+
+        self.runner = web.AppRunner(self.app, access_log=None)
+        await self.runner.setup()
+        if self.unix_path:
+            site = web.UnixSite(self.runner, self.unix_path)
+        else:
+            site = web.TCPSite(self.runner, "127.0.0.1", 0, ssl_context=self.ssl_context)
+        await site.start()
+        if self.unix_path:
+            self.url = "http://localhost"
+        else:
+            port = self.runner.addresses[0][1]
+            scheme = "https" if self.ssl_context else "http"
+            self.url = f"{scheme}://127.0.0.1:{port}"
+            self.port = port
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.runner.cleanup()
+
+
 # Module-level apps for "integ_apps:starlette_app"-style import strings
 # (uvicorn, gunicorn). Built lazily: importing this module stays cheap.
 def __getattr__(name):

@@ -25,6 +25,8 @@ aiohttp = pytest.importorskip(
     "aiohttp", reason="aiohttp is not installed (Debian: python3-aiohttp)")
 from aiohttp import web  # noqa: E402
 
+Served = integ_apps.AiohttpServed
+
 EXPECTED_LOOP = {
     "asyncio": "asyncio.unix_events._UnixSelectorEventLoop",
     "kloop": "kloop.events.IouringProactorEventLoop",
@@ -43,35 +45,6 @@ def static_dir():
         yield d
     finally:
         shutil.rmtree(d, ignore_errors=True)
-
-
-class Served:
-    """An aiohttp app served on the running loop (TCP, TLS or Unix)."""
-
-    def __init__(self, app, ssl_context=None, unix_path=None):
-        self.app = app
-        self.ssl_context = ssl_context
-        self.unix_path = unix_path
-
-    async def __aenter__(self):
-        self.runner = web.AppRunner(self.app, access_log=None)
-        await self.runner.setup()
-        if self.unix_path:
-            site = web.UnixSite(self.runner, self.unix_path)
-        else:
-            site = web.TCPSite(self.runner, "127.0.0.1", 0, ssl_context=self.ssl_context)
-        await site.start()
-        if self.unix_path:
-            self.url = "http://localhost"
-        else:
-            port = self.runner.addresses[0][1]
-            scheme = "https" if self.ssl_context else "http"
-            self.url = f"{scheme}://127.0.0.1:{port}"
-            self.port = port
-        return self
-
-    async def __aexit__(self, *exc):
-        await self.runner.cleanup()
 
 
 def record_sendfile(loop):
