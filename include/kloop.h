@@ -211,6 +211,10 @@ KLOOP_API int kloop_ring_fd(kloop_t *loop);
 #define KLOOP_EVENT_CLOSED     5u /* stream: final completion; result 0 or -errno */
 #define KLOOP_EVENT_WRITE_DONE 6u /* stream: write_eof shutdown done (result 0/-errno) */
 
+/* kloop_completion.aux of KLOOP_EVENT_ERROR: which side of the stream failed */
+#define KLOOP_ERROR_READ       1u /* receiving failed; reading stops */
+#define KLOOP_ERROR_WRITE      2u /* sending failed; the write queue is dropped */
+
 /*
  * struct kloop_completion - one record filled by kloop_poll(). 32 bytes.
  *   token:  the token given at submit/attach.
@@ -456,8 +460,8 @@ KLOOP_API int kloop_stream_resume(kloop_t *loop, uint64_t token);
  *   is in flight per stream; queued buffers are gathered into one sendmsg;
  *   short sends are resubmitted. No completion per write.
  * Returns: bytes now queued and not yet accepted by the kernel (>= 0, after
- *   this write), -ENOENT, -EPIPE (write side shut down, closing, or failed:
- *   the data is dropped), -EBADF, -EINVAL (buf NULL with len > 0, or len
+ *   this write), -ENOENT, -EPIPE (write side shut down, aborting, failed,
+ *   or the stream has finished closing: the data is dropped), -EBADF, -EINVAL (buf NULL with len > 0, or len
  *   over 1 TiB), -ENOMEM (the data is dropped).
  * When the result rises above the high-water mark the engine remembers it
  * and sends WRITE_LOW once the queue falls to the low-water mark or below.
@@ -489,7 +493,8 @@ KLOOP_API int kloop_stream_shutdown(kloop_t *loop, uint64_t token);
 /*
  * kloop_stream_close - graceful close: stop reading, flush the write queue,
  *   then (with KLOOP_STREAM_CLOSE_FD) close the fd, and report CLOSED with
- *   0 or the error that ended the flush.
+ *   0 or the error that ended the flush. Writes are still accepted until
+ *   the queue has been flushed; the close proceeds at the next poll.
  * Returns: 0, -ENOENT, -EALREADY (close or abort already asked), -EBADF.
  * Since: 0.1
  */

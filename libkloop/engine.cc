@@ -145,7 +145,10 @@ int Engine::init(const kloop_config &cfg) {
     // to the one that created it (Python may create a loop in one thread and
     // run it in another).
     p.flags |= IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_R_DISABLED;
-    if (en & KLOOP_CAP_DEFER_TASKRUN) p.flags |= IORING_SETUP_DEFER_TASKRUN;
+    // TASKRUN_FLAG: the kernel flags deferred completions in the SQ ring,
+    // so a poll that does not wait can skip io_uring_enter when none are
+    // pending and nothing is queued.
+    if (en & KLOOP_CAP_DEFER_TASKRUN) p.flags |= IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_TASKRUN_FLAG;
   } else if (!(cfg.flags & KLOOP_CONFIG_SQPOLL)) {
     p.flags |= IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG;
   }
@@ -1000,7 +1003,7 @@ int Engine::poll(kloop_completion *out, uint32_t max, int64_t timeout_ns) {
     bool may_wait = filled == 0 && pending_.empty() && timeout_ns != 0;
     if (!may_wait) {
       int rc = 0;
-      if (io_uring_sq_ready(&ring_) > 0 || (setup_flags_ & IORING_SETUP_DEFER_TASKRUN)) {
+      if (io_uring_sq_ready(&ring_) > 0 || kernel_has_work()) {
         ++st_.enters;
         rc = io_uring_submit_and_get_events(&ring_);
       }
@@ -1035,6 +1038,17 @@ int Engine::poll(kloop_completion *out, uint32_t max, int64_t timeout_ns) {
   }
   st_.completions += filled;
   return static_cast<int>(filled);
+}
+
+// Whether completions wait inside the kernel for an io_uring_enter to post
+// them (deferred or cooperative task work, CQ overflow). Without
+// IORING_SETUP_TASKRUN_FLAG the kernel does not say: assume yes.
+bool Engine::kernel_has_work() const {
+  if (setup_flags_ & IORING_SETUP_SQPOLL) return false;
+  if (!(setup_flags_ & IORING_SETUP_TASKRUN_FLAG))
+    return (setup_flags_ & IORING_SETUP_DEFER_TASKRUN) != 0;
+  unsigned f = IO_URING_READ_ONCE(*ring_.sq.kflags);
+  return (f & (IORING_SQ_TASKRUN | IORING_SQ_CQ_OVERFLOW)) != 0;
 }
 
 int64_t Engine::now_ns() {

@@ -197,6 +197,7 @@ class Engine {
   int enable();
   int wait_once(int64_t timeout_ns);
   static int64_t now_ns();
+  bool kernel_has_work() const;
   void queue_cancel(const Op *target);
   void prep(io_uring_sqe *sqe, Op *op);
   void arm(Op *op);

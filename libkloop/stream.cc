@@ -207,7 +207,7 @@ void Engine::handle_stream_cqe(Op *op, int res, uint32_t cflags) {
           if (!(enabled_ & KLOOP_CAP_BUF_RING)) recycle(static_cast<uint32_t>(op->off));
           if (res < 0 && res != -ECANCELED && !s->read_done && !s->closing && !s->aborting) {
             s->read_done = true;
-            emit(s->token, res, KLOOP_COMPLETION_MORE, 0, KLOOP_EVENT_ERROR, 0, -1, s);
+            emit(s->token, res, KLOOP_COMPLETION_MORE, 0, KLOOP_EVENT_ERROR, KLOOP_ERROR_READ, -1, s);
           }
           progress(s);
         } else {
@@ -252,7 +252,7 @@ void Engine::handle_stream_cqe(Op *op, int res, uint32_t cflags) {
         } else if (res != -ECANCELED || !s->recv_cancel) {
           if (!s->read_done) {
             s->read_done = true;
-            emit(s->token, res, KLOOP_COMPLETION_MORE, 0, KLOOP_EVENT_ERROR, 0, -1, s);
+            emit(s->token, res, KLOOP_COMPLETION_MORE, 0, KLOOP_EVENT_ERROR, KLOOP_ERROR_READ, -1, s);
           }
         }
       }
@@ -274,7 +274,7 @@ void Engine::handle_stream_cqe(Op *op, int res, uint32_t cflags) {
             if (s->closing)
               s->close_err = res;
             else if (!s->aborting)
-              emit(s->token, res, KLOOP_COMPLETION_MORE, 0, KLOOP_EVENT_ERROR, 0);
+              emit(s->token, res, KLOOP_COMPLETION_MORE, 0, KLOOP_EVENT_ERROR, KLOOP_ERROR_WRITE);
           }
           progress(s);
         } else {
@@ -302,7 +302,7 @@ void Engine::handle_stream_cqe(Op *op, int res, uint32_t cflags) {
         if (s->closing)
           s->close_err = res;
         else if (!s->aborting)
-          emit(s->token, res, KLOOP_COMPLETION_MORE, 0, KLOOP_EVENT_ERROR, 0);
+          emit(s->token, res, KLOOP_COMPLETION_MORE, 0, KLOOP_EVENT_ERROR, KLOOP_ERROR_WRITE);
       }
       progress(s);
       return;
@@ -356,7 +356,9 @@ int Engine::stream_pause(uint64_t token, bool pause) {
 int64_t Engine::stream_write(uint64_t token, const void *buf, size_t len) {
   Stream *s = find_stream(token);
   if (!s) return -ENOENT;
-  if (s->shut_req || s->closing || s->aborting || s->write_failed || s->finished) return -EPIPE;
+  // A closing stream still takes writes until it has flushed (asyncio's
+  // transports do the same: close() stops reading, not writing).
+  if (s->shut_req || s->aborting || s->write_failed || s->finished) return -EPIPE;
   if (len) {
     if (!s->wq.append(buf, len)) return -ENOMEM;
     if (!s->send_inflight) mark_dirty(s);
@@ -395,10 +397,11 @@ int Engine::stream_close(uint64_t token) {
   Stream *s = find_stream(token);
   if (!s) return -ENOENT;
   if (s->closing || s->aborting || s->finished) return -EALREADY;
-  if (!reserve_records(2)) return -ENOMEM;  // CLOSED may be queued right away
   s->closing = true;
   drop_held(s);
-  progress(s);
+  // Decided at the next poll, so writes made after close() in the same
+  // iteration still go out before the stream ends.
+  mark_dirty(s);
   return 0;
 }
 

@@ -193,6 +193,10 @@ EVENT_WRITE_LOW = 4
 EVENT_CLOSED = 5
 EVENT_WRITE_DONE = 6
 
+# kloop_completion.aux of EVENT_ERROR: which side of the stream failed
+ERROR_READ = 1
+ERROR_WRITE = 2
+
 OP_MULTISHOT = 1 << 0
 POLL_EDGE = 1 << 1
 
