@@ -424,9 +424,16 @@ class IouringProactorEventLoop(proactor_events.BaseProactorEventLoop):
         raise NotImplementedError
 
     # Pipes and Unix sockets: asyncio's Unix implementations, which rely on
-    # the loop's _add_reader/_add_writer below.
-    _make_read_pipe_transport = _unix._make_read_pipe_transport
-    _make_write_pipe_transport = _unix._make_write_pipe_transport
+    # the loop's _add_reader/_add_writer below (pipes: see _pipes.py for the
+    # one thing the write pipe transport needs on the ring).
+    def _make_read_pipe_transport(self, pipe, protocol, waiter=None, extra=None):
+        from . import _pipes
+        return _pipes.make_read_pipe_transport(self, pipe, protocol, waiter, extra)
+
+    def _make_write_pipe_transport(self, pipe, protocol, waiter=None, extra=None):
+        from . import _pipes
+        return _pipes.make_write_pipe_transport(self, pipe, protocol, waiter, extra)
+
     create_unix_connection = _unix.create_unix_connection
     create_unix_server = _unix.create_unix_server
 
