@@ -14,6 +14,28 @@ def loop_class():
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+# -- a bare ASGI app (uvicorn hello-world benchmark) --------------------------
+
+async def hello_asgi(scope, receive, send):
+    """The smallest useful ASGI app: 13 bytes of text for any request."""
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    if scope["path"] == "/loop":
+        body = loop_class().encode()
+    else:
+        body = b"Hello, world!"
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"text/plain"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
 # -- Starlette ----------------------------------------------------------------
 
 def make_starlette():
