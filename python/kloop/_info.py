@@ -325,14 +325,18 @@ def _ktls(kernel):
 
 
 def _openssl(library_path):
-    import ssl
-    import _ssl
-    py_needed = _elf_needed(getattr(_ssl, "__file__", "") or "") or []
-    py_soname = next((n for n in py_needed if n.startswith("libssl.")), None)
-    python = {"version": ssl.OPENSSL_VERSION,
-              "number": f"0x{ssl.OPENSSL_VERSION_NUMBER:x}",
-              "library": py_soname,
-              "path": _mapped_path(py_soname) if py_soname else None}
+    try:
+        import ssl
+        import _ssl
+    except ImportError:  # a Python built without ssl
+        python = {"version": None, "number": None, "library": None, "path": None}
+    else:
+        py_needed = _elf_needed(getattr(_ssl, "__file__", "") or "") or []
+        py_soname = next((n for n in py_needed if n.startswith("libssl.")), None)
+        python = {"version": ssl.OPENSSL_VERSION,
+                  "number": f"0x{ssl.OPENSSL_VERSION_NUMBER:x}",
+                  "library": py_soname,
+                  "path": _mapped_path(py_soname) if py_soname else None}
     out = {"python_ssl": python, "libkloop": None, "match": None}
     if library_path is None:
         out["libkloop"] = {"linked": None, "note": "libkloop not loaded"}
@@ -346,7 +350,8 @@ def _openssl(library_path):
     else:
         path = _mapped_path(soname)
         out["libkloop"] = {"linked": True, "library": soname, "path": path, "note": None}
-        out["match"] = soname == py_soname and (path is None or path == python["path"])
+        out["match"] = (soname == python["library"]
+                        and (path is None or path == python["path"]))
     return out
 
 
@@ -467,7 +472,7 @@ def render_text(info):
                            else f"not available: {t['reason']}"))
     o = info["openssl"]
     p = o["python_ssl"]
-    add(f"OpenSSL      Python _ssl: {p['version']}"
+    add(f"OpenSSL      Python _ssl: {p['version'] or 'not available (no ssl module)'}"
         + (f" ({p['path'] or p['library']})" if p["library"] else ""))
     kl = o["libkloop"]
     if kl["linked"]:
