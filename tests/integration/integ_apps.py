@@ -270,4 +270,3 @@ def __getattr__(name):
     if name == "fastapi_app":
         return make_fastapi()
     raise AttributeError(name)
-

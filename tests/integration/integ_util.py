@@ -252,7 +252,7 @@ class PostgresServer:
         with open(self.log, "ab") as logf:
             r = subprocess.run(
                 [initdb, "-D", self.data, "-U", self.user, "-A", "trust",
-                          "-E", "UTF8", "--locale=C", "--no-sync"],
+                 "-E", "UTF8", "--locale=C", "--no-sync"],
                 stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
                 cwd=self.dir, timeout=120, **as_user)
         if r.returncode != 0:
@@ -265,12 +265,12 @@ class PostgresServer:
             with open(self.log, "ab") as logf:
                 self.proc = subprocess.Popen(
                     [postgres, "-D", self.data, "-p", str(self.port),
-                              "-c", f"listen_addresses={self.host}",
-                              "-c", f"unix_socket_directories={self.socket_dir}",
-                              "-c", "fsync=off", "-c", "synchronous_commit=off",
-                              "-c", "full_page_writes=off", "-c", "max_connections=120",
-                              "-c", "ssl=on", "-c", f"ssl_cert_file={self.ssl_cert}",
-                              "-c", f"ssl_key_file={self.ssl_key}"],
+                     "-c", f"listen_addresses={self.host}",
+                     "-c", f"unix_socket_directories={self.socket_dir}",
+                     "-c", "fsync=off", "-c", "synchronous_commit=off",
+                     "-c", "full_page_writes=off", "-c", "max_connections=120",
+                     "-c", "ssl=on", "-c", f"ssl_cert_file={self.ssl_cert}",
+                     "-c", f"ssl_key_file={self.ssl_key}"],
                     stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
                     cwd=self.dir, **as_user)
             try:

@@ -23,7 +23,6 @@ from integ_fixtures import certs, loop_name  # noqa: F401  (fixtures)
 
 aiohttp = pytest.importorskip(
     "aiohttp", reason="aiohttp is not installed (Debian: python3-aiohttp)")
-from aiohttp import web  # noqa: E402
 
 Served = integ_apps.AiohttpServed
 
@@ -297,7 +296,8 @@ def test_client_https_through_connect_proxy(loop, certs):
                                       proxy=proxy_url) as r:
                         assert (await r.json())["sha256"] == hashlib.sha256(body).hexdigest()
                     with pytest.raises(aiohttp.ClientConnectorCertificateError):
-                        await s.get(srv.url + "/", proxy=proxy_url, ssl=ssl.create_default_context())
+                        await s.get(srv.url + "/", proxy=proxy_url,
+                                    ssl=ssl.create_default_context())
             assert seen and all(t == f"127.0.0.1:{srv.port}" for t in seen)
         finally:
             proxy.close()
