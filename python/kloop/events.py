@@ -55,6 +55,12 @@ def _fileobj_to_fd(fileobj):
     return fd
 
 
+def _close_sendfile_pipes(loop):
+    if getattr(loop, "_kloop_splice_pipes", None) is not None:
+        from . import _sendfile
+        _sendfile.close_pipes(loop)
+
+
 class _DatagramTransport(proactor_events._ProactorDatagramTransport):
     """asyncio's proactor datagram transport, with the Unix loop's semantics.
 
@@ -299,6 +305,7 @@ class IouringProactorEventLoop(proactor_events.BaseProactorEventLoop):
             # A forked child: nothing here may touch the parent's ring; the
             # engine only frees this process's copy of its memory.
             self._proactor.close()
+            _close_sendfile_pipes(self)
             self._proactor = None
             self._selector = None
             self._signal_handlers.clear()
@@ -322,6 +329,7 @@ class IouringProactorEventLoop(proactor_events.BaseProactorEventLoop):
             self._signal_handlers.clear()
         self._stop_self_reading()
         self._proactor.close()
+        _close_sendfile_pipes(self)
         self._close_self_pipe()
         self._proactor = None
         self._selector = None
@@ -587,6 +595,14 @@ class IouringProactorEventLoop(proactor_events.BaseProactorEventLoop):
         return conn, address
 
     async def _sock_sendfile_native(self, sock, file, offset, count):
+        # splice(2) file -> pipe -> socket on the ring (_sendfile.py); where
+        # the loop has no splice, os.sendfile(2) below.
+        from . import _sendfile
+        if _sendfile.has_splice(self):
+            return await _sendfile.sock_sendfile(self, sock, file, offset, count)
+        return await self._sock_sendfile_os(sock, file, offset, count)
+
+    async def _sock_sendfile_os(self, sock, file, offset, count):
         # os.sendfile(2) with the waits for writability on the ring; errors,
         # fallback and file position as asyncio's Unix loop has them.
         try:
