@@ -357,3 +357,20 @@ def test_httpx_tcp_tls_unix(loop, certs, tmpdir_short):
                 assert r.json()["sha256"] == hashlib.sha256(small).hexdigest()
 
     loop.run(main())
+
+
+def test_anyio_run_with_policy(loop_name):
+    """anyio.run() makes its own loop: backend_options={"policy": ...} picks it."""
+    import loops  # tests/conformance/loops.py (tests/conftest.py puts it on sys.path)
+
+    async def main():
+        await anyio.sleep(0.01)
+        result = await anyio.run_process([sys.executable, "-c", "print(7)"])
+        return integ_apps.loop_class(), result.stdout
+
+    try:
+        got = anyio.run(main, backend="asyncio",
+                        backend_options={"policy": loops.make_policy(loop_name)})
+    finally:
+        asyncio.set_event_loop_policy(None)
+    assert got == (EXPECTED_LOOP[loop_name], b"7\n")
