@@ -274,3 +274,40 @@ def test_concurrent_sendfiles_and_cancel(loop, tmp_path):
                 f.close()
 
     loop.run(main())
+
+
+def test_kloop_without_splice_uses_os_sendfile(loop, tmp_path, monkeypatch):
+    """kloop on a kernel without IORING_OP_SPLICE: the os.sendfile() path
+    (writability waits on the ring) gives the same results."""
+    if not loop.is_("kloop"):
+        pytest.skip("kloop's own fallback path; asyncio always uses os.sendfile()")
+    data = pattern(3 * MiB, seed=6)
+    path = tmp_path / "n"
+    path.write_bytes(data)
+    calls = []
+    real = os.sendfile
+
+    def counting(*args):
+        calls.append(args[3])
+        return real(*args)
+
+    monkeypatch.setattr(os, "sendfile", counting)
+    loop.loop._kloop_has_splice = False
+
+    async def main():
+        lp = loop.loop
+        a, b = await _sock_pair(lp, sndbuf=65536)
+        try:
+            with open(path, "rb") as f:
+                reader = lp.run_in_executor(None, read_all, b)
+                assert await lp.sock_sendfile(a, f, 5, 2 * MiB, fallback=False) == 2 * MiB
+                assert f.tell() == 5 + 2 * MiB
+                a.shutdown(socket.SHUT_WR)
+                got, err = await reader
+            assert err is None and got == data[5:5 + 2 * MiB]
+        finally:
+            a.close()
+            b.close()
+
+    loop.run(main())
+    assert calls

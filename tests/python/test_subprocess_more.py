@@ -298,3 +298,30 @@ def test_loop_subprocess_exec_and_shell_protocol(loop):
                 tr.close()
 
     loop.run(main())
+
+
+def test_kloop_child_exit_without_watcher_thread(loop):
+    """kloop observes child exit on the ring: no thread is started for the
+    children (asyncio 3.11's default ThreadedChildWatcher starts one per
+    child) and each child is reaped by the time its returncode is set."""
+    if not loop.is_("kloop"):
+        pytest.skip("asyncio 3.11 waits for children in a thread per child by design")
+
+    def threads():
+        return set(os.listdir("/proc/self/task"))
+
+    async def main():
+        before = threads()
+        procs = [await asyncio.create_subprocess_exec(
+            PY, "-c", f"import time; time.sleep(0.2); raise SystemExit({i})")
+            for i in range(5)]
+        during = threads()
+        codes = await asyncio.gather(*(p.wait() for p in procs))
+        assert codes == list(range(5))
+        assert during == before, (before, during)
+        for p in procs:
+            # Reaped: the pid is no longer our child.
+            with pytest.raises(ChildProcessError):
+                os.waitpid(p.pid, os.WNOHANG)
+
+    loop.run(main())
