@@ -29,7 +29,8 @@ struct Guarded {
   static constexpr size_t kSize = 4096;
   char *p = nullptr;
   Guarded() {
-    void *m = ::mmap(nullptr, 2 * kSize, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    void *m =
+        ::mmap(nullptr, 2 * kSize, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (m == MAP_FAILED) std::abort();
     p = static_cast<char *>(m);
     ::mprotect(p + kSize, kSize, PROT_NONE);
@@ -67,8 +68,10 @@ kloop_t *GarbageHandle() {
 
 const uint32_t kLens[] = {0, 1, 16, 100, 4096, 4097, 65536, 0x7fffffff, 0x80000000u, UINT32_MAX};
 const uint32_t kAddrLens[] = {0, 1, 2, 16, 28, 110, 127, 128, 129, 4096, UINT32_MAX};
-const uint64_t kOffsets[] = {0, 1, 4096, KLOOP_OFFSET_CURRENT, UINT64_MAX - 1, 1ull << 62, INT64_MAX};
-const uint64_t kTimeouts[] = {0, 1, 1000, 100'000, 1'000'000, INT64_MAX, (uint64_t)INT64_MAX + 1, UINT64_MAX};
+const uint64_t kOffsets[] = {0,          1,        4096, KLOOP_OFFSET_CURRENT, UINT64_MAX - 1,
+                             1ull << 62, INT64_MAX};
+const uint64_t kTimeouts[] = {
+    0, 1, 1000, 100'000, 1'000'000, INT64_MAX, (uint64_t)INT64_MAX + 1, UINT64_MAX};
 const uint32_t kFlags[] = {0, KLOOP_OP_MULTISHOT, 2, 0x80000000u, UINT32_MAX};
 const uint32_t kStreamFlags[] = {0,
                                  KLOOP_STREAM_FILE,
@@ -252,7 +255,8 @@ class Abi {
         int fin = Fd(), fout = Fd();
         uint64_t oi = in_.pick(kOffsets), oo = in_.pick(kOffsets);
         uint32_t len = in_.pick(kLens);
-        Submit("splice", h, tok, kloop_submit_splice(h, tok, fin, oi, fout, oo, len, in_.u8() & 0xf));
+        Submit("splice", h, tok,
+               kloop_submit_splice(h, tok, fin, oi, fout, oo, len, in_.u8() & 0xf));
         break;
       }
       case 14: {
@@ -265,7 +269,8 @@ class Abi {
         kloop_t *h = Handle();
         int rc = kloop_cancel(h, tok);
         Check("cancel", h, rc);
-        if (h == live_ && !t_.IsLive(tok) && rc != -ENOENT) Fail("cancel of free token returned %d", rc);
+        if (h == live_ && !t_.IsLive(tok) && rc != -ENOENT)
+          Fail("cancel of free token returned %d", rc);
         break;
       }
       case 16: {
@@ -275,7 +280,8 @@ class Abi {
         Check("cancel_fd", h, rc);
         // The header lists only -EBADF (handle); the engine also refuses a
         // negative fd with -EINVAL, which is harmless.
-        if (h == live_ && rc < 0 && !(fd < 0 && rc == -EINVAL)) Fail("cancel_fd(%d) returned %d", fd, rc);
+        if (h == live_ && rc < 0 && !(fd < 0 && rc == -EINVAL))
+          Fail("cancel_fd(%d) returned %d", fd, rc);
         break;
       }
       case 17: {
@@ -290,8 +296,10 @@ class Abi {
         kloop_completion *out = (b & 1) ? &one : nullptr;
         uint32_t max = (b & 2) ? 1 : 0;
         int rc = kloop_poll(h, out, max, 0);
-        if (h == live_ && rc != -EINVAL) Fail("kloop_poll(out %p, max %u) returned %d", (void *)out, max, rc);
-        if (h != live_ && rc != -EBADF && rc != -EINVAL) Fail("kloop_poll on a bad handle returned %d", rc);
+        if (h == live_ && rc != -EINVAL)
+          Fail("kloop_poll(out %p, max %u) returned %d", (void *)out, max, rc);
+        if (h != live_ && rc != -EBADF && rc != -EINVAL)
+          Fail("kloop_poll on a bad handle returned %d", rc);
         break;
       }
       case 18: {
@@ -323,8 +331,10 @@ class Abi {
         Check("stream_write", h, rc);
         if (h == live_) {
           t_.StreamCall("stream_write", tok, rc, (p || len == 0) && len <= (size_t)INT64_MAX);
-          if (len > (size_t)INT64_MAX && rc >= 0) Fail("stream_write of %zu bytes returned %lld", len, (long long)rc);
-          if (!p && len > 0 && t_.IsStream(tok) && rc != -EINVAL) Fail("stream_write(NULL, %zu) returned %lld", len, (long long)rc);
+          if (len > (size_t)INT64_MAX && rc >= 0)
+            Fail("stream_write of %zu bytes returned %lld", len, (long long)rc);
+          if (!p && len > 0 && t_.IsStream(tok) && rc != -EINVAL)
+            Fail("stream_write(NULL, %zu) returned %lld", len, (long long)rc);
         }
         break;
       }
@@ -338,12 +348,30 @@ class Abi {
         int64_t rc = 0;
         const char *name = "";
         switch (op % 36) {
-          case 20: rc = kloop_stream_pause(h, tok); name = "stream_pause"; break;
-          case 21: rc = kloop_stream_resume(h, tok); name = "stream_resume"; break;
-          case 22: rc = kloop_stream_shutdown(h, tok); name = "stream_shutdown"; break;
-          case 23: rc = kloop_stream_close(h, tok); name = "stream_close"; break;
-          case 24: rc = kloop_stream_abort(h, tok); name = "stream_abort"; break;
-          default: rc = kloop_stream_write_size(h, tok); name = "stream_write_size"; break;
+          case 20:
+            rc = kloop_stream_pause(h, tok);
+            name = "stream_pause";
+            break;
+          case 21:
+            rc = kloop_stream_resume(h, tok);
+            name = "stream_resume";
+            break;
+          case 22:
+            rc = kloop_stream_shutdown(h, tok);
+            name = "stream_shutdown";
+            break;
+          case 23:
+            rc = kloop_stream_close(h, tok);
+            name = "stream_close";
+            break;
+          case 24:
+            rc = kloop_stream_abort(h, tok);
+            name = "stream_abort";
+            break;
+          default:
+            rc = kloop_stream_write_size(h, tok);
+            name = "stream_write_size";
+            break;
         }
         Check(name, h, rc);
         if (h == live_) t_.StreamCall(name, tok, rc);
@@ -386,7 +414,8 @@ class Abi {
           // a write beyond `size` bytes (ASan).
           if (h == live_ && sz < min_sz && rc != -EINVAL)
             Fail("get_caps/stats with size %zu returned %d", sz, rc);
-          if (h == live_ && sz >= full && rc != 0) Fail("get_caps/stats with size %zu returned %d", sz, rc);
+          if (h == live_ && sz >= full && rc != 0)
+            Fail("get_caps/stats with size %zu returned %d", sz, rc);
         }
         if (b & 0x40) {
           rc = kloop_probe(caps ? reinterpret_cast<kloop_caps *>(mem.get()) : nullptr);
@@ -442,8 +471,12 @@ class Abi {
   // kloop_create with hostile configs of every size.
   void Config() {
     uint8_t b = in_.u8();
-    const size_t sizes[] = {4, 8, offsetof(kloop_config, reserved) - 1, offsetof(kloop_config, reserved),
-                            sizeof(kloop_config), sizeof(kloop_config) + 32};
+    const size_t sizes[] = {4,
+                            8,
+                            offsetof(kloop_config, reserved) - 1,
+                            offsetof(kloop_config, reserved),
+                            sizeof(kloop_config),
+                            sizeof(kloop_config) + 32};
     size_t sz = sizes[b % 6];
     std::unique_ptr<unsigned char[]> mem(new unsigned char[sz]);
     kloop_config full;

@@ -19,10 +19,10 @@ using namespace kfuzz;
 
 namespace {
 
-constexpr uint64_t kLadder[8] = {KLOOP_CAP_MULTISHOT_RECV,   KLOOP_CAP_BUF_RING,
-                                 KLOOP_CAP_DEFER_TASKRUN,    KLOOP_CAP_SINGLE_ISSUER,
-                                 KLOOP_CAP_WAITID,           KLOOP_CAP_MULTISHOT_ACCEPT,
-                                 KLOOP_CAP_MULTISHOT_POLL,   KLOOP_CAP_EXT_ARG};
+constexpr uint64_t kLadder[8] = {KLOOP_CAP_MULTISHOT_RECV, KLOOP_CAP_BUF_RING,
+                                 KLOOP_CAP_DEFER_TASKRUN,  KLOOP_CAP_SINGLE_ISSUER,
+                                 KLOOP_CAP_WAITID,         KLOOP_CAP_MULTISHOT_ACCEPT,
+                                 KLOOP_CAP_MULTISHOT_POLL, KLOOP_CAP_EXT_ARG};
 
 // Bytes that operations send; large enough for every length used below.
 const char *Payload() {
@@ -73,9 +73,9 @@ void Run(Reader &in) {
   uint8_t dis = in.u8();
   kloop_config cfg;
   kloop_config_init(&cfg);
-  cfg.sq_entries = 1u << (sizes & 3);                 // 1..8
+  cfg.sq_entries = 1u << (sizes & 3);                     // 1..8
   cfg.cq_entries = cfg.sq_entries << ((sizes >> 2) & 3);  // x1..x8
-  cfg.buf_count = 1u << ((sizes >> 4) & 3);           // 1..8
+  cfg.buf_count = 1u << ((sizes >> 4) & 3);               // 1..8
   cfg.buf_size = (sizes & 0x40) ? 1024 : 256;
   if (sizes & 0x80) cfg.flags |= KLOOP_CONFIG_NO_DEFER_TASKRUN;
   for (int i = 0; i < 8; ++i)
@@ -111,9 +111,11 @@ void Run(Reader &in) {
         void *buf = len ? l.buf.data() : nullptr;
         if (op == kRecv) {
           static const uint32_t flags[] = {0, MSG_PEEK, MSG_DONTWAIT, MSG_WAITALL};
-          t.Submitted("recv", tok, kloop_submit_recv(loop, tok, fd, buf, len, in.pick(flags)), std::move(l));
+          t.Submitted("recv", tok, kloop_submit_recv(loop, tok, fd, buf, len, in.pick(flags)),
+                      std::move(l));
         } else if (op == kRecvmsg) {
-          t.Submitted("recvmsg", tok, kloop_submit_recvmsg(loop, tok, fd, buf, len, 0), std::move(l));
+          t.Submitted("recvmsg", tok, kloop_submit_recvmsg(loop, tok, fd, buf, len, 0),
+                      std::move(l));
         } else {
           uint64_t off = (in.u8() & 1) ? KLOOP_OFFSET_CURRENT : in.u16();
           t.Submitted("read", tok, kloop_submit_read(loop, tok, fd, buf, len, off), std::move(l));
@@ -134,7 +136,8 @@ void Run(Reader &in) {
             addr = &fds.listen_addr;
             alen = fds.listen_len;
           }
-          t.Submitted("sendmsg", tok, kloop_submit_sendmsg(loop, tok, fd, payload, len % 4096, addr, alen, 0), {});
+          t.Submitted("sendmsg", tok,
+                      kloop_submit_sendmsg(loop, tok, fd, payload, len % 4096, addr, alen, 0), {});
         } else {
           uint64_t off = (in.u8() & 1) ? KLOOP_OFFSET_CURRENT : in.u16();
           t.Submitted("write", tok, kloop_submit_write(loop, tok, fd, payload, len, off), {});
@@ -148,7 +151,9 @@ void Run(Reader &in) {
         bool multi = in.u8() & 1;
         Live l;
         l.multishot = multi;
-        t.Submitted("poll", tok, kloop_submit_poll(loop, tok, fd, events, multi ? KLOOP_OP_MULTISHOT : 0), std::move(l));
+        t.Submitted("poll", tok,
+                    kloop_submit_poll(loop, tok, fd, events, multi ? KLOOP_OP_MULTISHOT : 0),
+                    std::move(l));
         break;
       }
       case kAccept: {
@@ -158,18 +163,22 @@ void Run(Reader &in) {
         Live l;
         l.multishot = multi;
         l.accept = true;
-        t.Submitted("accept", tok, kloop_submit_accept(loop, tok, fd, multi ? KLOOP_OP_MULTISHOT : 0), std::move(l));
+        t.Submitted("accept", tok,
+                    kloop_submit_accept(loop, tok, fd, multi ? KLOOP_OP_MULTISHOT : 0),
+                    std::move(l));
         break;
       }
       case kConnect: {
         int s = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
         if (s < 0) break;
         connectors.push_back(s);
-        t.Submitted("connect", tok, kloop_submit_connect(loop, tok, s, &fds.listen_addr, fds.listen_len), {});
+        t.Submitted("connect", tok,
+                    kloop_submit_connect(loop, tok, s, &fds.listen_addr, fds.listen_len), {});
         break;
       }
       case kShutdown:
-        t.Submitted("shutdown", tok, kloop_submit_shutdown(loop, tok, fds.pick(in.u8()), in.u8() % 4), {});
+        t.Submitted("shutdown", tok,
+                    kloop_submit_shutdown(loop, tok, fds.pick(in.u8()), in.u8() % 4), {});
         break;
       case kCancel:
         t.Cancel(tok);
@@ -186,10 +195,11 @@ void Run(Reader &in) {
       }
       case kAttach: {
         uint8_t b = in.u8();
-        static const int which[] = {Fds::kSockA, Fds::kSockB, Fds::kPipeR, Fds::kPipeW, Fds::kDgramA};
+        static const int which[] = {Fds::kSockA, Fds::kSockB, Fds::kPipeR, Fds::kPipeW,
+                                    Fds::kDgramA};
         int src = fds.fd[which[b % 5]];
         uint32_t flags = (b >> 3) & 0x0f;  // the four defined flags
-        if (b == 0xff) flags = 1u << 7;     // an unknown flag now and then
+        if (b == 0xff) flags = 1u << 7;    // an unknown flag now and then
         if (which[b % 5] == Fds::kPipeR || which[b % 5] == Fds::kPipeW) flags |= KLOOP_STREAM_FILE;
         int dup = src >= 0 ? ::fcntl(src, F_DUPFD_CLOEXEC, 0) : -1;
         if (dup < 0) break;
@@ -227,9 +237,9 @@ void Run(Reader &in) {
         uint64_t hi = in.u16(), lo = in.u16();
         int r = kloop_stream_set_limits(loop, tok, hi, lo);
         t.StreamCall("stream_set_limits", tok, r, lo <= hi);
-        if (t.IsStream(tok) && (lo > hi) != (r == -EINVAL)) Fail("set_limits(%llu, %llu) returned %d",
-                                                                static_cast<unsigned long long>(hi),
-                                                                static_cast<unsigned long long>(lo), r);
+        if (t.IsStream(tok) && (lo > hi) != (r == -EINVAL))
+          Fail("set_limits(%llu, %llu) returned %d", static_cast<unsigned long long>(hi),
+               static_cast<unsigned long long>(lo), r);
         break;
       }
       case kWriteSize: {
@@ -254,8 +264,10 @@ void Run(Reader &in) {
         int fout = (b & 1) ? fds.fd[Fds::kPipeW] : fds.fd[Fds::kSockA];
         if (b & 0x80) fin = fds.pick(b >> 1);
         uint64_t off_in = (b & 1) ? in.u16() % 8192 : KLOOP_OFFSET_CURRENT;
-        t.Submitted("splice", tok,
-                    kloop_submit_splice(loop, tok, fin, off_in, fout, KLOOP_OFFSET_CURRENT, in.u16(), 0), {});
+        t.Submitted(
+            "splice", tok,
+            kloop_submit_splice(loop, tok, fin, off_in, fout, KLOOP_OFFSET_CURRENT, in.u16(), 0),
+            {});
         break;
       }
       case kClose: {
@@ -279,7 +291,8 @@ void Run(Reader &in) {
       }
       case kChildExit:
         // Not our child: must complete with an error, never hang.
-        t.Submitted("child_exit", tok, kloop_submit_child_exit(loop, tok, (in.u8() & 1) ? 1 : ::getpid()), {});
+        t.Submitted("child_exit", tok,
+                    kloop_submit_child_exit(loop, tok, (in.u8() & 1) ? 1 : ::getpid()), {});
         break;
     }
   }

@@ -93,9 +93,9 @@ inline uint64_t TokenOf(uint8_t b) {
 struct Live {
   bool stream = false;
   bool multishot = false;
-  bool accept = false;       // result >= 0 is a new fd the harness must close
-  int owned_fd = -1;         // stream fd the harness closes after CLOSED
-  std::vector<char> buf;     // caller-pinned buffer of recv/read/...
+  bool accept = false;    // result >= 0 is a new fd the harness must close
+  int owned_fd = -1;      // stream fd the harness closes after CLOSED
+  std::vector<char> buf;  // caller-pinned buffer of recv/read/...
   bool cancel_asked = false;
 };
 
@@ -150,8 +150,7 @@ class Tracker {
   void Cancel(uint64_t tok) {
     int rc = kloop_cancel(loop_, tok);
     Trace("cancel tok=%llu -> %d", ULL(tok), rc);
-    if (!IsLive(tok) && rc != -ENOENT)
-      Fail("cancel of free token %llu returned %d", ULL(tok), rc);
+    if (!IsLive(tok) && rc != -ENOENT) Fail("cancel of free token %llu returned %d", ULL(tok), rc);
     if (rc == 0) live_[tok].cancel_asked = true;
     if (rc != 0 && rc != -ENOENT && rc != -EALREADY) Fail("cancel returned %d", rc);
   }
@@ -207,8 +206,8 @@ class Tracker {
           c.flags, c.aux);
     auto it = live_.find(c.token);
     if (it == live_.end())
-      Fail("completion for token %llu that is not live (event %u result %d flags %#x)", ULL(c.token),
-           c.event, c.result, c.flags);
+      Fail("completion for token %llu that is not live (event %u result %d flags %#x)",
+           ULL(c.token), c.event, c.result, c.flags);
     Live &l = it->second;
     bool more = c.flags & KLOOP_COMPLETION_MORE;
     if (c.flags & ~KLOOP_COMPLETION_MORE) Fail("unknown completion flags %#x", c.flags);
@@ -219,7 +218,8 @@ class Tracker {
         Fail("stream %llu: event %u with flags %#x", ULL(c.token), c.event, c.flags);
       if (c.event == KLOOP_EVENT_DATA) {
         if (c.result <= 0) Fail("DATA with result %d", c.result);
-        if (c.data < arena_base_ || c.data + static_cast<uint64_t>(c.result) > arena_base_ + arena_size_)
+        if (c.data < arena_base_ ||
+            c.data + static_cast<uint64_t>(c.result) > arena_base_ + arena_size_)
           Fail("DATA outside the buffer arena");
         // Touch every byte: the record must point at readable memory.
         const unsigned char *p = reinterpret_cast<const unsigned char *>(c.data);

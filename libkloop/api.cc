@@ -68,11 +68,11 @@ void copy_sized(T *dst, const T &src) {
 
 }  // namespace
 
-#define KLOOP_RESOLVE()          \
-  kl::Engine *eng = nullptr;  \
-  {                              \
+#define KLOOP_RESOLVE()            \
+  kl::Engine *eng = nullptr;       \
+  {                                \
     int rc_ = resolve(loop, &eng); \
-    if (rc_ < 0) return rc_;     \
+    if (rc_ < 0) return rc_;       \
   }
 
 extern "C" {
@@ -137,7 +137,7 @@ int kloop_create(const struct kloop_config *cfg_in, kloop_t **out) {
 
   pthread_once(&g_atfork_once, install_atfork);
 
-  kl::Engine *eng = new (std::nothrow) kl::Engine;
+  auto *eng = new (std::nothrow) kl::Engine;
   if (!eng) return -ENOMEM;
   int rc = eng->init(cfg);
   if (rc < 0) {
@@ -240,7 +240,8 @@ int kloop_submit_accept(kloop_t *loop, uint64_t token, int fd, uint32_t flags) {
   return eng->submit_op(kl::OpKind::Accept, token, a);
 }
 
-int kloop_submit_connect(kloop_t *loop, uint64_t token, int fd, const void *addr, uint32_t addrlen) {
+int kloop_submit_connect(kloop_t *loop, uint64_t token, int fd, const void *addr,
+                         uint32_t addrlen) {
   KLOOP_RESOLVE();
   if (fd < 0 || !addr || addrlen == 0 || addrlen > sizeof(sockaddr_storage)) return -EINVAL;
   kl::Op a;

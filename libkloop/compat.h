@@ -18,14 +18,13 @@ inline constexpr unsigned kOpBind = 56;           // 6.11
 inline constexpr unsigned kOpListen = 57;         // 6.11
 
 inline constexpr unsigned kFeatRecvsendBundle = 1u << 14;  // IORING_FEAT_RECVSEND_BUNDLE, 6.10
-inline constexpr unsigned kPbufRingInc = 2;               // IOU_PBUF_RING_INC, 6.12
+inline constexpr unsigned kPbufRingInc = 2;                // IOU_PBUF_RING_INC, 6.12
 
 // IORING_OP_WAITID: fd = id, len = idtype, file_index = options,
 // addr2 = siginfo_t *, waitid_flags (the rw_flags slot) = 0.
-inline void prep_waitid(io_uring_sqe *sqe, idtype_t idtype, id_t id, siginfo_t *info,
-                        int options) {
-  io_uring_prep_rw(IORING_OP_NOP, sqe, static_cast<int>(id), nullptr,
-                   static_cast<unsigned>(idtype), 0);
+inline void prep_waitid(io_uring_sqe *sqe, idtype_t idtype, id_t id, siginfo_t *info, int options) {
+  io_uring_prep_rw(IORING_OP_NOP, sqe, static_cast<int>(id), nullptr, static_cast<unsigned>(idtype),
+                   0);
   sqe->opcode = kOpWaitid;
   sqe->rw_flags = 0;
   sqe->file_index = static_cast<__u32>(options);

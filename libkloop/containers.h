@@ -29,7 +29,8 @@ class Vec {
     if (n <= cap_) return true;
     size_t cap = cap_ ? cap_ : 8;
     while (cap < n) cap *= 2;
-    T *d = static_cast<T *>(realloc(data_, cap * sizeof(T)));
+    // T may itself be a pointer type: sizeof(T) is meant.
+    T *d = static_cast<T *>(realloc(data_, cap * sizeof(T)));  // NOLINT(bugprone-sizeof-expression)
     if (!d) return false;
     data_ = d;
     cap_ = cap;
@@ -44,7 +45,8 @@ class Vec {
   void clear() { size_ = 0; }
   void swap(Vec &o) {
     T *d = data_;
-    size_t s = size_, c = cap_;
+    size_t s = size_;
+    size_t c = cap_;
     data_ = o.data_;
     size_ = o.size_;
     cap_ = o.cap_;

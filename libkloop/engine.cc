@@ -116,7 +116,9 @@ int ByteQueue::fill_iov(iovec *iov, int max) const {
 
 Engine::~Engine() = default;
 
-bool Engine::forked() const { return fork_gen_ != g_fork_generation.load(std::memory_order_relaxed); }
+bool Engine::forked() const {
+  return fork_gen_ != g_fork_generation.load(std::memory_order_relaxed);
+}
 
 int Engine::init(const kloop_config &cfg) {
   ProbeResult pr;
@@ -127,7 +129,8 @@ int Engine::init(const kloop_config &cfg) {
   memcpy(opcodes_, pr.opcodes, sizeof(opcodes_));
 
   uint64_t en = kernel_caps_ & ~cfg.disable;
-  if (cfg.flags & KLOOP_CONFIG_NO_DEFER_TASKRUN) en &= ~(KLOOP_CAP_SINGLE_ISSUER | KLOOP_CAP_DEFER_TASKRUN);
+  if (cfg.flags & KLOOP_CONFIG_NO_DEFER_TASKRUN)
+    en &= ~(KLOOP_CAP_SINGLE_ISSUER | KLOOP_CAP_DEFER_TASKRUN);
   if (cfg.flags & KLOOP_CONFIG_SQPOLL) en &= ~KLOOP_CAP_DEFER_TASKRUN;  // not allowed together
   if (!(en & KLOOP_CAP_SINGLE_ISSUER)) en &= ~KLOOP_CAP_DEFER_TASKRUN;
   if (!(en & KLOOP_CAP_BUF_RING))
@@ -148,7 +151,8 @@ int Engine::init(const kloop_config &cfg) {
     // TASKRUN_FLAG: the kernel flags deferred completions in the SQ ring,
     // so a poll that does not wait can skip io_uring_enter when none are
     // pending and nothing is queued.
-    if (en & KLOOP_CAP_DEFER_TASKRUN) p.flags |= IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_TASKRUN_FLAG;
+    if (en & KLOOP_CAP_DEFER_TASKRUN)
+      p.flags |= IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_TASKRUN_FLAG;
   } else if (!(cfg.flags & KLOOP_CONFIG_SQPOLL)) {
     p.flags |= IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG;
   }
@@ -267,7 +271,7 @@ void Engine::destroy() {
     queue_cancel(&wake_op_);
     if (timer_) queue_cancel(timer_);
     for (int spins = 0; in_flight_ > 0 && spins < 500; ++spins) {
-      __kernel_timespec ts{0, 10 * 1000 * 1000};
+      __kernel_timespec ts{0, 10LL * 1000 * 1000};
       io_uring_cqe *cqe = nullptr;
       int rc = io_uring_submit_and_wait_timeout(&ring_, &cqe, 1, &ts, nullptr);
       if (rc < 0 && rc != -ETIME && rc != -EINTR && rc != -EAGAIN && rc != -EBUSY) break;
@@ -315,14 +319,15 @@ void Engine::destroy() {
   wait_close_.clear();  // its ops were in ops_
   streams_.for_each([&](uint64_t, Stream *s) {
     if (s->finished) return;  // owned by its CLOSED record in pending_
-    if (!child && (s->flags & KLOOP_STREAM_CLOSE_FD) && s->fd >= 0 && !s->close_inflight) close(s->fd);
+    if (!child && (s->flags & KLOOP_STREAM_CLOSE_FD) && s->fd >= 0 && !s->close_inflight)
+      close(s->fd);
     delete s;
   });
   streams_.clear();
   for (size_t i = 0; i < pending_.size(); ++i) {
     Pending &p = pending_.at(i);
-    if (p.retire_op) delete p.retire_op;
-    if (p.retire_stream) delete p.retire_stream;
+    delete p.retire_op;
+    delete p.retire_stream;
   }
   pending_.clear();
   for (Op *op : retire_ops_) delete op;
@@ -636,7 +641,8 @@ int Engine::submit_op(OpKind kind, uint64_t token, const Op &args) {
   op->ts = args.ts;
   op->state = static_cast<uint16_t>(args.state & (kOpMultishot | kOpEdge));
   if (op->state & kOpMultishot) {
-    if (kind == OpKind::Accept && (enabled_ & KLOOP_CAP_MULTISHOT_ACCEPT)) op->state |= kOpKernelMulti;
+    if (kind == OpKind::Accept && (enabled_ & KLOOP_CAP_MULTISHOT_ACCEPT))
+      op->state |= kOpKernelMulti;
     if (kind == OpKind::Poll && (op->state & kOpEdge) && (enabled_ & KLOOP_CAP_MULTISHOT_POLL))
       op->state |= kOpKernelMulti;
   }
@@ -646,7 +652,8 @@ int Engine::submit_op(OpKind kind, uint64_t token, const Op &args) {
   bool tracked = kind != OpKind::Close && kind != OpKind::Nop && kind != OpKind::Timeout &&
                  kind != OpKind::ChildWaitid && kind != OpKind::ChildPidfd && op->fd >= 0;
   bool ok = reserve_records(2) && ops_.put(token, op);
-  bool ref1 = false, ref2 = false;
+  bool ref1 = false;
+  bool ref2 = false;
   if (ok && tracked) ok = ref1 = fd_ref(op->fd);
   if (ok && kind == OpKind::Splice && op->fd2 >= 0) ok = ref2 = fd_ref(op->fd2);
   bool wait = ok && kind == OpKind::Close && fd_ops_.contains(op->fd);
@@ -708,8 +715,8 @@ void Engine::emit(uint64_t token, int32_t res, uint32_t flags, uint64_t data, ui
   p.rec = kloop_completion{token, res, flags, data, event, aux};
   p.bid = bid;
   p.stream = s;
-  if (s && s->paused && (event == KLOOP_EVENT_DATA || event == KLOOP_EVENT_EOF ||
-                         event == KLOOP_EVENT_ERROR)) {
+  if (s && s->paused &&
+      (event == KLOOP_EVENT_DATA || event == KLOOP_EVENT_EOF || event == KLOOP_EVENT_ERROR)) {
     if (s->held.push_back(p)) return;
     // No memory to hold it: deliver it (the poll call retries holding).
   }
@@ -789,7 +796,8 @@ void Engine::handle_op_cqe(Op *op, int res, uint32_t cflags) {
     case OpKind::Write:
       if (res == -EAGAIN && !cancelling) {
         // O_NONBLOCK files (pipes) return EAGAIN instead of waiting.
-        bool in = op->kind == OpKind::Recv || op->kind == OpKind::RecvMsg || op->kind == OpKind::Read;
+        bool in =
+            op->kind == OpKind::Recv || op->kind == OpKind::RecvMsg || op->kind == OpKind::Read;
         op->off2 = in ? POLLIN : POLLOUT;  // off2 is unused by these kinds
         op->state |= kOpPollRetry;
         arm(op);
@@ -826,7 +834,8 @@ void Engine::handle_op_cqe(Op *op, int res, uint32_t cflags) {
     case OpKind::Poll:
       if (op->state & kOpMultishot) {
         if (res >= 0) {
-          emit(op->token, res, KLOOP_COMPLETION_MORE, 0, KLOOP_EVENT_OP, static_cast<uint32_t>(res));
+          emit(op->token, res, KLOOP_COMPLETION_MORE, 0, KLOOP_EVENT_OP,
+               static_cast<uint32_t>(res));
           if (!more) {
             if (cancelling)
               finish_op(op, -ECANCELED);
@@ -1020,7 +1029,8 @@ int Engine::poll(kloop_completion *out, uint32_t max, int64_t timeout_ns) {
       const int64_t deadline = timeout_ns > 0 ? now_ns() + timeout_ns : -1;
       int64_t remaining = timeout_ns;
       for (;;) {
-        uint64_t real_before = st_.cqes, ignored_before = ignored_cqes_;
+        uint64_t real_before = st_.cqes;
+        uint64_t ignored_before = ignored_cqes_;
         int rc = wait_once(remaining);
         reap(max - filled);
         drain();

@@ -45,14 +45,14 @@ enum class OpKind : uint8_t {
 
 // Op::state bits
 enum : uint16_t {
-  kOpMultishot = 1u << 0,     // caller asked for multishot
-  kOpKernelMulti = 1u << 1,   // armed as a kernel multishot request
-  kOpCancelling = 1u << 2,    // cancel requested
-  kOpInKernel = 1u << 3,      // an SQE for it is queued or in flight
-  kOpPollRetry = 1u << 4,     // waiting for readiness after -EAGAIN
-  kOpEdge = 1u << 5,          // poll: kernel multishot (edge-like)
-  kOpWaitClose = 1u << 6,     // close: waiting for other ops on the fd
-  kOpFinished = 1u << 7,      // final completion produced
+  kOpMultishot = 1u << 0,    // caller asked for multishot
+  kOpKernelMulti = 1u << 1,  // armed as a kernel multishot request
+  kOpCancelling = 1u << 2,   // cancel requested
+  kOpInKernel = 1u << 3,     // an SQE for it is queued or in flight
+  kOpPollRetry = 1u << 4,    // waiting for readiness after -EAGAIN
+  kOpEdge = 1u << 5,         // poll: kernel multishot (edge-like)
+  kOpWaitClose = 1u << 6,    // close: waiting for other ops on the fd
+  kOpFinished = 1u << 7,     // final completion produced
 };
 
 // One submitted operation. Its address is the SQE's user_data, so it lives
@@ -118,7 +118,6 @@ struct Pending {
   Stream *retire_stream = nullptr;
 };
 
-
 struct Stream {
   uint64_t token = 0;
   int fd = -1;
@@ -129,7 +128,7 @@ struct Stream {
   bool recv_cancel = false;
   bool recv_nobufs = false;  // waiting for buffers (ENOBUFS or no own buffer)
   bool paused = false;
-  bool read_done = false;    // EOF or error delivered/queued
+  bool read_done = false;  // EOF or error delivered/queued
   // write side
   Op send;
   bool send_inflight = false;
@@ -207,7 +206,7 @@ class Engine {
   void emit(uint64_t token, int32_t res, uint32_t flags, uint64_t data, uint32_t event,
             uint32_t aux, int32_t bid = -1, Stream *s = nullptr);
   void finish_op(Op *op, int32_t res, uint64_t data = 0, uint32_t aux = 0);
-  void reap(size_t want);
+  void reap(size_t space);
 
   // ops
   Op *alloc_op();
@@ -262,11 +261,11 @@ class Engine {
   IntMap<uint64_t, Op *> ops_;
   IntMap<uint64_t, Stream *> streams_;
   IntMap<int, uint32_t> fd_ops_;
-  Vec<Op *> wait_close_;              // close ops waiting for their fd to drain
-  Stream *dirty_ = nullptr;           // intrusive: work to queue at next poll
-  Stream *starved_ = nullptr;         // intrusive: waiting for receive buffers
-  Fifo<Pending> pending_;             // records not yet returned
-  Vec<Op *> retire_ops_;              // free at the next poll
+  Vec<Op *> wait_close_;       // close ops waiting for their fd to drain
+  Stream *dirty_ = nullptr;    // intrusive: work to queue at next poll
+  Stream *starved_ = nullptr;  // intrusive: waiting for receive buffers
+  Fifo<Pending> pending_;      // records not yet returned
+  Vec<Op *> retire_ops_;       // free at the next poll
   Vec<Stream *> retire_streams_;
   Op *free_ops_ = nullptr;
   size_t free_op_count_ = 0;
@@ -279,7 +278,7 @@ class Engine {
 
   Op *timer_ = nullptr;        // the wait's own timer, while in the kernel
   uint64_t ignored_cqes_ = 0;  // CQEs that carry no record (cancel results, timers)
-  uint64_t in_flight_ = 0;  // SQEs whose final CQE has not been reaped
+  uint64_t in_flight_ = 0;     // SQEs whose final CQE has not been reaped
   kloop_stats st_{};
   bool in_destroy_ = false;
 };

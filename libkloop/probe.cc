@@ -64,7 +64,7 @@ int do_probe(ProbeResult *r) {
   // Opcodes stand in for the kernel versions that brought a flag.
   if (op(IORING_OP_SOCKET)) c |= KLOOP_CAP_MULTISHOT_ACCEPT | KLOOP_CAP_SOCKET_OP;  // 5.19
   if (op(IORING_OP_SEND_ZC)) c |= KLOOP_CAP_MULTISHOT_RECV | KLOOP_CAP_SEND_ZC;     // 6.0
-  if (op(IORING_OP_MKDIRAT)) c |= KLOOP_CAP_MULTISHOT_POLL;                          // 5.15 >= 5.13
+  if (op(IORING_OP_MKDIRAT)) c |= KLOOP_CAP_MULTISHOT_POLL;                         // 5.15 >= 5.13
   if (op(IORING_OP_SPLICE)) c |= KLOOP_CAP_SPLICE;
   if (op(compat::kOpWaitid)) c |= KLOOP_CAP_WAITID;
   if (op(compat::kOpBind) && op(compat::kOpListen)) c |= KLOOP_CAP_BIND_LISTEN;
@@ -84,7 +84,8 @@ int do_probe(ProbeResult *r) {
   io_uring_queue_exit(&ring);
   if (try_setup(IORING_SETUP_SINGLE_ISSUER)) {
     c |= KLOOP_CAP_SINGLE_ISSUER;
-    if (try_setup(IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN)) c |= KLOOP_CAP_DEFER_TASKRUN;
+    if (try_setup(IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN))
+      c |= KLOOP_CAP_DEFER_TASKRUN;
   }
   int pfd = compat::pidfd_open(getpid());
   if (pfd >= 0) {

@@ -64,7 +64,7 @@ void Engine::unlink(Stream *s) {
 
 int Engine::stream_attach(uint64_t token, int fd, uint32_t flags) {
   if (token_in_use(token)) return -EEXIST;
-  Stream *s = new (std::nothrow) Stream;
+  auto *s = new (std::nothrow) Stream;
   if (!s) return -ENOMEM;
   s->token = token;
   s->fd = fd;
@@ -207,7 +207,8 @@ void Engine::handle_stream_cqe(Op *op, int res, uint32_t cflags) {
           if (!(enabled_ & KLOOP_CAP_BUF_RING)) recycle(static_cast<uint32_t>(op->off));
           if (res < 0 && res != -ECANCELED && !s->read_done && !s->closing && !s->aborting) {
             s->read_done = true;
-            emit(s->token, res, KLOOP_COMPLETION_MORE, 0, KLOOP_EVENT_ERROR, KLOOP_ERROR_READ, -1, s);
+            emit(s->token, res, KLOOP_COMPLETION_MORE, 0, KLOOP_EVENT_ERROR, KLOOP_ERROR_READ, -1,
+                 s);
           }
           progress(s);
         } else {
@@ -223,8 +224,9 @@ void Engine::handle_stream_cqe(Op *op, int res, uint32_t cflags) {
         bid = static_cast<int32_t>(op->off);  // own buffer, counted when taken
       }
       if (res > 0) {
-        emit(s->token, res, KLOOP_COMPLETION_MORE, reinterpret_cast<uint64_t>(buf_addr(static_cast<uint32_t>(bid))),
-             KLOOP_EVENT_DATA, 0, bid, s);
+        emit(s->token, res, KLOOP_COMPLETION_MORE,
+             reinterpret_cast<uint64_t>(buf_addr(static_cast<uint32_t>(bid))), KLOOP_EVENT_DATA, 0,
+             bid, s);
       } else {
         if (bid >= 0) recycle(static_cast<uint32_t>(bid));
         if (res == 0) {
@@ -252,7 +254,8 @@ void Engine::handle_stream_cqe(Op *op, int res, uint32_t cflags) {
         } else if (res != -ECANCELED || !s->recv_cancel) {
           if (!s->read_done) {
             s->read_done = true;
-            emit(s->token, res, KLOOP_COMPLETION_MORE, 0, KLOOP_EVENT_ERROR, KLOOP_ERROR_READ, -1, s);
+            emit(s->token, res, KLOOP_COMPLETION_MORE, 0, KLOOP_EVENT_ERROR, KLOOP_ERROR_READ, -1,
+                 s);
           }
         }
       }

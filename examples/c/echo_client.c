@@ -36,8 +36,8 @@ enum phase { CONNECTING, ECHOING, CLOSING, DONE };
 struct conn {
   int fd;
   enum phase phase;
-  long sent;      /* messages written */
-  size_t echoed;  /* bytes of the current message received back */
+  long sent;     /* messages written */
+  size_t echoed; /* bytes of the current message received back */
 };
 
 static long messages;
@@ -153,7 +153,8 @@ int main(int argc, char **argv) {
           failed = 1;
           break;
         }
-        rc = kloop_stream_attach(loop, token_of(i), c->fd, KLOOP_STREAM_SOCKET | KLOOP_STREAM_CLOSE_FD);
+        rc = kloop_stream_attach(loop, token_of(i), c->fd,
+                                 KLOOP_STREAM_SOCKET | KLOOP_STREAM_CLOSE_FD);
         if (rc < 0) {
           fprintf(stderr, "echo_client: attach: %s\n", kloop_strerror(rc));
           failed = 1;
@@ -174,9 +175,8 @@ int main(int argc, char **argv) {
           for (int32_t j = 0; j < r->result; j++, c->echoed++) {
             if (c->phase != ECHOING || c->echoed >= size ||
                 p[j] != pattern(i, c->sent - 1, c->echoed)) {
-              fprintf(stderr,
-                      "echo_client: connection %zu message %ld: wrong byte at offset %zu\n", i,
-                      c->sent - 1, c->echoed);
+              fprintf(stderr, "echo_client: connection %zu message %ld: wrong byte at offset %zu\n",
+                      i, c->sent - 1, c->echoed);
               failed = 1;
               break;
             }

@@ -11,13 +11,13 @@
 #include <stdio.h>
 #include <string.h>
 
-#define CHECK(cond, ...)                          \
-  do {                                            \
-    if (!(cond)) {                                \
-      fprintf(stderr, "consumer: " __VA_ARGS__);  \
-      fputc('\n', stderr);                        \
-      return 1;                                   \
-    }                                             \
+#define CHECK(cond, ...)                         \
+  do {                                           \
+    if (!(cond)) {                               \
+      fprintf(stderr, "consumer: " __VA_ARGS__); \
+      fputc('\n', stderr);                       \
+      return 1;                                  \
+    }                                            \
   } while (0)
 
 /* Prints the path of every libkloop mapped into this process. */

@@ -50,8 +50,8 @@ LAYOUT(struct kloop_stats, ops_in_flight, 8);
 LAYOUT(struct kloop_stats, enobufs, 80);
 LAYOUT(struct kloop_stats, reserved, 88);
 
-_Static_assert(KLOOP_VERSION == ((KLOOP_VERSION_MAJOR << 16) | (KLOOP_VERSION_MINOR << 8) |
-                                 KLOOP_VERSION_PATCH),
+_Static_assert(KLOOP_VERSION ==
+                   ((KLOOP_VERSION_MAJOR << 16) | (KLOOP_VERSION_MINOR << 8) | KLOOP_VERSION_PATCH),
                "KLOOP_VERSION packs major.minor.patch");
 _Static_assert(KLOOP_OFFSET_CURRENT == UINT64_MAX, "KLOOP_OFFSET_CURRENT");
 

@@ -29,12 +29,13 @@ static_assert(std::is_standard_layout_v<kloop_stats> && std::is_trivially_copyab
 // The prototypes have C linkage and the documented types.
 static_assert(std::is_same_v<decltype(&kloop_version), std::uint32_t (*)()>);
 static_assert(std::is_same_v<decltype(&kloop_poll),
-                             int (*)(kloop_t*, kloop_completion*, std::uint32_t, std::int64_t)>);
-static_assert(std::is_same_v<decltype(&kloop_stream_write),
-                             std::int64_t (*)(kloop_t*, std::uint64_t, const void*, std::size_t)>);
+                             int (*)(kloop_t *, kloop_completion *, std::uint32_t, std::int64_t)>);
+static_assert(
+    std::is_same_v<decltype(&kloop_stream_write),
+                   std::int64_t (*)(kloop_t *, std::uint64_t, const void *, std::size_t)>);
 
 int header_cxx_check();
 int header_cxx_check() {
-  auto* volatile v = &kloop_version;
+  auto *volatile v = &kloop_version;
   return v != nullptr;
 }

@@ -75,7 +75,8 @@ int Driver::Poll(int64_t timeout_ns, uint32_t max) {
   int n = kloop_poll(loop_, out.data(), max, timeout_ns);
   guard.Disarm();
   if (g_overrun) {
-    ADD_FAILURE() << "kloop_poll(timeout " << timeout_ns << " ns) did not return within its timeout + 3 s"
+    ADD_FAILURE() << "kloop_poll(timeout " << timeout_ns
+                  << " ns) did not return within its timeout + 3 s"
                   << " (returned " << n << " after the watchdog signal)";
     g_overrun = 0;
   }
@@ -116,8 +117,8 @@ bool Driver::RunUntil(const std::function<bool()> &pred, std::chrono::nanosecond
   while (!pred()) {
     auto left = end - Clock::now();
     if (left <= 0ns) return pred();
-    int64_t t = std::min<int64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(left).count(),
-                                  50 * kMs);
+    int64_t t = std::min<int64_t>(
+        std::chrono::duration_cast<std::chrono::nanoseconds>(left).count(), 50 * kMs);
     int n = Poll(t);
     if (n < 0 && n != -EINTR) {
       ADD_FAILURE() << "kloop_poll failed: " << n << " (" << kloop_strerror(n) << ")";

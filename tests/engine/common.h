@@ -163,7 +163,8 @@ inline kloop_config DefaultConfig() {
 // minus what depends on an absent bit.
 inline uint64_t ExpectedEnabled(uint64_t kernel, uint64_t disable, uint32_t flags) {
   uint64_t en = kernel & ~disable;
-  if (flags & KLOOP_CONFIG_NO_DEFER_TASKRUN) en &= ~(KLOOP_CAP_SINGLE_ISSUER | KLOOP_CAP_DEFER_TASKRUN);
+  if (flags & KLOOP_CONFIG_NO_DEFER_TASKRUN)
+    en &= ~(KLOOP_CAP_SINGLE_ISSUER | KLOOP_CAP_DEFER_TASKRUN);
   if (flags & KLOOP_CONFIG_SQPOLL) en &= ~KLOOP_CAP_DEFER_TASKRUN;
   if (!(en & KLOOP_CAP_SINGLE_ISSUER)) en &= ~(KLOOP_CAP_DEFER_TASKRUN | KLOOP_CAP_REG_RING_FD);
   if (!(en & KLOOP_CAP_BUF_RING))

@@ -14,7 +14,9 @@ namespace {
 
 constexpr uint64_t kAllCaps = (UINT64_C(1) << 17) - 1;
 
-TEST(Lifecycle, VersionMatchesHeader) { EXPECT_EQ(kloop_version(), static_cast<uint32_t>(KLOOP_VERSION)); }
+TEST(Lifecycle, VersionMatchesHeader) {
+  EXPECT_EQ(kloop_version(), static_cast<uint32_t>(KLOOP_VERSION));
+}
 
 TEST(Lifecycle, ConfigInitFillsDefaults) {
   kloop_config c;
@@ -104,11 +106,24 @@ TEST_P(LifecycleBadConfig, IsRejectedWithEinvalAndOutUntouched) {
 const BadConfig kBadConfigs[] = {
     {"SizeZero", [](kloop_config &c) { c.size = 0; }},
     {"SizeTooSmall", [](kloop_config &c) { c.size = 8; }},
-    {"SizeLacksLastField", [](kloop_config &c) { c.size = offsetof(kloop_config, sqpoll_idle_ms); }},
+    {"SizeLacksLastField",
+     [](kloop_config &c) { c.size = offsetof(kloop_config, sqpoll_idle_ms); }},
     {"SqZero", [](kloop_config &c) { c.sq_entries = 0; }},
-    {"SqTooBig", [](kloop_config &c) { c.sq_entries = 32769; c.cq_entries = 65536 * 2; }},
-    {"SqHuge", [](kloop_config &c) { c.sq_entries = UINT32_MAX; c.cq_entries = UINT32_MAX; }},
-    {"CqBelowSq", [](kloop_config &c) { c.sq_entries = 64; c.cq_entries = 32; }},
+    {"SqTooBig",
+     [](kloop_config &c) {
+       c.sq_entries = 32769;
+       c.cq_entries = 65536 * 2;
+     }},
+    {"SqHuge",
+     [](kloop_config &c) {
+       c.sq_entries = UINT32_MAX;
+       c.cq_entries = UINT32_MAX;
+     }},
+    {"CqBelowSq",
+     [](kloop_config &c) {
+       c.sq_entries = 64;
+       c.cq_entries = 32;
+     }},
     {"BufCountZero", [](kloop_config &c) { c.buf_count = 0; }},
     {"BufCountNotPow2", [](kloop_config &c) { c.buf_count = 3; }},
     {"BufCountNotPow2Large", [](kloop_config &c) { c.buf_count = 1000; }},
@@ -242,9 +257,10 @@ TEST_P(LifecycleDisable, EnabledIsKernelMinusDisable) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Bits, LifecycleDisable,
-                         ::testing::Values(KLOOP_CAP_MULTISHOT_RECV, KLOOP_CAP_WAITID, KLOOP_CAP_EXT_ARG,
-                                           KLOOP_CAP_MULTISHOT_POLL, KLOOP_CAP_MULTISHOT_ACCEPT,
-                                           KLOOP_CAP_BUF_RING, KLOOP_CAP_SEND_ZC,
+                         ::testing::Values(KLOOP_CAP_MULTISHOT_RECV, KLOOP_CAP_WAITID,
+                                           KLOOP_CAP_EXT_ARG, KLOOP_CAP_MULTISHOT_POLL,
+                                           KLOOP_CAP_MULTISHOT_ACCEPT, KLOOP_CAP_BUF_RING,
+                                           KLOOP_CAP_SEND_ZC,
                                            KLOOP_CAP_RECV_BUNDLE | KLOOP_CAP_BUF_RING_INC,
                                            KLOOP_CAP_SPLICE | KLOOP_CAP_PIDFD,
                                            KLOOP_CAP_REG_RING_FD | KLOOP_CAP_SOCKET_OP,
@@ -299,7 +315,8 @@ TEST(Lifecycle, StatsCountPollsAndCompletions) {
 // Versioned structs: a caller built against an older header passes a
 // smaller `size`; the engine must not write beyond it. Found by fuzz_abi.
 template <typename T>
-void CheckWritesAtMostSize(const char *what, size_t size, int (*fill)(kloop_t *, T *), kloop_t *loop) {
+void CheckWritesAtMostSize(const char *what, size_t size, int (*fill)(kloop_t *, T *),
+                           kloop_t *loop) {
   std::vector<unsigned char> mem(sizeof(T) + 64, 0xEE);
   uint32_t s32 = static_cast<uint32_t>(size);
   std::memcpy(mem.data(), &s32, sizeof s32);

@@ -44,7 +44,8 @@ std::vector<Call> AllCalls(CallArgs &a) {
        [&a, s](kloop_t *l) { return kloop_submit_connect(l, 1, s, a.addr.sa(), a.addr.len); }},
       {"submit_recv", [&a, s](kloop_t *l) { return kloop_submit_recv(l, 1, s, a.buf, 8, 0); }},
       {"submit_send", [&a, s](kloop_t *l) { return kloop_submit_send(l, 1, s, a.buf, 8, 0); }},
-      {"submit_recvmsg", [&a, s](kloop_t *l) { return kloop_submit_recvmsg(l, 1, s, a.buf, 8, 0); }},
+      {"submit_recvmsg",
+       [&a, s](kloop_t *l) { return kloop_submit_recvmsg(l, 1, s, a.buf, 8, 0); }},
       {"submit_sendmsg",
        [&a, s](kloop_t *l) { return kloop_submit_sendmsg(l, 1, s, a.buf, 8, nullptr, 0, 0); }},
       {"submit_read",
@@ -144,8 +145,12 @@ TEST_F(Misuse, BadFdEveryOperation) {
   ExpectBadFd("poll multishot", kloop_submit_poll(d, 11, b, POLLIN, KLOOP_OP_MULTISHOT), 11);
   ExpectBadFd("shutdown", kloop_submit_shutdown(d, 12, b, SHUT_WR), 12);
   ExpectBadFd("close", kloop_submit_close(d, 13, b), 13);
-  ExpectBadFd("splice in", kloop_submit_splice(d, 14, b, KLOOP_OFFSET_CURRENT, w, KLOOP_OFFSET_CURRENT, 8, 0), 14);
-  ExpectBadFd("splice out", kloop_submit_splice(d, 15, r, KLOOP_OFFSET_CURRENT, b, KLOOP_OFFSET_CURRENT, 8, 0), 15);
+  ExpectBadFd("splice in",
+              kloop_submit_splice(d, 14, b, KLOOP_OFFSET_CURRENT, w, KLOOP_OFFSET_CURRENT, 8, 0),
+              14);
+  ExpectBadFd("splice out",
+              kloop_submit_splice(d, 15, r, KLOOP_OFFSET_CURRENT, b, KLOOP_OFFSET_CURRENT, 8, 0),
+              15);
   EXPECT_EQ(kloop_cancel_fd(d, b), 0);
   d.Drain(10ms);
   for (uint64_t t = 1; t <= 15; ++t) EXPECT_LE(d.FinalCount(t), 1) << t;
@@ -302,7 +307,8 @@ TEST_F(Misuse, DuplicateLiveTokenIsEexistForEveryKind) {
   EXPECT_EQ(kloop_submit_connect(d, 5, s, a.sa(), a.len), -EEXIST);
   EXPECT_EQ(kloop_submit_shutdown(d, 5, s, SHUT_WR), -EEXIST);
   EXPECT_EQ(kloop_submit_close(d, 5, s), -EEXIST);
-  EXPECT_EQ(kloop_submit_splice(d, 5, r, KLOOP_OFFSET_CURRENT, s, KLOOP_OFFSET_CURRENT, 8, 0), -EEXIST);
+  EXPECT_EQ(kloop_submit_splice(d, 5, r, KLOOP_OFFSET_CURRENT, s, KLOOP_OFFSET_CURRENT, 8, 0),
+            -EEXIST);
   EXPECT_EQ(kloop_submit_child_exit(d, 5, ::getpid()), -EEXIST);
   EXPECT_EQ(kloop_stream_attach(d, 5, s, 0), -EEXIST);
   EXPECT_TRUE(FdOpen(s)) << "a refused close closed the fd";
@@ -342,7 +348,8 @@ TEST_F(Misuse, DuplicateOfMultishotIsEexist) {
 class Guarded {
  public:
   explicit Guarded(size_t pages) : len_(pages * 4096) {
-    void *p = ::mmap(nullptr, len_ + 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    void *p =
+        ::mmap(nullptr, len_ + 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     base_ = static_cast<char *>(p);
     ::mprotect(base_ + len_, 4096, PROT_NONE);
     std::memset(base_, 'g', len_);

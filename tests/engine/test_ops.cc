@@ -137,7 +137,8 @@ TEST_F(Ops, ConnectAddressIsCopied) {
   {
     Addr tmp = la;
     ASSERT_EQ(kloop_submit_connect(d, 5, c, tmp.sa(), tmp.len), 0);
-    std::memset(static_cast<void *>(&tmp.ss), 0xEE, sizeof tmp.ss);  // the engine must have its own copy
+    std::memset(static_cast<void *>(&tmp.ss), 0xEE,
+                sizeof tmp.ss);  // the engine must have its own copy
   }
   EXPECT_EQ(d.WaitFinal(5).result, 0);
 }

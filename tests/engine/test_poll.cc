@@ -150,7 +150,8 @@ TEST_F(PollCall, TokensOfRecordsNotYetReturnedStayTaken) {
   std::set<uint64_t> returned{c.token};
   for (uint64_t t = 1; t <= 6; ++t) {
     if (returned.count(t)) continue;
-    EXPECT_EQ(kloop_submit_nop(d, t), -EEXIST) << "token " << t << " reusable before its record was returned";
+    EXPECT_EQ(kloop_submit_nop(d, t), -EEXIST)
+        << "token " << t << " reusable before its record was returned";
   }
   // Harvest the rest: every token exactly once.
   std::multiset<uint64_t> all{c.token};

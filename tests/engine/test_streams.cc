@@ -39,8 +39,8 @@ class Streams : public ::testing::Test {
 // checks the pattern as it goes.
 class PatternReader {
  public:
-  PatternReader(int fd, uint64_t expect, size_t chunk = 65536, std::chrono::microseconds pause = 0us,
-                size_t pause_every = 1u << 20)
+  PatternReader(int fd, uint64_t expect, size_t chunk = 65536,
+                std::chrono::microseconds pause = 0us, size_t pause_every = 1u << 20)
       : th_([=, this] {
           std::vector<char> buf(chunk);
           size_t since = 0;
@@ -277,7 +277,8 @@ TEST_F(Streams, ManyWritesAreGathered) {
   constexpr size_t kEach = 100;
   std::string all = Pattern(0, kWrites * kEach);
   kloop_stats before = GetStats(d);
-  for (int i = 0; i < kWrites; ++i) ASSERT_GE(kloop_stream_write(d, 1, all.data() + i * kEach, kEach), 0);
+  for (int i = 0; i < kWrites; ++i)
+    ASSERT_GE(kloop_stream_write(d, 1, all.data() + i * kEach, kEach), 0);
   // A slow reader: small reads with pauses.
   PatternReader reader(peer, all.size(), 4096, 2ms, 16384);
   reader.StopAtExpected();
@@ -571,11 +572,14 @@ TEST_P(StreamsIdle, TokenStaysLiveUntilClosedIsReturned) {
 
 INSTANTIATE_TEST_SUITE_P(
     States, StreamsIdle,
-    ::testing::Values(std::make_pair(Idle::kReadError, false), std::make_pair(Idle::kReadError, true),
-                      std::make_pair(Idle::kEof, false), std::make_pair(Idle::kEof, true),
-                      std::make_pair(Idle::kNoRead, false), std::make_pair(Idle::kNoRead, true),
-                      std::make_pair(Idle::kPaused, false), std::make_pair(Idle::kPaused, true)),
-    [](const auto &info) { return IdleName(info.param.first) + (info.param.second ? "Abort" : "Close"); });
+    ::testing::Values(std::make_pair(Idle::kReadError, false),
+                      std::make_pair(Idle::kReadError, true), std::make_pair(Idle::kEof, false),
+                      std::make_pair(Idle::kEof, true), std::make_pair(Idle::kNoRead, false),
+                      std::make_pair(Idle::kNoRead, true), std::make_pair(Idle::kPaused, false),
+                      std::make_pair(Idle::kPaused, true)),
+    [](const auto &info) {
+      return IdleName(info.param.first) + (info.param.second ? "Abort" : "Close");
+    });
 
 TEST_F(Streams, CallsWhileClosing) {
   auto [s, peer] = TcpPair();
