@@ -27,6 +27,8 @@ PACKAGES=(
   python3 python3-venv python3-cffi python3-pytest python3-uvloop libpython3.11-testsuite
   # syscall counting in tests and benchmarks
   strace
+  # packaging (pip install through meson-python) and linters
+  python3-mesonpy python3-flake8 clang-format clang-tidy
 )
 
 log() { printf 'setup: %s\n' "$*"; }

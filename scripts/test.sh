@@ -17,6 +17,9 @@
 #            a library)
 #   python   pytest tests/python
 #   conform  pytest tests/conformance
+#   integ    pytest tests/integration: real servers and frameworks on both loops
+#   package  pytest tests/packaging: sdist -> wheel -> fresh venv -> echo;
+#            python -m kloop info/run; scripts/lint.sh
 # A stage that cannot run (configure or build error, no tests collected,
 # missing directory) counts as one failure. Environment:
 #   JOBS          parallel build/test jobs (default: number of cores)
@@ -26,7 +29,7 @@ set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 ROOT=$PWD
 JOBS=${JOBS:-$(nproc)}
-STAGES=${KLOOP_STAGES:-meson examples asan python conform}
+STAGES=${KLOOP_STAGES:-meson examples asan python conform integ package}
 PY=/usr/bin/python3
 RESULTS=$(mktemp -d)
 trap 'rm -rf "$RESULTS"' EXIT
@@ -181,6 +184,8 @@ for stage in $STAGES; do
     asan) stage_asan ;;
     python) pytest_stage python tests/python ;;
     conform) pytest_stage conform tests/conformance ;;
+    integ) pytest_stage integ tests/integration ;;
+    package) pytest_stage package tests/packaging ;;
     *) echo "test.sh: unknown stage $stage" >&2; record "$stage" 0 1 0 "unknown stage" ;;
   esac
 done
