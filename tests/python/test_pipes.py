@@ -245,3 +245,42 @@ def test_idle_pipes_do_not_spin(loop):
             os.close(r2)
 
     loop.run(main())
+
+
+def test_kloop_read_pipe_is_an_engine_stream(loop):
+    """On kloop a read pipe is read by the engine (an io_uring stream), not
+    through add_reader(); a data_received() that raises is reported to the
+    exception handler and reading goes on, as with asyncio's reader."""
+    errors = loop.expect_errors()
+
+    class Raising(RecordingProtocol):
+        def data_received(self, data):
+            super().data_received(data)
+            if bytes(data).startswith(b"boom"):
+                raise ZeroDivisionError("from data_received")
+
+    async def main():
+        lp = loop.loop
+        rfd, wfd = os.pipe()
+        rtr, rpr = await lp.connect_read_pipe(lambda: Raising(lp),
+                                              open(rfd, "rb", buffering=0))
+        try:
+            if loop.is_("kloop"):
+                assert type(rtr).__name__ == "_EngineReadPipeTransport"
+                assert rfd not in lp._proactor._readers
+            os.write(wfd, b"boom")
+            await _wait_for(lambda: errors)
+            os.write(wfd, b" and more")
+            await _wait_for(lambda: bytes(rpr.data) == b"boom and more")
+            assert not rtr.is_closing()
+            os.close(wfd)
+            wfd = None
+            assert await asyncio.wait_for(rpr.lost, 5) is None
+        finally:
+            rtr.close()
+            if wfd is not None:
+                os.close(wfd)
+        assert len(errors) == 1
+        assert isinstance(errors[0]["exception"], ZeroDivisionError)
+
+    loop.run(main())
