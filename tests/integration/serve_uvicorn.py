@@ -23,6 +23,8 @@ def main(argv=None):
     p.add_argument("--ws", default="auto", choices=["auto", "none", "websockets", "wsproto"])
     p.add_argument("--access-log", action="store_true")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--ssl-certfile")
+    p.add_argument("--ssl-keyfile")
     args = p.parse_args(argv)
 
     import uvicorn
@@ -35,6 +37,8 @@ def main(argv=None):
     else:
         loop_setting = args.loop
     kw = {"uds": args.uds} if args.uds else {"host": args.host, "port": args.port}
+    if args.ssl_certfile:
+        kw.update(ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
     uvicorn.run(args.app, loop=loop_setting, http=args.http, ws=args.ws,
                 access_log=args.access_log, log_level=args.log_level,
                 timeout_keep_alive=30, **kw)

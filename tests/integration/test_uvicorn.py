@@ -21,7 +21,7 @@ import time
 import pytest
 
 import integ_util
-from integ_fixtures import loop_name  # noqa: F401  (fixture)
+from integ_fixtures import certs, loop_name  # noqa: F401  (fixtures)
 
 httpx = pytest.importorskip("httpx", reason="httpx is not installed (Debian: python3-httpx)")
 pytest.importorskip("uvicorn", reason="uvicorn is not installed (Debian: python3-uvicorn)")
@@ -39,9 +39,11 @@ BAD_LOG = re.compile(r"Traceback|ERROR|Exception in|exception was never retrieve
 
 
 class UvicornServer(integ_util.PythonServer):
-    def __init__(self, loop, app=STARLETTE, http="auto", ws="auto", uds=None):
+    def __init__(self, loop, app=STARLETTE, http="auto", ws="auto", uds=None, certs=None):
         self.loop_name = loop
         args = ["serve_uvicorn.py", "--loop", loop, "--app", app, "--http", http, "--ws", ws]
+        if certs is not None:
+            args += ["--ssl-certfile", certs.cert, "--ssl-keyfile", certs.key]
         if uds:
             self.port = None
             self.url = "http://localhost"
@@ -49,7 +51,8 @@ class UvicornServer(integ_util.PythonServer):
             addresses = [uds]
         else:
             self.port = integ_util.free_port()
-            self.url = f"http://127.0.0.1:{self.port}"
+            scheme = "https" if certs is not None else "http"
+            self.url = f"{scheme}://127.0.0.1:{self.port}"
             args += ["--port", str(self.port)]
             addresses = [("127.0.0.1", self.port)]
         super().__init__(args, addresses, f"uvicorn ({app}, {http}, ws={ws}) on {loop}")
@@ -280,6 +283,36 @@ def test_unix_socket(loop):
     finally:
         srv.cleanup()
         shutil.rmtree(d, ignore_errors=True)
+
+
+def test_tls(loop, certs):
+    """uvicorn with --ssl-certfile/--ssl-keyfile: TLS on the server's loop
+    (asyncio's sslproto over the loop's transports), 10 MB each way, wss."""
+    websockets = pytest.importorskip(
+        "websockets", reason="websockets is not installed (Debian: python3-websockets)")
+    srv = UvicornServer(loop.name, certs=certs)
+    body = integ_util.pattern(10 << 20, seed=12)
+    try:
+        async def main():
+            async with httpx.AsyncClient(verify=certs.client_context(), timeout=60) as client:
+                await check_loop(client, srv)
+                rs = await asyncio.gather(*(client.get(srv.url + "/") for _ in range(30)))
+                assert {r.text for r in rs} == {"Hello, world!"}
+                r = await client.post(srv.url + "/upload", content=body)
+                assert r.json()["sha256"] == hashlib.sha256(body).hexdigest()
+                r = await client.get(srv.url + "/blob", params={"size": 10 << 20})
+                assert len(r.content) == 10 << 20
+            async with websockets.connect(srv.url.replace("https://", "wss://") + "/ws",
+                                          ssl=certs.client_context(), max_size=4 << 20) as conn:
+                big = integ_util.pattern(3 << 20, seed=13)
+                await conn.send(big)
+                assert await conn.recv() == big
+
+        loop.run(main())
+        assert srv.stop() == 0
+        srv.check_log()
+    finally:
+        srv.cleanup()
 
 
 def test_fastapi(loop, servers):
