@@ -276,11 +276,12 @@ def test_concurrent_sendfiles_and_cancel(loop, tmp_path):
     loop.run(main())
 
 
-def test_kloop_without_splice_uses_os_sendfile(loop, tmp_path, monkeypatch):
-    """kloop on a kernel without IORING_OP_SPLICE: the os.sendfile() path
-    (writability waits on the ring) gives the same results."""
-    if not loop.is_("kloop"):
-        pytest.skip("kloop's own fallback path; asyncio always uses os.sendfile()")
+def test_kloop_without_splice_uses_os_sendfile(kloop_module, tmp_path, monkeypatch):
+    """kloop on a kernel without IORING_OP_SPLICE (forced with the loop's
+    `disable` mask): the os.sendfile() path, with writability waits on the
+    ring, gives the same results."""
+    from conftest import open_fds
+    from kloop import _ffi, _sendfile
     data = pattern(3 * MiB, seed=6)
     path = tmp_path / "n"
     path.write_bytes(data)
@@ -292,10 +293,11 @@ def test_kloop_without_splice_uses_os_sendfile(loop, tmp_path, monkeypatch):
         return real(*args)
 
     monkeypatch.setattr(os, "sendfile", counting)
-    loop.loop._kloop_has_splice = False
+    before = open_fds()
+    lp = kloop_module.IouringProactorEventLoop(
+        kloop_module.IouringProactor(config={"disable": _ffi.CAP_SPLICE}))
 
     async def main():
-        lp = loop.loop
         a, b = await _sock_pair(lp, sndbuf=65536)
         try:
             with open(path, "rb") as f:
@@ -309,5 +311,12 @@ def test_kloop_without_splice_uses_os_sendfile(loop, tmp_path, monkeypatch):
             a.close()
             b.close()
 
-    loop.run(main())
+    try:
+        assert not _sendfile.has_splice(lp)
+        lp.run_until_complete(asyncio.wait_for(main(), 60))
+        lp.run_until_complete(lp.shutdown_default_executor())
+    finally:
+        lp.close()
     assert calls
+    leaked = {fd: t for fd, t in open_fds().items() if before.get(fd) != t}
+    assert not leaked, leaked

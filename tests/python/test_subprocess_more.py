@@ -325,3 +325,45 @@ def test_kloop_child_exit_without_watcher_thread(loop):
                 os.waitpid(p.pid, os.WNOHANG)
 
     loop.run(main())
+
+
+@pytest.mark.parametrize("disable", ["none", "waitid"])
+def test_kloop_child_exit_paths(kloop_module, disable):
+    """Both ways the engine observes a child's exit: IORING_OP_WAITID where
+    the kernel has it, and a pidfd poll + waitid(P_PIDFD) where it does not
+    (forced here with the loop's `disable` mask). Exit codes, signals, many
+    children at once, every child reaped, no fd left open."""
+    from kloop import _ffi
+    mask = _ffi.CAP_WAITID if disable == "waitid" else 0
+    before = open_fds()
+    lp = kloop_module.IouringProactorEventLoop(
+        kloop_module.IouringProactor(config={"disable": mask}))
+    try:
+        enabled = lp._proactor.caps()["enabled"]
+        kernel = lp._proactor.caps()["kernel"]
+        if disable == "waitid":
+            assert "waitid" not in enabled and "pidfd" in enabled
+        elif "waitid" not in kernel:
+            pytest.skip("this kernel has no IORING_OP_WAITID (6.7+): the pidfd case covers it")
+        else:
+            assert "waitid" in enabled
+
+        async def main():
+            procs = [await asyncio.create_subprocess_exec(
+                "/bin/sh", "-c", f"exit {i}") for i in range(30)]
+            assert await asyncio.gather(*(p.wait() for p in procs)) == list(range(30))
+            p = await asyncio.create_subprocess_exec("/bin/sleep", "30")
+            p.terminate()
+            assert await asyncio.wait_for(p.wait(), 10) == -signal.SIGTERM
+            p = await asyncio.create_subprocess_exec(
+                PY, "-c", "import sys; sys.stdout.write(sys.stdin.read())",
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            assert await p.communicate(b"echo") == (b"echo", None)
+            assert _zombie_children() == []
+
+        lp.run_until_complete(asyncio.wait_for(main(), 60))
+    finally:
+        lp.run_until_complete(lp.shutdown_asyncgens())
+        lp.close()
+    leaked = {fd: t for fd, t in open_fds().items() if before.get(fd) != t}
+    assert not leaked, leaked
