@@ -147,7 +147,7 @@ def test_streaming_and_large_bodies(loop):
                              params={"n": "4", "size": "100", "delay": "0.2"}) as r:
                 async for _ in r.content.iter_chunked(100):
                     stamps.append(time.monotonic())
-            assert len(stamps) == 4 and stamps[-1] - stamps[0] > 0.4
+            assert len(stamps) == 4 and stamps[-1] - stamps[0] > 0.3
 
     loop.run(main())
 
