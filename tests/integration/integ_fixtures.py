@@ -18,6 +18,7 @@ installs them in CI); a server that is installed but does not start fails.
 """
 
 import os
+import resource
 import shutil
 import tempfile
 
@@ -25,6 +26,25 @@ import pytest
 
 import integ_util
 from conftest import require_loop  # tests/conftest.py
+
+
+def _raise_fd_limit(wanted=8192):
+    """1,000 concurrent redis connections need more fds than a default soft
+    limit of 1024: raise it (as far as the hard limit allows) before any
+    server starts, so the servers inherit it too."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        try:  # root may raise the hard limit too
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, wanted))
+            return
+        except (ValueError, OSError):
+            wanted = hard
+    resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
+_raise_fd_limit()
 
 INTEGRATION_LOOPS = tuple(os.environ.get("KLOOP_INTEGRATION_LOOPS", "asyncio kloop").split())
 
