@@ -759,6 +759,7 @@ def markdown_tables(rows, loops, ratio_pairs, title_kind=True):
         out.append("| " + " | ".join(cells) + " |")
     out.append("")
     head = ["cell"] + [f"{lp} CPU µs/req (user+sys)" for lp in loops] + \
+        [f"{a}/{b} CPU" for a, b in ratio_pairs[:1]] + \
         [f"{lp} p50 / p99 µs" for lp in loops] + [f"{lp} RSS MiB" for lp in loops]
     out.append("| " + " | ".join(head) + " |")
     out.append("|" + "---|" + "---:|" * (len(head) - 1))
@@ -770,6 +771,9 @@ def markdown_tables(rows, loops, ratio_pairs, title_kind=True):
             d = row["loops"].get(lp, {})
             cells.append("n/a" if not d.get("n") else
                          f"{d['cpu_us']:.2f} ({d['user_us']:.2f}+{d['sys_us']:.2f})")
+        for a, b in ratio_pairs[:1]:
+            rt = row["ratios"].get(f"{a}/{b}")
+            cells.append("n/a" if not rt or rt.get("cpu") is None else f"{rt['cpu']:.2f}×")
         for lp in loops:
             d = row["loops"].get(lp, {})
             cells.append("n/a" if not d.get("n") else f"{d['p50']:.0f} / {d['p99']:.0f}")
@@ -779,6 +783,55 @@ def markdown_tables(rows, loops, ratio_pairs, title_kind=True):
                          f"{d['rss_kb'] / 1024:.1f}")
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
+
+
+def emit_matrix(payload, loops, ratio_pairs, notes, doc):
+    """Print the tables of a matrix run and, with doc, write its section."""
+    tier, meta, records, rows = payload["tier"], payload["meta"], payload["runs"], payload["summary"]
+    nice = meta.get("nice", 0)
+    tables = markdown_tables(rows, loops, ratio_pairs, title_kind=tier != "native")
+    interf = interference_note(records, nice)
+    print(tables)
+    if notes:
+        print("\n".join(notes))
+    print(interf)
+    if doc:
+        body = (f"Measured {meta['date']}: kernel {meta['kernel']}, {meta['cpu']} "
+                f"({meta['cpus']} CPUs), Python {meta['python']}, uvloop {meta['uvloop']}, "
+                f"liburing {meta['liburing']}, commit {meta['commit']}. "
+                f"{payload['rounds']} interleaved rounds of {payload['warmup']:g} s warm-up + "
+                f"{payload['duration']:g} s measured per server; median (min–max); "
+                + (f"nice {nice}; " if nice else "") +
+                f"load average at start {meta['loadavg_start'][0]:.2f}.\n\n"
+                f"`{meta['command']}`\n\n{tables}\n")
+        if notes:
+            body += "\n" + "\n".join(notes) + "\n"
+        if interf:
+            body += "\n" + interf + "\n"
+        write_doc_section(tier, body)
+
+
+def report_main(path, doc):
+    """Tables (and doc section) again from a saved results file."""
+    payload = json.loads(Path(path).read_text())
+    if "summary" not in payload:
+        raise BenchError(f"{path}: not a matrix run (tier {payload.get('tier')})")
+    rows = payload["summary"]
+    loops = []
+    for row in rows:
+        for lp in row["loops"]:
+            if lp not in loops:
+                loops.append(lp)
+    pairs = []
+    for row in rows:
+        for key in row["ratios"]:
+            a, b = key.split("/")
+            if (a, b) not in pairs:
+                pairs.append((a, b))
+    notes = [f"- {lp}: n/a — {err}" for lp in loops
+             for err in {r["loops"][lp].get("error") for r in rows
+                         if lp in r["loops"] and not r["loops"][lp].get("n")} if err]
+    emit_matrix(payload, loops, pairs, sorted(set(notes)), doc)
 
 
 def unavailable_notes(env, loops):
@@ -867,7 +920,8 @@ def main(argv=None):
                                 epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("tier", choices=["quick", "full", "native", "syscalls", "memory", "profile",
-                                    "custom"])
+                                    "custom", "report"])
+    p.add_argument("results", nargs="?", help="report: a results JSON file of a matrix run")
     p.add_argument("--build", help="meson build directory (default: build/, else build*/)")
     p.add_argument("--loops", help="comma list (default asyncio,uvloop,kloop; "
                                    "native: epoll,libkloop)")
@@ -898,6 +952,15 @@ def main(argv=None):
 
     global NICE
     NICE = args.nice
+    if args.tier == "report":
+        if not args.results:
+            p.error("report needs a results file")
+        try:
+            report_main(args.results, args.doc)
+        except BenchError as e:
+            print(f"run.py: {e}", file=sys.stderr)
+            return 2
+        return 0
     try:
         env = Env(args.build)
     except BenchError as e:
@@ -1044,27 +1107,8 @@ def main(argv=None):
         path.write_text(json.dumps(payload, indent=1))
     else:
         path = save_json(tier, payload)
-    tables = markdown_tables(rows, loops, ratio_pairs, title_kind=not native)
     notes = unavailable_notes(env, loops)
-    interf = interference_note(records, args.nice)
-    print(tables)
-    if notes:
-        print("\n".join(notes))
-    print(interf)
-    if args.doc:
-        body = (f"Measured {meta['date']}: kernel {meta['kernel']}, {meta['cpu']} "
-                f"({meta['cpus']} CPUs), Python {meta['python']}, uvloop {meta['uvloop']}, "
-                f"liburing {meta['liburing']}, commit {meta['commit']}. "
-                f"{rounds} interleaved rounds of {args.warmup:g} s warm-up + "
-                f"{duration:g} s measured per server; median (min–max); "
-                + (f"nice {args.nice}; " if args.nice else "") +
-                f"load average at start {meta['loadavg_start'][0]:.2f}.\n\n"
-                f"`{meta['command']}`\n\n{tables}\n")
-        if notes:
-            body += "\n" + "\n".join(notes) + "\n"
-        if interf:
-            body += "\n" + interf + "\n"
-        write_doc_section(tier, body)
+    emit_matrix(payload, loops, ratio_pairs, notes, args.doc)
     print(f"run.py: results in {path}", file=sys.stderr)
     return 0
 
