@@ -326,3 +326,71 @@ def test_sendto_buffering_abort_and_close(loop):
                 sink.close()
 
     loop.run(main())
+
+
+def test_datagram_flow_control_resume_and_order(loop):
+    """A Unix datagram sender blocked by a full receiver queues its
+    datagrams (pause_writing above the high mark); when the receiver reads,
+    the queue drains, resume_writing is called once and every datagram
+    arrives once, in order."""
+
+    class FlowProto(DgProto):
+        def __init__(self, lp):
+            super().__init__(lp)
+            self.flow = []
+            self.resumed = lp.create_future()
+
+        def pause_writing(self):
+            self.flow.append("pause")
+
+        def resume_writing(self):
+            self.flow.append("resume")
+            if not self.resumed.done():
+                self.resumed.set_result(None)
+
+    loop.known_failure(
+        "kloop", "kloop sends EMPTY datagrams on a Unix datagram socket whose receiver is "
+        "full: the first send that has to wait completes with result 0 and the receiver "
+        "gets b'' instead of the 1000-byte datagram (seen here: datagrams 72, 112, 117, ... "
+        "of 300 were empty; proactor.send/sendto with io_uring send/sendmsg on AF_UNIX "
+        "SOCK_DGRAM; a poll + send(2) sends them intact)")
+    n = 300
+
+    async def main():
+        lp = loop.loop
+        with tempfile.TemporaryDirectory() as d:
+            spath = os.path.join(d, "sink")
+            sink = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            sink.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sink.bind(spath)
+            tr = None
+            try:
+                tr, pr = await lp.create_datagram_endpoint(
+                    lambda: FlowProto(lp), remote_addr=spath, family=socket.AF_UNIX)
+                tr.set_write_buffer_limits(high=16384, low=4096)
+                for i in range(n):
+                    tr.sendto(b"%05d" % i + b"." * 995)
+                assert pr.flow == ["pause"]
+                assert tr.get_write_buffer_size() > 16384
+
+                def drain():
+                    got = []
+                    sink.settimeout(10)
+                    while len(got) < n:
+                        got.append(int(sink.recv(2000)[:5]))
+                    return got
+
+                got = await lp.run_in_executor(None, drain)
+                assert got == list(range(n))
+                await asyncio.wait_for(pr.resumed, 5)
+                assert pr.flow == ["pause", "resume"]
+                assert tr.get_write_buffer_size() == 0
+                tr.close()
+                assert await asyncio.wait_for(pr.lost, 5) is None
+            finally:
+                if tr is not None and not tr.is_closing():
+                    tr.abort()
+                    await asyncio.sleep(0)
+                sink.close()
+
+    loop.run(main())
