@@ -485,3 +485,25 @@ def test_gunicorn_worker_restarts(loop_name):
         assert srv.stop(signal.SIGTERM, timeout=20) == 0, srv.output()
     finally:
         srv.cleanup()
+
+
+def test_documented_cli_one_liner(loop_name):
+    """docs/integrations.md's command line: kloop's policy installed before
+    uvicorn's own CLI, `--loop asyncio` so that uvicorn keeps it."""
+    if loop_name == "kloop":
+        code = "import kloop, uvicorn.main; kloop.install(); uvicorn.main.main()"
+    elif loop_name == "asyncio":
+        code = "import uvicorn.main; uvicorn.main.main()"
+    else:
+        pytest.skip(f"no one-liner documented for {loop_name}")
+    port = integ_util.free_port()
+    srv = integ_util.PythonServer(
+        ["-c", code, STARLETTE, "--loop", "asyncio", "--port", str(port)],
+        [("127.0.0.1", port)], f"uvicorn CLI on {loop_name}")
+    try:
+        with httpx.Client() as client:
+            r = client.get(f"http://127.0.0.1:{port}/loop")
+        assert r.text == EXPECTED_LOOP[loop_name]
+        assert srv.stop() == 0, srv.output()
+    finally:
+        srv.cleanup()
