@@ -425,7 +425,9 @@ class IouringProactorEventLoop(proactor_events.BaseProactorEventLoop):
 
     def _make_datagram_transport(self, sock, protocol,
                                  address=None, waiter=None, extra=None):
-        return _DatagramTransport(self, sock, protocol, address, waiter, extra)
+        # Unix datagram sockets send by send(2): see _datagram.py.
+        from . import _datagram
+        return _datagram.make_datagram_transport(self, sock, protocol, address, waiter, extra)
 
     def _make_duplex_pipe_transport(self, sock, protocol, waiter=None,
                                     extra=None):

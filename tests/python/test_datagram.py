@@ -348,12 +348,8 @@ def test_datagram_flow_control_resume_and_order(loop):
             if not self.resumed.done():
                 self.resumed.set_result(None)
 
-    loop.known_failure(
-        "kloop", "kloop sends EMPTY datagrams on a Unix datagram socket whose receiver is "
-        "full: the first send that has to wait completes with result 0 and the receiver "
-        "gets b'' instead of the 1000-byte datagram (seen here: datagrams 72, 112, 117, ... "
-        "of 300 were empty; proactor.send/sendto with io_uring send/sendmsg on AF_UNIX "
-        "SOCK_DGRAM; a poll + send(2) sends them intact)")
+    # (kernel 6.18's io_uring sends such a datagram empty when it has to
+    # wait: kloop sends Unix datagrams with send(2), see kloop/_datagram.py)
     n = 300
 
     async def main():
