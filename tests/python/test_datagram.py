@@ -390,3 +390,54 @@ def test_datagram_flow_control_resume_and_order(loop):
                 sink.close()
 
     loop.run(main())
+
+
+def test_sock_send_unix_datagram_full_receiver(loop):
+    """loop.sock_sendall()/sock_sendto() on a Unix datagram socket whose
+    receiver is full wait and then send the datagram intact."""
+    loop.known_failure(
+        "kloop", "kloop's sock_sendall/sock_sendto use an io_uring send/sendmsg; on kernel "
+        "6.18 a send on a full AF_UNIX SOCK_DGRAM receiver that has to wait goes out "
+        "EMPTY (result 0, the receiver gets b''); reproduced with plain liburing. The "
+        "datagram transport avoids it (kloop/_datagram.py); IouringProactor.send/sendto "
+        "should do the same for AF_UNIX SOCK_DGRAM (poll + send(2))")
+
+    async def main():
+        lp = loop.loop
+        with tempfile.TemporaryDirectory() as d:
+            spath = os.path.join(d, "sink")
+            sink = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            sink.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sink.bind(spath)
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            s.setblocking(False)
+            try:
+                s.connect(spath)
+                n = 40
+                sent = []
+
+                async def send_all():
+                    for i in range(n):
+                        data = b"%05d" % i + b"." * 995
+                        if i % 2:
+                            await lp.sock_sendall(s, data)
+                        else:
+                            sent.append(await lp.sock_sendto(s, data, spath))
+
+                sender = asyncio.ensure_future(send_all())
+                await asyncio.sleep(0.1)  # the receiver is full by now
+
+                def drain():
+                    sink.settimeout(10)
+                    return [sink.recv(2000) for _ in range(n)]
+
+                got = await lp.run_in_executor(None, drain)
+                await asyncio.wait_for(sender, 10)
+                assert [len(g) for g in got] == [1000] * n
+                assert [int(g[:5]) for g in got] == list(range(n))
+                assert sent == [1000] * (n // 2)
+            finally:
+                s.close()
+                sink.close()
+
+    loop.run(main())
