@@ -234,6 +234,10 @@ async def sock_sendfile(loop, sock, file, offset, count):
             st["token"] = None
             if gone():
                 return
+            if res < 0:
+                # Cancelled (the loop is closing) or the fd cannot be polled.
+                fail(OSError(-res, os.strerror(-res)))
+                return
             drain()
 
         try:

@@ -320,3 +320,38 @@ def test_kloop_without_splice_uses_os_sendfile(kloop_module, tmp_path, monkeypat
     assert calls
     leaked = {fd: t for fd, t in open_fds().items() if before.get(fd) != t}
     assert not leaked, leaked
+
+
+def test_kloop_loop_closes_with_sendfile_in_flight(kloop_module, tmp_path):
+    """Closing a loop while a splice sendfile waits for the socket ends at
+    once (the cancelled wait does not start another splice) and closes the
+    loop's pipes."""
+    import gc
+    import time
+    from conftest import open_fds
+    path = tmp_path / "inflight"
+    path.write_bytes(b"q" * (8 * MiB))
+    before = open_fds()
+    lp = kloop_module.new_event_loop()
+    seen = []
+    lp.set_exception_handler(lambda loop, ctx: seen.append(ctx.get("message")))
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    f = open(path, "rb")
+    try:
+        task = lp.create_task(lp.sock_sendfile(a, f))
+        lp.run_until_complete(asyncio.sleep(0.1))
+        assert not task.done()  # the peer does not read: waiting for POLLOUT
+        assert len(lp._kloop_splice_pipes.all) == 1
+        t0 = time.monotonic()
+        lp.close()
+        assert time.monotonic() - t0 < 5
+        assert lp._kloop_splice_pipes is None
+    finally:
+        a.close()
+        b.close()
+        f.close()
+    del task
+    gc.collect()
+    leaked = {fd: t for fd, t in open_fds().items() if before.get(fd) != t}
+    assert not leaked, leaked
