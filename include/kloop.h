@@ -275,6 +275,8 @@ KLOOP_API int kloop_wake(kloop_t *loop);
 #define KLOOP_OP_MULTISHOT   (1u << 0) /* accept, poll: keep going until cancelled */
 #define KLOOP_POLL_EDGE      (1u << 1) /* poll with KLOOP_OP_MULTISHOT: kernel multishot poll,
                                           reports each new readiness (edge-like) */
+#define KLOOP_ACCEPT_KERNEL_MULTISHOT (1u << 2) /* accept with KLOOP_OP_MULTISHOT: use the
+                                          kernel's multishot accept (see kloop_submit_accept) */
 
 /* Common errors of every kloop_submit_*: -EBADF (handle), -EBADFD (after
  * fork), -EEXIST (token in use), -EINVAL (bad argument, e.g. negative fd,
@@ -287,8 +289,13 @@ KLOOP_API int kloop_submit_nop(kloop_t *loop, uint64_t token);
 /*
  * kloop_submit_accept - accept4(2) a connection on listening socket fd.
  *   flags: KLOOP_OP_MULTISHOT to keep accepting until cancelled or until the
- *   first error (emulated by re-arming when the kernel lacks it). New fds
- *   are SOCK_CLOEXEC|SOCK_NONBLOCK.
+ *   first error. By default the engine re-arms a one-shot accept after each
+ *   connection: the kernel wakes waiters of a listening socket one at a
+ *   time, and a kernel multishot accept stays first in line, so processes
+ *   sharing the socket (pre-fork servers) would never get a connection.
+ *   KLOOP_OP_MULTISHOT | KLOOP_ACCEPT_KERNEL_MULTISHOT uses the kernel's
+ *   multishot accept (one SQE for all connections) where it exists: for a
+ *   socket no other process accepts on. New fds are SOCK_CLOEXEC|SOCK_NONBLOCK.
  * Completion: result = new fd or -errno; for one-shot accept `data` points
  *   at the peer's sockaddr and `aux` is its length (multishot: data 0).
  * Since: 0.1
@@ -410,6 +417,18 @@ KLOOP_API int kloop_submit_child_exit(kloop_t *loop, uint64_t token, int pid);
  *   completion is on the way, or the stream is closing), -EBADF. Since: 0.1
  */
 KLOOP_API int kloop_cancel(kloop_t *loop, uint64_t token);
+
+/*
+ * kloop_cancel_now - kloop_cancel(), and hand the request to the kernel at
+ *   once (one io_uring_enter(2)) instead of at the next kloop_poll(), so
+ *   that the kernel has let go of the operation's fd when this returns: a
+ *   listening socket closed right after kloop_cancel_now() of its accept
+ *   stops listening at once (shutdown(2) would stop it for every process
+ *   sharing it). The final completion still comes from a later kloop_poll().
+ * Returns: as kloop_cancel(), or another -errno of io_uring_enter(2).
+ * Thread safety: the owner thread. Since: 0.1
+ */
+KLOOP_API int kloop_cancel_now(kloop_t *loop, uint64_t token);
 
 /*
  * kloop_cancel_fd - request cancellation of every live operation on fd

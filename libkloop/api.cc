@@ -233,10 +233,12 @@ int kloop_submit_nop(kloop_t *loop, uint64_t token) {
 
 int kloop_submit_accept(kloop_t *loop, uint64_t token, int fd, uint32_t flags) {
   KLOOP_RESOLVE();
-  if (fd < 0 || (flags & ~KLOOP_OP_MULTISHOT)) return -EINVAL;
+  if (fd < 0 || (flags & ~(KLOOP_OP_MULTISHOT | KLOOP_ACCEPT_KERNEL_MULTISHOT))) return -EINVAL;
+  if ((flags & KLOOP_ACCEPT_KERNEL_MULTISHOT) && !(flags & KLOOP_OP_MULTISHOT)) return -EINVAL;
   kl::Op a;
   a.fd = fd;
   if (flags & KLOOP_OP_MULTISHOT) a.state = kl::kOpMultishot;
+  if (flags & KLOOP_ACCEPT_KERNEL_MULTISHOT) a.state |= kl::kOpEdge;
   return eng->submit_op(kl::OpKind::Accept, token, a);
 }
 
@@ -394,6 +396,13 @@ int kloop_submit_child_exit(kloop_t *loop, uint64_t token, int pid) {
 int kloop_cancel(kloop_t *loop, uint64_t token) {
   KLOOP_RESOLVE();
   return eng->cancel(token);
+}
+
+int kloop_cancel_now(kloop_t *loop, uint64_t token) {
+  KLOOP_RESOLVE();
+  int rc = eng->cancel(token);
+  if (rc < 0) return rc;
+  return eng->submit_now();
 }
 
 int kloop_cancel_fd(kloop_t *loop, int fd) {

@@ -641,7 +641,7 @@ int Engine::submit_op(OpKind kind, uint64_t token, const Op &args) {
   op->ts = args.ts;
   op->state = static_cast<uint16_t>(args.state & (kOpMultishot | kOpEdge));
   if (op->state & kOpMultishot) {
-    if (kind == OpKind::Accept && (enabled_ & KLOOP_CAP_MULTISHOT_ACCEPT))
+    if (kind == OpKind::Accept && (op->state & kOpEdge) && (enabled_ & KLOOP_CAP_MULTISHOT_ACCEPT))
       op->state |= kOpKernelMulti;
     if (kind == OpKind::Poll && (op->state & kOpEdge) && (enabled_ & KLOOP_CAP_MULTISHOT_POLL))
       op->state |= kOpKernelMulti;
@@ -690,6 +690,17 @@ int Engine::cancel(uint64_t token) {
     return stream_pause(token, true);
   }
   return -ENOENT;
+}
+
+// Submit what is queued and run the kernel's deferred completions now:
+// cancelled requests complete and drop their file references. Their CQEs
+// stay in the ring for the next poll.
+int Engine::submit_now() {
+  int rc = enable();
+  if (rc < 0) return rc;
+  ++st_.enters;
+  rc = io_uring_submit_and_get_events(&ring_);
+  return rc < 0 && rc != -EINTR && rc != -EBUSY && rc != -EAGAIN ? rc : 0;
 }
 
 int Engine::cancel_fd(int fd) {

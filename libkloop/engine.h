@@ -50,7 +50,7 @@ enum : uint16_t {
   kOpCancelling = 1u << 2,   // cancel requested
   kOpInKernel = 1u << 3,     // an SQE for it is queued or in flight
   kOpPollRetry = 1u << 4,    // waiting for readiness after -EAGAIN
-  kOpEdge = 1u << 5,         // poll: kernel multishot (edge-like)
+  kOpEdge = 1u << 5,         // caller wants the kernel's multishot (poll: edge-like)
   kOpWaitClose = 1u << 6,    // close: waiting for other ops on the fd
   kOpFinished = 1u << 7,     // final completion produced
 };
@@ -175,6 +175,7 @@ class Engine {
   int submit_op(OpKind kind, uint64_t token, const Op &args);
   int cancel(uint64_t token);
   int cancel_fd(int fd);
+  int submit_now();
 
   // streams
   int stream_attach(uint64_t token, int fd, uint32_t flags);

@@ -107,6 +107,7 @@ int kloop_submit_splice(kloop_t *loop, uint64_t token, int fd_in, uint64_t off_i
                         int fd_out, uint64_t off_out, uint32_t len, uint32_t flags);
 int kloop_submit_child_exit(kloop_t *loop, uint64_t token, int pid);
 int kloop_cancel(kloop_t *loop, uint64_t token);
+int kloop_cancel_now(kloop_t *loop, uint64_t token);
 int kloop_cancel_fd(kloop_t *loop, int fd);
 
 int kloop_stream_attach(kloop_t *loop, uint64_t token, int fd, uint32_t flags);
@@ -199,6 +200,7 @@ ERROR_WRITE = 2
 
 OP_MULTISHOT = 1 << 0
 POLL_EDGE = 1 << 1
+ACCEPT_KERNEL_MULTISHOT = 1 << 2
 
 OFFSET_CURRENT = (1 << 64) - 1
 

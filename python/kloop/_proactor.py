@@ -440,10 +440,11 @@ class IouringProactor:
         self._cache[entry._token] = entry
         return entry
 
-    def _cancel_token(self, token):
+    def _cancel_token(self, token, now=False):
         if self._ptr is None:
             return
-        rc = self._lib.kloop_cancel(self._ptr, token)
+        cancel = self._lib.kloop_cancel_now if now else self._lib.kloop_cancel
+        rc = cancel(self._ptr, token)
         if rc < 0 and rc not in (-errno.ENOENT, -errno.EALREADY):
             raise make_error(rc)
 

@@ -169,7 +169,9 @@ class _Acceptor:
             self._retry.cancel()
             self._retry = None
         if self._token is not None:
-            self._proactor._cancel_token(self._token)
+            # At once, not at the next poll: the kernel then no longer holds
+            # the listening socket, and closing it stops it listening.
+            self._proactor._cancel_token(self._token, now=True)
             return True
         return False
 
@@ -460,16 +462,13 @@ class IouringProactorEventLoop(proactor_events.BaseProactorEventLoop):
 
     def _stop_serving(self, sock):
         acceptor = self._accept_futures.pop(sock.fileno(), None)
-        if acceptor is not None and acceptor.cancel():
-            # The kernel keeps its own reference to the listening socket
-            # until the cancelled accept completes (on the next iteration),
-            # so close() alone would leave it listening until then. Stop
-            # listening now, as closing the socket does with the selector
-            # loop: new connections are refused at once.
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        if acceptor is not None:
+            # The accept is cancelled in the kernel before this returns
+            # (kloop_cancel_now), so close() stops the socket listening at
+            # once, as with the selector loop. No shutdown(): the socket may
+            # be shared with other processes (pre-fork servers), and
+            # shutdown() would stop it for all of them.
+            acceptor.cancel()
         sock.close()
 
     # -- add_reader / add_writer ---------------------------------------------

@@ -329,11 +329,24 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
 
     def _on_eof(self):
         self._read_done = True
+        # The engine can hand over the last bytes and the EOF in one batch.
+        # The selector loop reads once per iteration, so it reports EOF at
+        # the earliest one iteration after the data before it; protocols and
+        # tests rely on that (e.g. sslproto's transport must still have its
+        # socket when the coroutine waiting for the handshake resumes).
+        # Report EOF one iteration later, as the stock loop would.
+        self._loop.call_soon(self._on_eof_later)
+
+    def _on_eof_later(self):
+        if self._conn_lost:
+            return
         if self._rblock:
             if self._closing:
                 return
             self._hold(_H_EOF, None)
             return
+        if self._closing:
+            return  # close() stopped reading, as the selector loop's does
         self._eof_received()
 
     def _eof_received(self):
