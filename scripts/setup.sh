@@ -29,6 +29,11 @@ PACKAGES=(
   strace
   # packaging (pip install through meson-python) and linters
   python3-mesonpy python3-flake8 clang-format clang-tidy
+  # integration tests: real frameworks, drivers and servers on loopback
+  python3-uvicorn python3-starlette python3-fastapi python3-websockets python3-wsproto
+  python3-httptools python3-aiohttp python3-asyncpg python3-psycopg python3-psycopg-pool
+  python3-redis python3-anyio python3-httpx python3-pytest-asyncio gunicorn
+  postgresql redis-server wrk openssl
 )
 
 log() { printf 'setup: %s\n' "$*"; }
