@@ -22,7 +22,7 @@ __version__ = f"{_ffi.ABI_MAJOR}.{_ffi.ABI_MINOR}.{_ffi.ABI_PATCH}"
 __all__ = (
     "new_event_loop", "run", "install", "is_supported",
     "IouringProactorEventLoop", "EventLoop", "IouringProactorEventLoopPolicy",
-    "EventLoopPolicy", "IouringProactor", "__version__",
+    "EventLoopPolicy", "IouringProactor", "get_stats", "__version__",
 )
 
 from .events import IouringProactorEventLoop, EventLoop  # noqa: E402
@@ -75,3 +75,8 @@ def run(main, *, debug=None):
         raise RuntimeError("asyncio.run() cannot be called from a running event loop")
     with _asyncio.Runner(debug=debug, loop_factory=new_event_loop) as runner:
         return runner.run(main)
+
+
+def get_stats(loop):
+    """The engine's counters of a kloop loop (IouringProactorEventLoop.get_stats)."""
+    return loop.get_stats()

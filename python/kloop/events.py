@@ -18,6 +18,7 @@ mode are the stock code. kloop supplies:
 import contextvars
 import errno
 import io
+import logging
 import os
 import selectors
 import socket
@@ -248,6 +249,33 @@ class _Acceptor:
             })
 
 
+class _SlowCallbackStats(logging.Filter):
+    """Adds the engine's state to asyncio's slow-callback warnings."""
+
+    def filter(self, record):
+        if isinstance(record.msg, str) and record.msg.startswith("Executing %s took"):
+            loop = events._get_running_loop()
+            if isinstance(loop, IouringProactorEventLoop) and not loop.is_closed():
+                try:
+                    st = loop._proactor.stats()
+                except (OSError, RuntimeError):
+                    return True
+                record.msg += " [kloop: %d ops in flight, %d buffers in use, %d CQ overflows]"
+                record.args = tuple(record.args or ()) + (
+                    st["ops_in_flight"], st["buffers_in_use"], st["cq_overflows"])
+        return True
+
+
+_slow_filter = None
+
+
+def _install_slow_callback_stats():
+    global _slow_filter
+    if _slow_filter is None:
+        _slow_filter = _SlowCallbackStats()
+        logger.addFilter(_slow_filter)
+
+
 class IouringProactorEventLoop(proactor_events.BaseProactorEventLoop):
     """asyncio event loop doing its I/O through io_uring (libkloop)."""
 
@@ -297,6 +325,25 @@ class IouringProactorEventLoop(proactor_events.BaseProactorEventLoop):
         if self._proactor is not None:
             self._proactor.claim_thread()
         return super().run_until_complete(future)
+
+    def get_stats(self):
+        """The engine's counters for this loop, as a dict.
+
+        ``ops_in_flight``, ``streams``, ``buffers_in_use`` (now); ``polls``,
+        ``enters``, ``sqes``, ``cqes``, ``completions``, ``cq_overflows``,
+        ``enobufs`` (since the loop was created); and the derived
+        ``sqes_per_poll`` and ``enters_per_poll``.
+        """
+        st = self._proactor.stats()
+        polls = st["polls"] or 1
+        st["sqes_per_poll"] = st["sqes"] / polls
+        st["enters_per_poll"] = st["enters"] / polls
+        return st
+
+    def set_debug(self, enabled):
+        super().set_debug(enabled)
+        if enabled:
+            _install_slow_callback_stats()
 
     def close(self):
         if self.is_running():

@@ -1,0 +1,82 @@
+"""kloop's engine statistics: kloop.get_stats(loop) and the state added to
+asyncio's slow-callback warnings in debug mode. kloop only: the stock loops
+have no engine to report on."""
+
+import asyncio
+import logging
+import socket
+import time
+
+import pytest
+
+from conftest import require_loop
+
+
+@pytest.fixture
+def kloop_mod():
+    require_loop("kloop")
+    import kloop
+    return kloop
+
+
+def test_get_stats_counts_the_engine_work(kloop_mod):
+    async def main():
+        loop = asyncio.get_running_loop()
+        before = kloop_mod.get_stats(loop)
+
+        async def echo(reader, writer):
+            while data := await reader.read(1000):
+                writer.write(data)
+            writer.close()
+
+        server = await asyncio.start_server(echo, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        during = loop.get_stats()
+        for _ in range(20):
+            writer.write(b"x" * 100)
+            assert await reader.readexactly(100) == b"x" * 100
+        writer.close()
+        await writer.wait_closed()
+        server.close()
+        await server.wait_closed()
+        after = loop.get_stats()
+        return before, during, after
+
+    before, during, after = kloop_mod.run(main())
+    assert during["streams"] >= 2  # both ends of the connection are engine streams
+    assert set(before) >= {"ops_in_flight", "streams", "buffers_in_use", "polls", "enters",
+                           "sqes", "cqes", "completions", "cq_overflows", "enobufs",
+                           "sqes_per_poll", "enters_per_poll"}
+    assert after["polls"] > before["polls"]
+    assert after["sqes"] > before["sqes"]
+    assert after["completions"] >= before["completions"]
+    assert after["cq_overflows"] == 0
+    # at most one io_uring_enter per poll (plus the server's immediate accept cancel)
+    assert after["enters"] <= after["polls"] + 2
+    assert after["sqes_per_poll"] == pytest.approx(after["sqes"] / after["polls"])
+
+
+def test_slow_callback_warning_carries_engine_state(kloop_mod):
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    handler = Keep()
+    log = logging.getLogger("asyncio")
+    log.addHandler(handler)
+    try:
+        async def main():
+            loop = asyncio.get_running_loop()
+            loop.slow_callback_duration = 0.05
+            loop.call_soon(time.sleep, 0.1)
+            await asyncio.sleep(0.2)
+
+        kloop_mod.run(main(), debug=True)
+    finally:
+        log.removeHandler(handler)
+    slow = [m for m in records if m.startswith("Executing") and "took" in m]
+    assert slow, records
+    assert "[kloop: " in slow[0] and "ops in flight" in slow[0], slow[0]
