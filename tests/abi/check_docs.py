@@ -33,7 +33,8 @@ def header_info(text):
         before = [c for start, c in comments if start < m.start()]
         since = re.search(r"Since:\s*([\d.]+)", before[-1] if before else "")
         functions[name] = (normalize(m.group(1)), since.group(1) if since else None)
-    macros = set(re.findall(r"(?m)^\s*#\s*define\s+(KLOOP_\w+)", check_symbols.strip_comments(text)))
+    macros = set(re.findall(r"(?m)^\s*#\s*define\s+(KLOOP_\w+)",
+                            check_symbols.strip_comments(text)))
     return functions, macros - {"KLOOP_H", "KLOOP_API"}
 
 

@@ -183,7 +183,8 @@ def check_header_lint(args):
     for lineno, line in enumerate(code.splitlines(), 1):
         for word in ("static", "inline", "__inline", "__inline__", "template", "namespace"):
             if re.search(rf"\b{word}\b", line):
-                problems.append(f"{args.header}:{lineno}: `{word}` in the public header: {line.strip()}")
+                problems.append(
+                    f"{args.header}:{lineno}: `{word}` in the public header: {line.strip()}")
     # Every declaration that looks like a function prototype is KLOOP_API.
     decls = declarations(header)
     for m in re.finditer(r"\b(\w+)\s*\([^;{}]*\)\s*;", decls):

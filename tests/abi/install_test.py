@@ -79,8 +79,11 @@ class Prefix:
         self.env.update(PKG_CONFIG_PATH=str(self.pc_dir), PKG_CONFIG_SYSROOT_DIR=str(self.root),
                         LD_LIBRARY_PATH=str(self.libdir))
         self.env.pop("PKG_CONFIG_LIBDIR", None)
-        pc = lambda *a: run([args.pkg_config, *a, "kloop"], env=self.env, capture_output=True,
-                            text=True).stdout.split()
+
+        def pc(*a):
+            return run([args.pkg_config, *a, "kloop"], env=self.env, capture_output=True,
+                       text=True).stdout.split()
+
         modversion = pc("--modversion")
         if modversion != [f"{major}.{minor}.{patch}"]:
             raise Failure(f"pkg-config --modversion kloop says {modversion}, the header "

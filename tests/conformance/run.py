@@ -304,7 +304,8 @@ class SuiteRun:
         if self.plan is not None and not self.unavailable:
             why = "not run"
             if self.class_errors:
-                why += ": " + self.class_errors[-1]["where"] + "\n" + self.class_errors[-1]["detail"]
+                last = self.class_errors[-1]
+                why += ": " + last["where"] + "\n" + last["detail"]
             elif time.monotonic() >= deadline:
                 why += ": suite time limit reached"
             for name in self.plan:

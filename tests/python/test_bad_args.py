@@ -551,13 +551,13 @@ def _create_task_closing(loop):
 
 
 CLOSED_LOOP_CALLS = {
-    "call_soon": lambda l: l.call_soon(print),
-    "call_later": lambda l: l.call_later(1, print),
-    "call_soon_threadsafe": lambda l: l.call_soon_threadsafe(print),
-    "run_forever": lambda l: l.run_forever(),
-    "add_reader": lambda l: l.add_reader(0, print),
-    "create_task": lambda l: _create_task_closing(l),
-    "close_again": lambda l: l.close(),
+    "call_soon": lambda lp: lp.call_soon(print),
+    "call_later": lambda lp: lp.call_later(1, print),
+    "call_soon_threadsafe": lambda lp: lp.call_soon_threadsafe(print),
+    "run_forever": lambda lp: lp.run_forever(),
+    "add_reader": lambda lp: lp.add_reader(0, print),
+    "create_task": lambda lp: _create_task_closing(lp),
+    "close_again": lambda lp: lp.close(),
 }
 
 

@@ -36,8 +36,9 @@ def _tokens(s):
 def _norm_type(param):
     """'const void *addr' -> 'const void *'; 'uint32_t' -> 'uint32_t'."""
     toks = _tokens(param)
-    if len(toks) > 1 and re.fullmatch(r"\w+", toks[-1]) and toks[-1] not in (
-            "int", "char", "void", "long", "short", "unsigned", "signed") and not toks[-1].endswith("_t"):
+    if (len(toks) > 1 and re.fullmatch(r"\w+", toks[-1])
+            and toks[-1] not in ("int", "char", "void", "long", "short", "unsigned", "signed")
+            and not toks[-1].endswith("_t")):
         toks = toks[:-1]
     return " ".join(toks)
 
@@ -211,7 +212,7 @@ def test_constants_match_header(header_text, ffi_mod, tmp_path):
     lines = ['#include <stdio.h>', '#include "kloop.h"', "int main(void) {"]
     for n in names:
         lines.append(f'  printf("{n} %llu\\n", (unsigned long long)({n}));')
-    lines.append(f'  printf("KLOOP_VERSION %llu\\n", (unsigned long long)KLOOP_VERSION);')
+    lines.append('  printf("KLOOP_VERSION %llu\\n", (unsigned long long)KLOOP_VERSION);')
     lines.append("  return 0;\n}")
     out = _compile_and_run(tmp_path, "consts", "\n".join(lines) + "\n")
     missing, wrong = [], []

@@ -211,4 +211,3 @@ def test_seccomp_helper_is_inert_on_stock_asyncio():
                        text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout) == {"raw": [-1, errno.EPERM], "asyncio": 7}
-

@@ -413,6 +413,7 @@ def test_timers_fire_in_order_and_not_early(loop):
         pytest.skip("uvloop 0.17 turns call_later(0) into call_soon, which libuv may run "
                     "after 1 ms timers that are already due (seen here in 2 of 4 runs: "
                     "fired order [79, 0, ...]); asyncio orders by deadline")
+
     async def main():
         fired = []
         done = loop.loop.create_future()

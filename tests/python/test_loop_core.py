@@ -109,7 +109,8 @@ def test_cancel_sock_recv_while_data_arrives_loses_nothing(loop, request):
         finally:
             a.close()
             b.close()
-        assert len(got) == total, f"{len(got)} of {total} bytes ({cancelled} cancelled, {completed} completed)"
+        assert len(got) == total, (
+            f"{len(got)} of {total} bytes ({cancelled} cancelled, {completed} completed)")
         assert bytes(got) == payload, "bytes arrived out of order or changed"
         assert cancelled > 10, "the test did not manage to cancel anything"
 
@@ -360,6 +361,7 @@ def test_add_reader_and_writer_on_one_fd(loop):
     loop.known_failure(
         "uvloop", "uvloop 0.17's remove_writer() returns None, not False, for an fd "
         "without a writer")
+
     async def main():
         a, b = socket.socketpair()
         a.setblocking(False)
@@ -481,6 +483,7 @@ def test_signal_handler_errors(loop):
             loop.loop.add_signal_handler(signal.SIGKILL, lambda: None)
         with pytest.raises((ValueError, TypeError)):
             loop.loop.add_signal_handler(0x10000, lambda: None)
+
         async def coro():
             pass
 
