@@ -191,6 +191,7 @@ def proc_cpu(pid):
 def busy_processes(min_share=0.05, interval=0.3):
     """Processes that used more than min_share of a core over `interval` s."""
     exclude = {os.getpid()}
+
     def snap():
         out = {}
         for d in os.listdir("/proc"):
@@ -787,7 +788,8 @@ def markdown_tables(rows, loops, ratio_pairs, title_kind=True):
 
 def emit_matrix(payload, loops, ratio_pairs, notes, doc):
     """Print the tables of a matrix run and, with doc, write its section."""
-    tier, meta, records, rows = payload["tier"], payload["meta"], payload["runs"], payload["summary"]
+    tier, meta = payload["tier"], payload["meta"]
+    records, rows = payload["runs"], payload["summary"]
     nice = meta.get("nice", 0)
     tables = markdown_tables(rows, loops, ratio_pairs, title_kind=tier != "native")
     interf = interference_note(records, nice)
@@ -1018,7 +1020,8 @@ def main(argv=None):
             if r.get("python_top"):
                 print(f"\n{r['loop']} ({r['kind']}): top Python functions by own time")
                 for t in r["python_top"][:8]:
-                    print(f"  {t['calls_per_request']:6.2f}/req  {t['own_s']:7.3f} s  {t['function']}")
+                    print(f"  {t['calls_per_request']:6.2f}/req  {t['own_s']:7.3f} s  "
+                          f"{t['function']}")
         if args.doc:
             body = (f"Measured {meta['date']} on kernel {meta['kernel']}, Python {meta['python']}, "
                     f"uvloop {meta['uvloop']}, commit {meta['commit']}: echo of "

@@ -172,7 +172,8 @@ async def serve(args, stop):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--loop", default="asyncio", choices=["asyncio", "uvloop", "kloop"])
-    p.add_argument("--kind", default="protocol", choices=["protocol", "streams", "buffered", "sock"])
+    p.add_argument("--kind", default="protocol",
+                   choices=["protocol", "streams", "buffered", "sock"])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--unix")

@@ -68,7 +68,8 @@ def _table(drv, rows, loops):
 
     head = ["cell"] + [f"{lp} req/s" for lp in loops] + \
         [f"{lp} CPU us/req" for lp in loops]
-    pairs = [(a, b) for a, b in (("kloop", "uvloop"), ("kloop", "asyncio")) if a in loops and b in loops]
+    pairs = [(a, b) for a, b in (("kloop", "uvloop"), ("kloop", "asyncio"))
+             if a in loops and b in loops]
     head += [f"{a}/{b}" for a, b in pairs]
     lines = []
     for row in rows:
@@ -82,7 +83,8 @@ def _table(drv, rows, loops):
         cells += [ratio(row, a, b) for a, b in pairs]
         lines.append(cells)
     widths = [max(len(str(c)) for c in col) for col in zip(head, *lines)]
-    out = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(head, widths)))]
+    out = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w)
+                     for i, (h, w) in enumerate(zip(head, widths)))]
     out.append("  ".join("-" * w for w in widths))
     for cells in lines:
         out.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
@@ -179,7 +181,8 @@ def main(argv=None):
         print("kloop bench: interrupted", file=sys.stderr)
         return 130
     progress.finish()
-    pairs = [(a, b) for a, b in (("kloop", "uvloop"), ("kloop", "asyncio")) if a in loops and b in loops]
+    pairs = [(a, b) for a, b in (("kloop", "uvloop"), ("kloop", "asyncio"))
+             if a in loops and b in loops]
     rows = drv.summarize(records, cells, loops, pairs)
     print(_table(drv, rows, loops))
     failures = [r for r in records if "error" in r]
