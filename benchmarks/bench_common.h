@@ -48,21 +48,37 @@ static void bench_usage(const char *prog, FILE *f) {
 
 static void bench_parse_args(struct bench_args *a, int argc, char **argv, const char *prog) {
   *a = (struct bench_args){.host = "127.0.0.1", .port = 8000, .cpu = -1, .backlog = 4096};
-  static const struct option longopts[] = {
-      {"host", required_argument, 0, 'H'}, {"port", required_argument, 0, 'P'},
-      {"unix", required_argument, 0, 'U'}, {"cpu", required_argument, 0, 'C'},
-      {"backlog", required_argument, 0, 'B'}, {"help", no_argument, 0, 'h'},
-      {0, 0, 0, 0}};
+  static const struct option longopts[] = {{"host", required_argument, 0, 'H'},
+                                           {"port", required_argument, 0, 'P'},
+                                           {"unix", required_argument, 0, 'U'},
+                                           {"cpu", required_argument, 0, 'C'},
+                                           {"backlog", required_argument, 0, 'B'},
+                                           {"help", no_argument, 0, 'h'},
+                                           {0, 0, 0, 0}};
   int ch;
   while ((ch = getopt_long(argc, argv, "H:P:U:C:B:h", longopts, NULL)) != -1) {
     switch (ch) {
-      case 'H': a->host = optarg; break;
-      case 'P': a->port = atoi(optarg); break;
-      case 'U': a->unix_path = optarg; break;
-      case 'C': a->cpu = atoi(optarg); break;
-      case 'B': a->backlog = atoi(optarg); break;
-      case 'h': bench_usage(prog, stdout); exit(0);
-      default: bench_usage(prog, stderr); exit(2);
+      case 'H':
+        a->host = optarg;
+        break;
+      case 'P':
+        a->port = atoi(optarg);
+        break;
+      case 'U':
+        a->unix_path = optarg;
+        break;
+      case 'C':
+        a->cpu = atoi(optarg);
+        break;
+      case 'B':
+        a->backlog = atoi(optarg);
+        break;
+      case 'h':
+        bench_usage(prog, stdout);
+        exit(0);
+      default:
+        bench_usage(prog, stderr);
+        exit(2);
     }
   }
   if (a->cpu >= 0) {

@@ -42,7 +42,10 @@ struct conn {
 };
 
 static volatile sig_atomic_t stop;
-static void on_signal(int sig) { (void)sig; stop = 1; }
+static void on_signal(int sig) {
+  (void)sig;
+  stop = 1;
+}
 
 static void conn_close(int ep, struct conn *c) {
   epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
@@ -120,7 +123,10 @@ int main(int argc, char **argv) {
             setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
           }
           struct conn *nc = calloc(1, sizeof(*nc));
-          if (!nc) { close(fd); continue; }
+          if (!nc) {
+            close(fd);
+            continue;
+          }
           nc->fd = fd;
           struct epoll_event ev = {.events = EPOLLIN, .data.ptr = nc};
           epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev);
@@ -129,7 +135,10 @@ int main(int argc, char **argv) {
       }
       if (c->out) { /* flushing parked bytes */
         ssize_t w = send_some(c->fd, c->pbuf, c->plen);
-        if (w < 0) { conn_close(ep, c); continue; }
+        if (w < 0) {
+          conn_close(ep, c);
+          continue;
+        }
         memmove(c->pbuf, c->pbuf + w, c->plen - (size_t)w);
         c->plen -= (size_t)w;
         if (c->plen == 0) {

@@ -31,7 +31,10 @@
 #define LOW_WATER (256u << 10)
 
 static volatile sig_atomic_t stop;
-static void on_signal(int sig) { (void)sig; stop = 1; }
+static void on_signal(int sig) {
+  (void)sig;
+  stop = 1;
+}
 
 static void fail(const char *what, int rc) {
   fprintf(stderr, "echo_kloop: %s: %s\n", what, kloop_strerror(rc));
@@ -70,8 +73,10 @@ int main(int argc, char **argv) {
             setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
           }
           uint64_t tok = next_token++;
-          if (kloop_stream_attach(loop, tok, fd, KLOOP_STREAM_CLOSE_FD) < 0) close(fd);
-          else kloop_stream_set_limits(loop, tok, HIGH_WATER, LOW_WATER);
+          if (kloop_stream_attach(loop, tok, fd, KLOOP_STREAM_CLOSE_FD) < 0)
+            close(fd);
+          else
+            kloop_stream_set_limits(loop, tok, HIGH_WATER, LOW_WATER);
         }
         if (!(c->flags & KLOOP_COMPLETION_MORE)) {
           rc = kloop_submit_accept(loop, TOKEN_ACCEPT, lfd, KLOOP_OP_MULTISHOT);
@@ -83,8 +88,10 @@ int main(int argc, char **argv) {
         case KLOOP_EVENT_DATA: {
           int64_t queued = kloop_stream_write(loop, c->token, (const void *)(uintptr_t)c->data,
                                               (size_t)c->result);
-          if (queued < 0) kloop_stream_abort(loop, c->token);
-          else if (queued > (int64_t)HIGH_WATER) kloop_stream_pause(loop, c->token);
+          if (queued < 0)
+            kloop_stream_abort(loop, c->token);
+          else if (queued > (int64_t)HIGH_WATER)
+            kloop_stream_pause(loop, c->token);
           break;
         }
         case KLOOP_EVENT_WRITE_LOW:

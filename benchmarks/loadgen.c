@@ -171,10 +171,10 @@ static char *sendbuf;
 static size_t sendbuf_len;
 static enum phase phase;
 static uint64_t t_start, t_measure, t_measure_end, t_end_deadline;
-static uint64_t measured;       /* responses completed in the measured phase */
-static uint64_t last_progress;  /* time of the last completed response */
+static uint64_t measured;      /* responses completed in the measured phase */
+static uint64_t last_progress; /* time of the last completed response */
 static bool stalled;
-static uint64_t warm_requests;  /* responses completed during warm-up */
+static uint64_t warm_requests; /* responses completed during warm-up */
 static uint64_t verify_errors;
 static unsigned dead_conns;
 static int first_error;
@@ -480,9 +480,8 @@ static void uring_setup(void) {
     bufs = malloc((size_t)opt.buf_count * opt.buf_size);
     if (!bufs) die("out of memory for receive buffers");
     io_uring_buf_ring_init(br);
-    struct io_uring_buf_reg reg = {.ring_addr = (uintptr_t)br,
-                                   .ring_entries = opt.buf_count,
-                                   .bgid = BGID};
+    struct io_uring_buf_reg reg = {
+        .ring_addr = (uintptr_t)br, .ring_entries = opt.buf_count, .bgid = BGID};
     rc = io_uring_register_buf_ring(&ring, &reg, 0);
     if (rc < 0) {
       /* Kernel without provided-buffer rings: fall back to one-shot recv. */
@@ -493,8 +492,8 @@ static void uring_setup(void) {
     } else {
       br_mask = (unsigned)io_uring_buf_ring_mask(opt.buf_count);
       for (unsigned i = 0; i < opt.buf_count; i++)
-        io_uring_buf_ring_add(br, bufs + (size_t)i * opt.buf_size, opt.buf_size,
-                              (unsigned short)i, (int)br_mask, (int)i);
+        io_uring_buf_ring_add(br, bufs + (size_t)i * opt.buf_size, opt.buf_size, (unsigned short)i,
+                              (int)br_mask, (int)i);
       io_uring_buf_ring_advance(br, (int)opt.buf_count);
     }
   }
@@ -507,8 +506,8 @@ static void uring_setup(void) {
 }
 
 static void recycle_buffer(unsigned bid) {
-  io_uring_buf_ring_add(br, bufs + (size_t)bid * opt.buf_size, opt.buf_size,
-                        (unsigned short)bid, (int)br_mask, (int)br_pending);
+  io_uring_buf_ring_add(br, bufs + (size_t)bid * opt.buf_size, opt.buf_size, (unsigned short)bid,
+                        (int)br_mask, (int)br_pending);
   br_pending++;
 }
 
@@ -680,10 +679,11 @@ static int run_idle(void) {
   struct proc_sample after = sample_proc(opt.server_pid);
   double per = before.ok && after.ok ? (double)(after.rss_kb - before.rss_kb) / opt.conns : 0;
   if (opt.json)
-    printf("{\"tool\": \"loadgen\", \"format\": 1, \"mode\": \"idle\", \"target\": \"%s\", "
-           "\"conns\": %u, \"size\": %llu, \"rss_kb_before\": %ld, \"rss_kb_after\": %ld, "
-           "\"rss_kb_per_conn\": %.3f}\n",
-           target_name, opt.conns, (unsigned long long)opt.size, before.rss_kb, after.rss_kb, per);
+    printf(
+        "{\"tool\": \"loadgen\", \"format\": 1, \"mode\": \"idle\", \"target\": \"%s\", "
+        "\"conns\": %u, \"size\": %llu, \"rss_kb_before\": %ld, \"rss_kb_after\": %ld, "
+        "\"rss_kb_per_conn\": %.3f}\n",
+        target_name, opt.conns, (unsigned long long)opt.size, before.rss_kb, after.rss_kb, per);
   else
     printf("%s: %u idle connections: server RSS %ld -> %ld kB, %.2f kB per connection\n",
            target_name, opt.conns, before.rss_kb, after.rss_kb, per);
@@ -727,23 +727,26 @@ static void report(void) {
            dead_conns, first_error ? strerror(first_error) : "", opt.verify ? "true" : "false",
            (unsigned long long)verify_errors);
     printf(", \"stalled\": %s", stalled ? "true" : "false");
-    printf(", \"latency_us\": {\"min\": %.2f, \"mean\": %.2f, \"p50\": %.2f, \"p90\": %.2f, "
-           "\"p99\": %.2f, \"p999\": %.2f, \"max\": %.2f}",
-           min, mean, lat[0], lat[1], lat[2], lat[3], lat[4]);
-    printf(", \"client\": {\"user_s\": %.4f, \"sys_s\": %.4f, \"util\": %.4f, "
-           "\"cpu_us_per_req\": %.4f}",
-           cu, cs, secs > 0 ? (cu + cs) / secs : 0, (cu + cs) * per);
+    printf(
+        ", \"latency_us\": {\"min\": %.2f, \"mean\": %.2f, \"p50\": %.2f, \"p90\": %.2f, "
+        "\"p99\": %.2f, \"p999\": %.2f, \"max\": %.2f}",
+        min, mean, lat[0], lat[1], lat[2], lat[3], lat[4]);
+    printf(
+        ", \"client\": {\"user_s\": %.4f, \"sys_s\": %.4f, \"util\": %.4f, "
+        "\"cpu_us_per_req\": %.4f}",
+        cu, cs, secs > 0 ? (cu + cs) / secs : 0, (cu + cs) * per);
     if (srv)
-      printf(", \"server\": {\"pid\": %d, \"user_s\": %.4f, \"sys_s\": %.4f, \"util\": %.4f, "
-             "\"cpu_us_per_req\": %.4f, \"user_us_per_req\": %.4f, \"sys_us_per_req\": %.4f, "
-             "\"rss_kb\": %ld, \"rss_kb_start\": %ld, \"hwm_kb\": %ld}",
-             opt.server_pid, su, ss, secs > 0 ? (su + ss) / secs : 0, (su + ss) * per, su * per,
-             ss * per, srv1.rss_kb, srv0.rss_kb, srv1.hwm_kb);
+      printf(
+          ", \"server\": {\"pid\": %d, \"user_s\": %.4f, \"sys_s\": %.4f, \"util\": %.4f, "
+          "\"cpu_us_per_req\": %.4f, \"user_us_per_req\": %.4f, \"sys_us_per_req\": %.4f, "
+          "\"rss_kb\": %ld, \"rss_kb_start\": %ld, \"hwm_kb\": %ld}",
+          opt.server_pid, su, ss, secs > 0 ? (su + ss) / secs : 0, (su + ss) * per, su * per,
+          ss * per, srv1.rss_kb, srv0.rss_kb, srv1.hwm_kb);
     printf("}\n");
   } else {
     printf("%s: %u conns x %llu B, pipeline %u, %s/%s, %.2f s: %.0f req/s, %.1f MB/s each way\n",
-           target_name, opt.conns, (unsigned long long)opt.size, opt.depth, engine, recv, secs,
-           rps, rps * (double)opt.size / 1e6);
+           target_name, opt.conns, (unsigned long long)opt.size, opt.depth, engine, recv, secs, rps,
+           rps * (double)opt.size / 1e6);
     printf("latency us: min %.1f p50 %.1f p90 %.1f p99 %.1f p99.9 %.1f max %.1f mean %.1f\n", min,
            lat[0], lat[1], lat[2], lat[3], lat[4], mean);
     printf("client CPU %.0f%% (%.2f us/req)\n", secs > 0 ? 100 * (cu + cs) / secs : 0,
@@ -795,9 +798,12 @@ static uint64_t parse_size(const char *s) {
   char *end;
   double v = strtod(s, &end);
   if (end == s || v < 0) die("bad size: %s", s);
-  if (*end == 'k' || *end == 'K') v *= 1024;
-  else if (*end == 'm' || *end == 'M') v *= 1024 * 1024;
-  else if (*end) die("bad size: %s", s);
+  if (*end == 'k' || *end == 'K')
+    v *= 1024;
+  else if (*end == 'm' || *end == 'M')
+    v *= 1024 * 1024;
+  else if (*end)
+    die("bad size: %s", s);
   return (uint64_t)v;
 }
 
@@ -816,49 +822,102 @@ int main(int argc, char **argv) {
                          .cpu = -1,
                          .idle = -1};
   enum { O_SINGLE = 256, O_BUFSZ, O_BUFCNT, O_PID, O_CPU, O_VERIFY, O_LABEL, O_IDLE };
-  static const struct option longopts[] = {
-      {"host", required_argument, 0, 'H'},      {"port", required_argument, 0, 'P'},
-      {"unix", required_argument, 0, 'U'},      {"conns", required_argument, 0, 'c'},
-      {"size", required_argument, 0, 's'},      {"pipeline", required_argument, 0, 'p'},
-      {"duration", required_argument, 0, 'd'},  {"warmup", required_argument, 0, 'w'},
-      {"requests", required_argument, 0, 'n'},  {"engine", required_argument, 0, 'e'},
-      {"single-recv", no_argument, 0, O_SINGLE}, {"buf-size", required_argument, 0, O_BUFSZ},
-      {"buf-count", required_argument, 0, O_BUFCNT}, {"server-pid", required_argument, 0, O_PID},
-      {"cpu", required_argument, 0, O_CPU},     {"verify", no_argument, 0, O_VERIFY},
-      {"label", required_argument, 0, O_LABEL}, {"json", no_argument, 0, 'j'},
-      {"idle", required_argument, 0, O_IDLE},
-      {"help", no_argument, 0, 'h'},            {0, 0, 0, 0}};
+  static const struct option longopts[] = {{"host", required_argument, 0, 'H'},
+                                           {"port", required_argument, 0, 'P'},
+                                           {"unix", required_argument, 0, 'U'},
+                                           {"conns", required_argument, 0, 'c'},
+                                           {"size", required_argument, 0, 's'},
+                                           {"pipeline", required_argument, 0, 'p'},
+                                           {"duration", required_argument, 0, 'd'},
+                                           {"warmup", required_argument, 0, 'w'},
+                                           {"requests", required_argument, 0, 'n'},
+                                           {"engine", required_argument, 0, 'e'},
+                                           {"single-recv", no_argument, 0, O_SINGLE},
+                                           {"buf-size", required_argument, 0, O_BUFSZ},
+                                           {"buf-count", required_argument, 0, O_BUFCNT},
+                                           {"server-pid", required_argument, 0, O_PID},
+                                           {"cpu", required_argument, 0, O_CPU},
+                                           {"verify", no_argument, 0, O_VERIFY},
+                                           {"label", required_argument, 0, O_LABEL},
+                                           {"json", no_argument, 0, 'j'},
+                                           {"idle", required_argument, 0, O_IDLE},
+                                           {"help", no_argument, 0, 'h'},
+                                           {0, 0, 0, 0}};
   int ch;
   while ((ch = getopt_long(argc, argv, "H:P:U:c:s:p:d:w:n:e:jh", longopts, NULL)) != -1) {
     switch (ch) {
-      case 'H': opt.host = optarg; break;
-      case 'P': opt.port = optarg; break;
-      case 'U': opt.unix_path = optarg; break;
-      case 'c': opt.conns = (unsigned)strtoul(optarg, NULL, 10); break;
-      case 's': opt.size = parse_size(optarg); break;
-      case 'p': opt.depth = (unsigned)strtoul(optarg, NULL, 10); break;
-      case 'd': opt.duration = strtod(optarg, NULL); break;
-      case 'w': opt.warmup = strtod(optarg, NULL); break;
-      case 'n': opt.requests = strtoull(optarg, NULL, 10); break;
-      case 'e':
-        if (!strcmp(optarg, "uring")) opt.engine = ENGINE_URING;
-        else if (!strcmp(optarg, "epoll")) opt.engine = ENGINE_EPOLL;
-        else die("unknown engine %s (uring, epoll)", optarg);
+      case 'H':
+        opt.host = optarg;
         break;
-      case O_SINGLE: opt.multishot = false; break;
-      case O_BUFSZ: opt.buf_size = (unsigned)parse_size(optarg); break;
-      case O_BUFCNT: opt.buf_count = (unsigned)strtoul(optarg, NULL, 10); break;
-      case O_PID: opt.server_pid = atoi(optarg); break;
-      case O_CPU: opt.cpu = atoi(optarg); break;
-      case O_VERIFY: opt.verify = true; break;
-      case O_LABEL: opt.label = optarg; break;
-      case O_IDLE: opt.idle = strtod(optarg, NULL); break;
-      case 'j': opt.json = true; break;
-      case 'h': usage(stdout); return 0;
-      default: usage(stderr); return 2;
+      case 'P':
+        opt.port = optarg;
+        break;
+      case 'U':
+        opt.unix_path = optarg;
+        break;
+      case 'c':
+        opt.conns = (unsigned)strtoul(optarg, NULL, 10);
+        break;
+      case 's':
+        opt.size = parse_size(optarg);
+        break;
+      case 'p':
+        opt.depth = (unsigned)strtoul(optarg, NULL, 10);
+        break;
+      case 'd':
+        opt.duration = strtod(optarg, NULL);
+        break;
+      case 'w':
+        opt.warmup = strtod(optarg, NULL);
+        break;
+      case 'n':
+        opt.requests = strtoull(optarg, NULL, 10);
+        break;
+      case 'e':
+        if (!strcmp(optarg, "uring"))
+          opt.engine = ENGINE_URING;
+        else if (!strcmp(optarg, "epoll"))
+          opt.engine = ENGINE_EPOLL;
+        else
+          die("unknown engine %s (uring, epoll)", optarg);
+        break;
+      case O_SINGLE:
+        opt.multishot = false;
+        break;
+      case O_BUFSZ:
+        opt.buf_size = (unsigned)parse_size(optarg);
+        break;
+      case O_BUFCNT:
+        opt.buf_count = (unsigned)strtoul(optarg, NULL, 10);
+        break;
+      case O_PID:
+        opt.server_pid = atoi(optarg);
+        break;
+      case O_CPU:
+        opt.cpu = atoi(optarg);
+        break;
+      case O_VERIFY:
+        opt.verify = true;
+        break;
+      case O_LABEL:
+        opt.label = optarg;
+        break;
+      case O_IDLE:
+        opt.idle = strtod(optarg, NULL);
+        break;
+      case 'j':
+        opt.json = true;
+        break;
+      case 'h':
+        usage(stdout);
+        return 0;
+      default:
+        usage(stderr);
+        return 2;
     }
   }
-  if (opt.conns == 0 || opt.size == 0 || opt.depth == 0) die("conns, size and pipeline must be >= 1");
+  if (opt.conns == 0 || opt.size == 0 || opt.depth == 0)
+    die("conns, size and pipeline must be >= 1");
   if (opt.buf_size < 256) die("buf-size must be >= 256");
   if (opt.buf_count == 0 || opt.buf_count > 32768 || (opt.buf_count & (opt.buf_count - 1)))
     die("buf-count must be a power of two <= 32768");
@@ -906,8 +965,10 @@ int main(int argc, char **argv) {
     srv0 = sample_proc(opt.server_pid);
     getrusage(RUSAGE_SELF, &ru0);
   }
-  if (opt.engine == ENGINE_URING) run_uring();
-  else run_epoll();
+  if (opt.engine == ENGINE_URING)
+    run_uring();
+  else
+    run_epoll();
 
   for (unsigned i = 0; i < opt.conns; i++) shutdown(conns[i].fd, SHUT_RDWR);
   report();
