@@ -814,6 +814,8 @@ class IouringProactor:
         """Send all of ``buf`` (stream sockets and pipes: short writes are
         resubmitted; datagram sockets: one datagram). Result: bytes sent."""
         self._check_closed()
+        if _unix_dgram(conn):
+            return self._readiness(conn, _POLLOUT, lambda: conn.send(buf, flags))
         fd = _fileno(conn)
         cbuf = buf if isinstance(buf, bytes) else ffi.from_buffer(buf)
         total = len(buf) if isinstance(buf, bytes) else len(cbuf)
@@ -865,6 +867,10 @@ class IouringProactor:
 
     def sendto(self, conn, buf, flags=0, addr=None, try_now=False):
         self._check_closed()
+        if _unix_dgram(conn):
+            if addr is None:
+                return self._readiness(conn, _POLLOUT, lambda: conn.send(buf, flags))
+            return self._readiness(conn, _POLLOUT, lambda: conn.sendto(buf, flags, addr))
         if addr is not None and conn.family not in _CODEC_FAMILIES:
             return self._readiness(conn, _POLLOUT, lambda: conn.sendto(buf, flags, addr))
         fd = _fileno(conn)
@@ -1435,6 +1441,15 @@ def _check_writable(buf, what):
     if readonly:
         raise TypeError(f"{what}() argument 'buffer' must be read-write bytes-like "
                         f"object, not {type(buf).__name__}")
+
+
+def _unix_dgram(conn):
+    """True for a Unix datagram socket. io_uring's send on one whose receiver
+    is full waits and then sends the datagram empty (result 0; seen on
+    kernel 6.18 with plain liburing too), so such sockets send with send(2)
+    after the ring reports them writable."""
+    return (isinstance(conn, socket.socket) and conn.family == socket.AF_UNIX
+            and conn.type == socket.SOCK_DGRAM)
 
 
 def _fileno(obj):

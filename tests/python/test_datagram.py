@@ -395,12 +395,9 @@ def test_datagram_flow_control_resume_and_order(loop):
 def test_sock_send_unix_datagram_full_receiver(loop):
     """loop.sock_sendall()/sock_sendto() on a Unix datagram socket whose
     receiver is full wait and then send the datagram intact."""
-    loop.known_failure(
-        "kloop", "kloop's sock_sendall/sock_sendto use an io_uring send/sendmsg; on kernel "
-        "6.18 a send on a full AF_UNIX SOCK_DGRAM receiver that has to wait goes out "
-        "EMPTY (result 0, the receiver gets b''); reproduced with plain liburing. The "
-        "datagram transport avoids it (kloop/_datagram.py); IouringProactor.send/sendto "
-        "should do the same for AF_UNIX SOCK_DGRAM (poll + send(2))")
+    # On kernel 6.18 an io_uring send on a full AF_UNIX SOCK_DGRAM receiver
+    # that has to wait goes out EMPTY (result 0); kloop sends those sockets'
+    # datagrams with send(2) once the ring reports them writable.
 
     async def main():
         lp = loop.loop

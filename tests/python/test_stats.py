@@ -24,10 +24,14 @@ def test_get_stats_counts_the_engine_work(kloop_mod):
         loop = asyncio.get_running_loop()
         before = kloop_mod.get_stats(loop)
 
+        handler_done = asyncio.Event()
+
         async def echo(reader, writer):
             while data := await reader.read(1000):
                 writer.write(data)
             writer.close()
+            await writer.wait_closed()
+            handler_done.set()
 
         server = await asyncio.start_server(echo, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
@@ -38,6 +42,7 @@ def test_get_stats_counts_the_engine_work(kloop_mod):
             assert await reader.readexactly(100) == b"x" * 100
         writer.close()
         await writer.wait_closed()
+        await asyncio.wait_for(handler_done.wait(), 5)
         server.close()
         await server.wait_closed()
         after = loop.get_stats()
