@@ -1,7 +1,6 @@
 """loop.getaddrinfo(): same answers as the stock loop; kloop answers numeric
 hosts without the executor (its numeric fast path)."""
 
-import asyncio
 import concurrent.futures
 import socket
 

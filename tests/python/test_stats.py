@@ -4,7 +4,6 @@ have no engine to report on."""
 
 import asyncio
 import logging
-import socket
 import time
 
 import pytest
