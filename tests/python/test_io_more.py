@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from util import RecordingProtocol, connect_pair, pattern, read_all
+from util import RecordingProtocol, check_bytes, connect_pair, pattern, read_all
 
 MiB = 1024 * 1024
 
@@ -41,7 +41,7 @@ def test_write_copies_caller_buffer(loop):
             tr.close()
             peer.close()
         assert err is None
-        assert data == b"A" * (4 * MiB) + b"B" * MiB
+        check_bytes(data, b"A" * (4 * MiB) + b"B" * MiB)
         await pr.lost
 
     loop.run(main())
@@ -223,7 +223,7 @@ def test_sock_sendfile_intact(loop, tmp_path):
         finally:
             a.close()
             b.close()
-        assert got == data[5:size - 5]
+        check_bytes(got, data[5:size - 5])
 
     loop.run(main())
 
@@ -263,7 +263,7 @@ def test_tls_echo_intact(loop):
             sender = asyncio.ensure_future(send())
             got = await r.readexactly(total)
             await sender
-            assert got == payload
+            check_bytes(got, payload)
             w.close()
             await w.wait_closed()
         finally:
@@ -358,7 +358,7 @@ def test_write_pipe_flow_control_and_peer_close(loop):
                     break
                 await asyncio.sleep(0.005)
             assert any(isinstance(e, tuple) and e[0] == "resume" for e in pr.events), pr.events
-            assert got == sent
+            check_bytes(got, sent)
             os.close(rfd)
             rfd = None
             tr.write(b"into a broken pipe" * 1000)

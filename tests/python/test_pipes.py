@@ -18,7 +18,7 @@ import tty
 
 import pytest
 
-from util import RecordingProtocol, pattern
+from util import RecordingProtocol, check_bytes, pattern
 
 
 @pytest.fixture(params=("asyncio", "kloop"))
@@ -203,7 +203,7 @@ def test_write_pipe_flow_control(loop):
                 return bytes(got)
 
             got = await lp.run_in_executor(None, drain)
-            assert got == payload
+            check_bytes(got, payload)
             await _wait_for(lambda: _events_of(wpr, "resume"))
             assert wtr.get_write_buffer_size() == 0
             assert len(_events_of(wpr, "resume")) == 1

@@ -15,7 +15,7 @@ import socket
 
 import pytest
 
-from util import RecordingProtocol, connect_pair, pattern, read_all
+from util import RecordingProtocol, check_bytes, connect_pair, pattern, read_all
 
 MiB = 1024 * 1024
 
@@ -68,7 +68,7 @@ def test_sock_sendfile_offset_count_and_position(loop, tmp_path, offset, count):
                 a.shutdown(socket.SHUT_WR)
                 got, err = await reader
             assert err is None
-            assert got == data[offset:end]
+            check_bytes(got, data[offset:end])
         finally:
             a.close()
             b.close()

@@ -124,3 +124,20 @@ class RecordingProtocol(asyncio.Protocol):
             self.transport.write(data)
         finally:
             self.in_write = False
+
+
+def check_bytes(got, want):
+    """Assert got == want with a short message: pytest's own diff of two
+    large byte strings takes minutes."""
+    if got == want:
+        return
+    n = min(len(got), len(want))
+    i = 0
+    step = 1 << 16
+    while i < n and got[i:i + step] == want[i:i + step]:
+        i += step
+    while i < n and got[i] == want[i]:
+        i += 1
+    raise AssertionError(
+        f"bytes differ: got {len(got)} bytes, want {len(want)}; first difference at "
+        f"offset {i}: {bytes(got[i:i + 16])!r} != {bytes(want[i:i + 16])!r}")
