@@ -66,6 +66,21 @@ void copy_sized(T *dst, const T &src) {
   dst->size = keep;
 }
 
+// The operations on one caller-pinned buffer share their validation and
+// argument packing; only the kind and the meaning of `extra` differ
+// (msg_flags for recv/send, the offset for read/write).
+int submit_buffer_op(kl::Engine *eng, kl::OpKind kind, uint64_t token, int fd, const void *buf,
+                     uint32_t len, uint32_t msg_flags, uint64_t offset) {
+  if (fd < 0 || !len_ok(buf, len)) return -EINVAL;
+  kl::Op a;
+  a.fd = fd;
+  a.buf = const_cast<void *>(buf);
+  a.len = len;
+  a.flags = msg_flags;
+  a.off = offset;
+  return eng->submit_op(kind, token, a);
+}
+
 }  // namespace
 
 #define KLOOP_RESOLVE()            \
@@ -256,37 +271,19 @@ int kloop_submit_connect(kloop_t *loop, uint64_t token, int fd, const void *addr
 int kloop_submit_recv(kloop_t *loop, uint64_t token, int fd, void *buf, uint32_t len,
                       uint32_t msg_flags) {
   KLOOP_RESOLVE();
-  if (fd < 0 || !len_ok(buf, len)) return -EINVAL;
-  kl::Op a;
-  a.fd = fd;
-  a.buf = buf;
-  a.len = len;
-  a.flags = msg_flags;
-  return eng->submit_op(kl::OpKind::Recv, token, a);
+  return submit_buffer_op(eng, kl::OpKind::Recv, token, fd, buf, len, msg_flags, 0);
 }
 
 int kloop_submit_send(kloop_t *loop, uint64_t token, int fd, const void *buf, uint32_t len,
                       uint32_t msg_flags) {
   KLOOP_RESOLVE();
-  if (fd < 0 || !len_ok(buf, len)) return -EINVAL;
-  kl::Op a;
-  a.fd = fd;
-  a.buf = const_cast<void *>(buf);
-  a.len = len;
-  a.flags = msg_flags;
-  return eng->submit_op(kl::OpKind::Send, token, a);
+  return submit_buffer_op(eng, kl::OpKind::Send, token, fd, buf, len, msg_flags, 0);
 }
 
 int kloop_submit_recvmsg(kloop_t *loop, uint64_t token, int fd, void *buf, uint32_t len,
                          uint32_t msg_flags) {
   KLOOP_RESOLVE();
-  if (fd < 0 || !len_ok(buf, len)) return -EINVAL;
-  kl::Op a;
-  a.fd = fd;
-  a.buf = buf;
-  a.len = len;
-  a.flags = msg_flags;
-  return eng->submit_op(kl::OpKind::RecvMsg, token, a);
+  return submit_buffer_op(eng, kl::OpKind::RecvMsg, token, fd, buf, len, msg_flags, 0);
 }
 
 int kloop_submit_sendmsg(kloop_t *loop, uint64_t token, int fd, const void *buf, uint32_t len,
@@ -307,27 +304,15 @@ int kloop_submit_sendmsg(kloop_t *loop, uint64_t token, int fd, const void *buf,
 int kloop_submit_read(kloop_t *loop, uint64_t token, int fd, void *buf, uint32_t len,
                       uint64_t offset) {
   KLOOP_RESOLVE();
-  if (fd < 0 || !len_ok(buf, len)) return -EINVAL;
   if (offset != KLOOP_OFFSET_CURRENT && offset > static_cast<uint64_t>(INT64_MAX)) return -EINVAL;
-  kl::Op a;
-  a.fd = fd;
-  a.buf = buf;
-  a.len = len;
-  a.off = offset;
-  return eng->submit_op(kl::OpKind::Read, token, a);
+  return submit_buffer_op(eng, kl::OpKind::Read, token, fd, buf, len, 0, offset);
 }
 
 int kloop_submit_write(kloop_t *loop, uint64_t token, int fd, const void *buf, uint32_t len,
                        uint64_t offset) {
   KLOOP_RESOLVE();
-  if (fd < 0 || !len_ok(buf, len)) return -EINVAL;
   if (offset != KLOOP_OFFSET_CURRENT && offset > static_cast<uint64_t>(INT64_MAX)) return -EINVAL;
-  kl::Op a;
-  a.fd = fd;
-  a.buf = const_cast<void *>(buf);
-  a.len = len;
-  a.off = offset;
-  return eng->submit_op(kl::OpKind::Write, token, a);
+  return submit_buffer_op(eng, kl::OpKind::Write, token, fd, buf, len, 0, offset);
 }
 
 int kloop_submit_poll(kloop_t *loop, uint64_t token, int fd, uint32_t events, uint32_t flags) {

@@ -40,25 +40,27 @@ void Engine::add_starved(Stream *s) {
   starved_ = s;
 }
 
+namespace {
+// Remove s from an intrusive singly linked list threaded through `next`.
+void list_remove(Stream **head, Stream *s, Stream *Stream::*next) {
+  for (Stream **pp = head; *pp; pp = &((*pp)->*next))
+    if (*pp == s) {
+      *pp = s->*next;
+      break;
+    }
+  s->*next = nullptr;
+}
+}  // namespace
+
 // Take s off the intrusive lists before it is freed.
 void Engine::unlink(Stream *s) {
   if (s->starved) {
-    for (Stream **pp = &starved_; *pp; pp = &(*pp)->next_starved)
-      if (*pp == s) {
-        *pp = s->next_starved;
-        break;
-      }
+    list_remove(&starved_, s, &Stream::next_starved);
     s->starved = false;
-    s->next_starved = nullptr;
   }
   if (s->dirty) {
-    for (Stream **pp = &dirty_; *pp; pp = &(*pp)->next_dirty)
-      if (*pp == s) {
-        *pp = s->next_dirty;
-        break;
-      }
+    list_remove(&dirty_, s, &Stream::next_dirty);
     s->dirty = false;
-    s->next_dirty = nullptr;
   }
 }
 
@@ -70,22 +72,17 @@ int Engine::stream_attach(uint64_t token, int fd, uint32_t flags) {
   s->fd = fd;
   s->flags = flags;
   s->paused = flags & KLOOP_STREAM_PAUSED;
-  s->recv.kind = OpKind::StreamRecv;
-  s->recv.stream = s;
-  s->recv.fd = fd;
-  s->recv.token = token;
-  s->send.kind = OpKind::StreamSend;
-  s->send.stream = s;
-  s->send.fd = fd;
-  s->send.token = token;
-  s->shut.kind = OpKind::StreamShutdown;
-  s->shut.stream = s;
-  s->shut.fd = fd;
-  s->shut.token = token;
-  s->close_op.kind = OpKind::StreamClose;
-  s->close_op.stream = s;
-  s->close_op.fd = fd;
-  s->close_op.token = token;
+  // The stream's own operations: their SQEs carry these Ops as user_data.
+  auto own = [s, fd, token](Op &op, OpKind kind) {
+    op.kind = kind;
+    op.stream = s;
+    op.fd = fd;
+    op.token = token;
+  };
+  own(s->recv, OpKind::StreamRecv);
+  own(s->send, OpKind::StreamSend);
+  own(s->shut, OpKind::StreamShutdown);
+  own(s->close_op, OpKind::StreamClose);
   if (!streams_.put(token, s)) {
     delete s;
     return -ENOMEM;
