@@ -101,6 +101,25 @@ class Env:
                          "`meson setup build && ninja -C build` (looked for "
                          "build*/benchmarks/loadgen under " + str(ROOT) + ")")
 
+    def stale(self):
+        """Sources newer than the binaries built from them (a list of paths)."""
+        lib = self.build / "libkloop" / "libkloop.so"
+        pairs = [(self.loadgen, [ROOT / "benchmarks" / "loadgen.c"]),
+                 (self.native_exe("epoll"), [ROOT / "benchmarks" / "echo_epoll.c"]),
+                 (self.native_exe("libkloop"), [ROOT / "benchmarks" / "echo_kloop.c"])]
+        if lib.exists():
+            srcs = [*(ROOT / "libkloop").glob("*.cc"), *(ROOT / "libkloop").glob("*.h"),
+                    ROOT / "include" / "kloop.h"]
+            pairs.append((lib, srcs))
+        out = []
+        for binary, srcs in pairs:
+            if not binary.exists():
+                continue
+            built = binary.resolve().stat().st_mtime
+            out += [str(src.relative_to(ROOT)) for src in srcs
+                    if src.exists() and src.stat().st_mtime > built]
+        return out
+
     def server_env(self):
         env = dict(os.environ)
         env["PYTHONPATH"] = str(ROOT / "python")
@@ -950,6 +969,8 @@ def main(argv=None):
     p.add_argument("--doc", action="store_true",
                    help="write the tables into docs/performance.md (section per tier)")
     p.add_argument("--json-out", help="write the results here instead of benchmarks/results/")
+    p.add_argument("--allow-stale", action="store_true",
+                   help="measure even if sources are newer than the build")
     args = p.parse_args(argv)
 
     global NICE
@@ -968,6 +989,14 @@ def main(argv=None):
     except BenchError as e:
         print(f"run.py: {e}", file=sys.stderr)
         return 2
+
+    stale = env.stale()
+    if stale:
+        print(f"run.py: the build in {env.build} is older than {', '.join(stale[:4])}"
+              + (" ..." if len(stale) > 4 else "")
+              + f": run `ninja -C {env.build}` first (or pass --allow-stale)", file=sys.stderr)
+        if not args.allow_stale:
+            return 2
 
     tier = args.tier
     native = tier == "native"

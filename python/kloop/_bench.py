@@ -146,6 +146,11 @@ def main(argv=None):
         print(f"kloop bench: {e}", file=sys.stderr)
         return 2
 
+    stale = env.stale()
+    if stale:
+        print(f"kloop bench: warning: {env.build} is older than {', '.join(stale[:3])}; "
+              f"run `ninja -C {env.build}` to measure the current code", file=sys.stderr)
+
     loops = [lp for lp in args.loops.split(",") if lp]
     for lp in list(loops):
         why = env.availability(lp)
