@@ -692,6 +692,79 @@ def profile_markdown(recs):
     return "\n".join(out)
 
 
+LOADGEN_VARIANTS = {"uring (multishot recv)": [], "uring (one-shot recv)": ["--single-recv"],
+                    "epoll": ["-e", "epoll"]}
+
+
+def loadgen_compare(env, size, conns, depths, rounds, duration, warmup, quiet_wait=0.0,
+                    progress=None):
+    """The load generator's own cost: its engines against one echo_epoll server.
+
+    The C epoll server is about as cheap per request as a client can be, so
+    this shows how much CPU per request the load generator needs and where
+    it, not the server, becomes the limit.
+    """
+    server = Server(env, "epoll", "native", None)
+    recs = []
+    try:
+        total = rounds * len(depths) * len(LOADGEN_VARIANTS)
+        for rnd in range(rounds):
+            for depth in depths:
+                for name, extra in LOADGEN_VARIANTS.items():
+                    if quiet_wait:
+                        wait_quiet(quiet_wait)
+                    cmd = loadgen_cmd(env, server.port, size, conns, duration, warmup, depth,
+                                      extra, server.pid)
+                    b0, _ = cpu_totals()
+                    t0 = time.monotonic()
+                    r = subprocess.run(cmd, capture_output=True, text=True,
+                                       timeout=duration + warmup + 60,
+                                       preexec_fn=_pin(CLIENT_CPU))
+                    b1, _ = cpu_totals()
+                    rec = {"variant": name, "pipeline": depth, "round": rnd,
+                           "loadgen_cmd": " ".join(cmd)}
+                    if r.returncode != 0 or not r.stdout.strip():
+                        rec["error"] = f"loadgen exit {r.returncode}: {r.stderr.strip()[-200:]}"
+                    else:
+                        rec.update(json.loads(r.stdout))
+                        wall = time.monotonic() - t0
+                        rec["other_cpu"] = round(max(0.0, (b1 - b0) / CLK_TCK / wall
+                                                     - rec["client"]["util"]
+                                                     - rec["server"]["util"]), 4)
+                    recs.append(rec)
+                    if progress:
+                        progress(len(recs) - 1, total, f"{name}, pipeline {depth}: "
+                                 + (rec.get("error") or f"{rec['rps']:,.0f} req/s"))
+    finally:
+        server.stop()
+    return recs
+
+
+def loadgen_markdown(recs):
+    out = ["| load generator | pipeline | req/s | client CPU µs/req | client util | "
+           "server CPU µs/req | server util | p99 µs |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    keys = []
+    for r in recs:
+        if (r["variant"], r["pipeline"]) not in keys:
+            keys.append((r["variant"], r["pipeline"]))
+    for name, depth in sorted(keys, key=lambda k: k[1]):
+        ds = [r for r in recs if (r["variant"], r["pipeline"]) == (name, depth) and "error" not in r]
+        if not ds:
+            out.append(f"| {name} | {depth} | n/a | | | | | |")
+            continue
+
+        def med(f):
+            return statistics.median(f(d) for d in ds)
+        out.append(f"| {name} | {depth} | {med(lambda d: d['rps']) / 1000:,.0f}k | "
+                   f"{med(lambda d: d['client']['cpu_us_per_req']):.2f} | "
+                   f"{med(lambda d: d['client']['util']):.2f} | "
+                   f"{med(lambda d: d['server']['cpu_us_per_req']):.2f} | "
+                   f"{med(lambda d: d['server']['util']):.2f} | "
+                   f"{med(lambda d: d['latency_us']['p99']):.0f} |")
+    return "\n".join(out)
+
+
 def memory_markdown(recs):
     out = ["| server | RSS before, MiB | RSS with idle connections, MiB | KiB per connection |",
            "|---|---:|---:|---:|"]
@@ -941,7 +1014,7 @@ def main(argv=None):
                                 epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("tier", choices=["quick", "full", "native", "syscalls", "memory", "profile",
-                                    "custom", "report"])
+                                    "loadgen", "custom", "report"])
     p.add_argument("results", nargs="?", help="report: a results JSON file of a matrix run")
     p.add_argument("--build", help="meson build directory (default: build/, else build*/)")
     p.add_argument("--loops", help="comma list (default asyncio,uvloop,kloop; "
@@ -1028,6 +1101,28 @@ def main(argv=None):
           f"uvloop {meta['uvloop']}", file=sys.stderr)
     for note in unavailable_notes(env, loops):
         print("run.py: " + note[2:], file=sys.stderr)
+
+    if tier == "loadgen":
+        size, conns = _ints(args.sizes)[0], _ints(args.conns)[0]
+        rounds = args.rounds or 5
+        duration = args.duration or 3.0
+        recs = loadgen_compare(env, size, conns, [1, 8], rounds, duration, args.warmup,
+                               args.wait_quiet, progress=stderr_progress)
+        payload = {"tier": tier, "meta": meta, "runs": recs}
+        path = save_json(tier, payload)
+        table = loadgen_markdown(recs)
+        interf = interference_note(recs, args.nice)
+        print(table)
+        print(interf)
+        if args.doc:
+            body = (f"Measured {meta['date']} on kernel {meta['kernel']}, commit {meta['commit']}: "
+                    f"each load generator engine against one `echo_epoll` server, "
+                    f"{size_label(size)} messages over {conns} connections, {rounds} "
+                    f"interleaved rounds of {duration:g} s, medians.\n\n"
+                    f"`{meta['command']}`\n\n{table}\n\n{interf}\n")
+            write_doc_section("loadgen", body)
+        print(f"run.py: results in {path}", file=sys.stderr)
+        return 0
 
     if tier == "profile":
         chosen = args.loops.split(",") if args.loops else list(PY_LOOPS + NATIVE)
