@@ -81,7 +81,19 @@ class Env:
         self.build = self._find_build(build)
         self.loadgen = self.build / "benchmarks" / "loadgen"
         self.libkloop = self.build / "libkloop" / "libkloop.so"
+        self.python_dir = ROOT / "python"
         self._availability = {}
+        self._snapshot = None
+
+    def snapshot(self):
+        """Run every server from a copy of python/ taken now, so that edits
+        made to the tree during a long run do not change what is measured."""
+        import shutil
+        self._snapshot = tempfile.TemporaryDirectory(prefix="kloop-bench-py-")
+        dst = Path(self._snapshot.name) / "python"
+        shutil.copytree(ROOT / "python", dst,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        self.python_dir = dst
 
     @staticmethod
     def _find_build(build):
@@ -122,7 +134,7 @@ class Env:
 
     def server_env(self):
         env = dict(os.environ)
-        env["PYTHONPATH"] = str(ROOT / "python")
+        env["PYTHONPATH"] = str(self.python_dir)
         if self.libkloop.exists():
             env["KLOOP_LIBRARY"] = str(self.libkloop)
         env.pop("PYTHONASYNCIODEBUG", None)
@@ -1073,6 +1085,7 @@ def main(argv=None):
 
     tier = args.tier
     native = tier == "native"
+    env.snapshot()
     loops = args.loops.split(",") if args.loops else list(NATIVE if native else PY_LOOPS)
     if tier == "quick":
         cells = QUICK_CELLS
