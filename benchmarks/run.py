@@ -146,7 +146,9 @@ class Env:
         if loop in self._availability:
             return self._availability[loop]
         reason = None
-        if loop in PY_LOOPS:
+        if loop not in PY_LOOPS and loop not in NATIVE:
+            reason = f"unknown server {loop!r} (known: {', '.join(PY_LOOPS + NATIVE)})"
+        elif loop in PY_LOOPS:
             probe = {
                 "asyncio": "import asyncio; asyncio.new_event_loop().close()",
                 "uvloop": "import uvloop; uvloop.new_event_loop().close()",
