@@ -763,7 +763,8 @@ def loadgen_markdown(recs):
         if (r["variant"], r["pipeline"]) not in keys:
             keys.append((r["variant"], r["pipeline"]))
     for name, depth in sorted(keys, key=lambda k: k[1]):
-        ds = [r for r in recs if (r["variant"], r["pipeline"]) == (name, depth) and "error" not in r]
+        ds = [r for r in recs
+              if (r["variant"], r["pipeline"]) == (name, depth) and "error" not in r]
         if not ds:
             out.append(f"| {name} | {depth} | n/a | | | | | |")
             continue
