@@ -19,6 +19,13 @@
  * The load generator runs on one core and shares the machine with the server,
  * so it is written to spend as little CPU per request as it can: no
  * allocation on the data path, one clock read per batch of completions.
+ *
+ * --tls (built with OpenSSL): every connection does one TLS handshake
+ * (blocking, before the warm-up), then the same closed-loop echo runs over
+ * TLS records. With the uring engine OpenSSL works on memory BIOs: received
+ * ciphertext is fed to it and encrypted output is sent with io_uring, so the
+ * data path keeps one io_uring_enter per loop iteration. With the epoll
+ * engine OpenSSL reads and writes the nonblocking socket itself.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -46,6 +53,10 @@
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
+#ifdef LOADGEN_TLS
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#endif
 
 /* ------------------------------------------------------------------------ */
 /* Latency histogram: 64 linear sub-buckets per power of two.              */
@@ -138,6 +149,11 @@ struct options {
   bool json;
   const char *label;
   double idle; /* >= 0: idle-connection memory mode, hold for this long */
+  bool tls;
+  const char *tls_version; /* "1.2", "1.3" or NULL (negotiate) */
+  const char *tls_ciphers; /* TLS 1.2 cipher list */
+  const char *tls_suites;  /* TLS 1.3 cipher suites */
+  const char *tls_sni;
 };
 
 struct conn {
@@ -154,6 +170,12 @@ struct conn {
   uint64_t rx_partial; /* bytes of the current message received so far */
   uint64_t *ts;
   char *rbuf; /* uring single-shot recv buffer */
+#ifdef LOADGEN_TLS
+  SSL *ssl;
+  BIO *rbio, *wbio; /* uring: memory BIOs (ciphertext in, ciphertext out) */
+  char *tx;         /* uring: ciphertext being sent */
+  size_t tx_len, tx_off, tx_cap;
+#endif
 };
 
 struct proc_sample {
@@ -297,6 +319,122 @@ static int open_conn(bool nonblock) {
 }
 
 /* ------------------------------------------------------------------------ */
+/* TLS client (OpenSSL)                                                     */
+/* ------------------------------------------------------------------------ */
+
+#ifdef LOADGEN_TLS
+static SSL_CTX *tls_ctx;
+static char *tls_plain; /* decrypted bytes; consumed before the next SSL_read */
+#define TLS_PLAIN_LEN 65536
+static char tls_version_used[32];
+static char tls_cipher_used[96];
+static char tls_error[160];
+
+static const char *tls_errstr(void) {
+  unsigned long e = ERR_get_error();
+  ERR_clear_error();
+  return e ? ERR_error_string(e, NULL) : "no OpenSSL error queued";
+}
+
+static void tls_setup(void) {
+  tls_ctx = SSL_CTX_new(TLS_client_method());
+  if (!tls_ctx) die("SSL_CTX_new: %s", tls_errstr());
+  /* A benchmark client: the server's test certificate is not verified. */
+  SSL_CTX_set_verify(tls_ctx, SSL_VERIFY_NONE, NULL);
+  SSL_CTX_set_mode(tls_ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+  if (opt.tls_version) {
+    int v;
+    if (!strcmp(opt.tls_version, "1.2"))
+      v = TLS1_2_VERSION;
+    else if (!strcmp(opt.tls_version, "1.3"))
+      v = TLS1_3_VERSION;
+    else
+      die("unknown TLS version %s (1.2, 1.3)", opt.tls_version);
+    SSL_CTX_set_min_proto_version(tls_ctx, v);
+    SSL_CTX_set_max_proto_version(tls_ctx, v);
+  }
+  if (opt.tls_ciphers && SSL_CTX_set_cipher_list(tls_ctx, opt.tls_ciphers) != 1)
+    die("cipher list %s: %s", opt.tls_ciphers, tls_errstr());
+  if (opt.tls_suites && SSL_CTX_set_ciphersuites(tls_ctx, opt.tls_suites) != 1)
+    die("cipher suites %s: %s", opt.tls_suites, tls_errstr());
+  tls_plain = malloc(TLS_PLAIN_LEN);
+  if (!tls_plain) die("out of memory");
+}
+
+/* Blocking handshake on c->fd, then hand the connection to the engine:
+ * memory BIOs for io_uring, the (now nonblocking) socket for epoll. */
+static void tls_connect(struct conn *c) {
+  c->ssl = SSL_new(tls_ctx);
+  if (!c->ssl || SSL_set_fd(c->ssl, c->fd) != 1) die("SSL_new: %s", tls_errstr());
+  SSL_set_tlsext_host_name(c->ssl, opt.tls_sni);
+  if (SSL_connect(c->ssl) != 1) die("TLS handshake with %s: %s", target_name, tls_errstr());
+  if (!tls_version_used[0]) {
+    snprintf(tls_version_used, sizeof(tls_version_used), "%s", SSL_get_version(c->ssl));
+    snprintf(tls_cipher_used, sizeof(tls_cipher_used), "%s", SSL_get_cipher_name(c->ssl));
+  }
+  if (opt.engine == ENGINE_URING) {
+    c->rbio = BIO_new(BIO_s_mem());
+    c->wbio = BIO_new(BIO_s_mem());
+    if (!c->rbio || !c->wbio) die("BIO_new: %s", tls_errstr());
+    BIO_set_mem_eof_return(c->rbio, -1); /* empty means "wait", not EOF */
+    SSL_set_bio(c->ssl, c->rbio, c->wbio);
+    c->tx_cap = 65536;
+    c->tx = malloc(c->tx_cap);
+    if (!c->tx) die("out of memory");
+  } else {
+    fcntl(c->fd, F_SETFL, fcntl(c->fd, F_GETFL) | O_NONBLOCK);
+  }
+}
+
+/* After SSL_read/SSL_write returned n <= 0: true if the connection lives on. */
+static bool tls_retry(struct conn *c, int n) {
+  int err = SSL_get_error(c->ssl, n);
+  if (err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE) return true;
+  if (!tls_error[0])
+    snprintf(tls_error, sizeof(tls_error), "%s",
+             err == SSL_ERROR_ZERO_RETURN ? "close_notify from the server"
+             : err == SSL_ERROR_SYSCALL   ? strerror(errno ? errno : ECONNRESET)
+                                          : tls_errstr());
+  return false;
+}
+
+static void conn_fail(struct conn *c, int err);
+static void on_received(struct conn *c, const char *data, size_t n, uint64_t now);
+
+/* Decrypt every complete record OpenSSL can read now. */
+static void tls_read_all(struct conn *c, uint64_t now) {
+  for (;;) {
+    int n = SSL_read(c->ssl, tls_plain, TLS_PLAIN_LEN);
+    if (n > 0) {
+      on_received(c, tls_plain, (size_t)n, now);
+      if (c->dead) return;
+      continue;
+    }
+    if (!tls_retry(c, n)) conn_fail(c, EPROTO);
+    return;
+  }
+}
+
+/* Encrypt all queued plaintext into the write BIO (uring engine). */
+static bool tls_encrypt_queued(struct conn *c) {
+  while (c->to_send > 0) {
+    size_t pos = (size_t)(c->sent_total % opt.size);
+    uint64_t len = c->to_send;
+    if (len > sendbuf_len - pos) len = sendbuf_len - pos;
+    if (len > (1u << 30)) len = 1u << 30;
+    int n = SSL_write(c->ssl, sendbuf + pos, (int)len);
+    if (n <= 0) {
+      if (!tls_retry(c, n)) conn_fail(c, EPROTO);
+      return false;
+    }
+    c->to_send -= (uint64_t)n;
+    c->sent_total += (uint64_t)n;
+  }
+  return true;
+}
+#endif
+
+/* ------------------------------------------------------------------------ */
 /* Engine-independent request bookkeeping                                   */
 /* ------------------------------------------------------------------------ */
 
@@ -429,6 +567,31 @@ static struct io_uring_sqe *get_sqe(void) {
 }
 
 static void uring_send(struct conn *c, unsigned idx) {
+#ifdef LOADGEN_TLS
+  if (opt.tls) {
+    if (c->send_busy || c->dead) return;
+    if (c->tx_off == c->tx_len) { /* previous ciphertext all sent: encrypt more */
+      c->tx_off = c->tx_len = 0;
+      if (!tls_encrypt_queued(c)) return;
+      size_t pending = BIO_ctrl_pending(c->wbio);
+      if (pending == 0) return;
+      if (pending > c->tx_cap) {
+        while (c->tx_cap < pending) c->tx_cap *= 2;
+        free(c->tx);
+        c->tx = malloc(c->tx_cap);
+        if (!c->tx) die("out of memory");
+      }
+      int n = BIO_read(c->wbio, c->tx, (int)pending);
+      if (n <= 0) return;
+      c->tx_len = (size_t)n;
+    }
+    struct io_uring_sqe *sqe = get_sqe();
+    io_uring_prep_send(sqe, c->fd, c->tx + c->tx_off, c->tx_len - c->tx_off, MSG_NOSIGNAL);
+    io_uring_sqe_set_data64(sqe, ((uint64_t)idx << 8) | OP_SEND);
+    c->send_busy = true;
+    return;
+  }
+#endif
   if (c->send_busy || c->dead || c->to_send == 0) return;
   size_t pos = (size_t)(c->sent_total % opt.size);
   uint64_t len = c->to_send;
@@ -511,6 +674,17 @@ static void recycle_buffer(unsigned bid) {
   br_pending++;
 }
 
+static inline void uring_received(struct conn *c, const char *data, size_t n, uint64_t now) {
+#ifdef LOADGEN_TLS
+  if (opt.tls) {
+    if (BIO_write(c->rbio, data, (int)n) != (int)n) die("BIO_write: %s", tls_errstr());
+    tls_read_all(c, now);
+    return;
+  }
+#endif
+  on_received(c, data, n, now);
+}
+
 static void uring_handle(struct io_uring_cqe *cqe, uint64_t now) {
   uint64_t ud = io_uring_cqe_get_data64(cqe);
   unsigned idx = (unsigned)(ud >> 8);
@@ -520,6 +694,10 @@ static void uring_handle(struct io_uring_cqe *cqe, uint64_t now) {
     c->send_busy = false;
     if (res < 0) {
       if (res != -EINTR && res != -EAGAIN) conn_fail(c, -res);
+#ifdef LOADGEN_TLS
+    } else if (opt.tls) {
+      c->tx_off += (size_t)res;
+#endif
     } else {
       c->to_send -= (uint64_t)res;
       c->sent_total += (uint64_t)res;
@@ -535,10 +713,10 @@ static void uring_handle(struct io_uring_cqe *cqe, uint64_t now) {
     if (opt.multishot) {
       unsigned bid = cqe->flags >> IORING_CQE_BUFFER_SHIFT;
       data = bufs + (size_t)bid * opt.buf_size;
-      on_received(c, data, (size_t)res, now);
+      uring_received(c, data, (size_t)res, now);
       recycle_buffer(bid);
     } else {
-      on_received(c, c->rbuf, (size_t)res, now);
+      uring_received(c, c->rbuf, (size_t)res, now);
     }
     uring_send(c, idx);
     if (phase < PHASE_DONE) uring_recv(c, idx);
@@ -598,6 +776,22 @@ static void epoll_flush(struct conn *c) {
     size_t pos = (size_t)(c->sent_total % opt.size);
     uint64_t len = c->to_send;
     if (len > sendbuf_len - pos) len = sendbuf_len - pos;
+#ifdef LOADGEN_TLS
+    if (opt.tls) {
+      if (len > (1u << 30)) len = 1u << 30;
+      int w = SSL_write(c->ssl, sendbuf + pos, (int)len);
+      if (w <= 0) {
+        if (!tls_retry(c, w)) {
+          conn_fail(c, EPROTO);
+          return;
+        }
+        break; /* wait for EPOLLOUT, then repeat the same write */
+      }
+      c->to_send -= (uint64_t)w;
+      c->sent_total += (uint64_t)w;
+      continue;
+    }
+#endif
     ssize_t n = send(c->fd, sendbuf + pos, (size_t)len, MSG_NOSIGNAL);
     if (n < 0) {
       if (errno == EINTR) continue;
@@ -634,6 +828,17 @@ static void run_epoll(void) {
       struct conn *c = evs[i].data.ptr;
       if (c->dead) continue;
       if (evs[i].events & (EPOLLIN | EPOLLERR | EPOLLHUP)) {
+#ifdef LOADGEN_TLS
+        if (opt.tls) {
+          tls_read_all(c, now);
+          if (c->dead) {
+            epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
+            continue;
+          }
+          if (c->to_send > 0 || (evs[i].events & EPOLLOUT)) epoll_flush(c);
+          continue;
+        }
+#endif
         ssize_t r = recv(c->fd, rbuf, rlen, 0);
         if (r > 0) {
           on_received(c, rbuf, (size_t)r, now);
@@ -727,6 +932,11 @@ static void report(void) {
            dead_conns, first_error ? strerror(first_error) : "", opt.verify ? "true" : "false",
            (unsigned long long)verify_errors);
     printf(", \"stalled\": %s", stalled ? "true" : "false");
+#ifdef LOADGEN_TLS
+    if (opt.tls)
+      printf(", \"tls\": {\"version\": \"%s\", \"cipher\": \"%s\", \"error\": \"%s\"}",
+             tls_version_used, tls_cipher_used, tls_error);
+#endif
     printf(
         ", \"latency_us\": {\"min\": %.2f, \"mean\": %.2f, \"p50\": %.2f, \"p90\": %.2f, "
         "\"p99\": %.2f, \"p999\": %.2f, \"max\": %.2f}",
@@ -756,6 +966,11 @@ static void report(void) {
              opt.server_pid, (su + ss) * per, su * per, ss * per,
              secs > 0 ? 100 * (su + ss) / secs : 0, srv1.rss_kb);
     if (stalled) printf("stalled: no echo for %.0f s, run ended early\n", STALL_NS / 1e9);
+#ifdef LOADGEN_TLS
+    if (opt.tls)
+      printf("TLS: %s %s%s%s\n", tls_version_used, tls_cipher_used, tls_error[0] ? ", " : "",
+             tls_error);
+#endif
     if (dead_conns || verify_errors)
       printf("errors: %u connections failed (%s), %llu verify errors\n", dead_conns,
              first_error ? strerror(first_error) : "-", (unsigned long long)verify_errors);
@@ -790,6 +1005,12 @@ static void usage(FILE *f) {
       "      --idle SEC         memory mode: open the connections, echo one message on\n"
       "                         each, hold them SEC seconds, report the server's RSS\n"
       "                         growth per connection (needs --server-pid)\n"
+      "      --tls              TLS client: one handshake per connection, then echo\n"
+      "                         over TLS (needs a build with OpenSSL)\n"
+      "      --tls-version V    1.2 or 1.3 only (default: negotiate)\n"
+      "      --tls-ciphers L    TLS 1.2 cipher list (OpenSSL syntax)\n"
+      "      --tls-suites L     TLS 1.3 cipher suites (OpenSSL syntax)\n"
+      "      --tls-sni NAME     server name sent in the handshake (default localhost)\n"
       "  -j, --json             print one JSON object instead of text\n",
       f);
 }
@@ -820,8 +1041,23 @@ int main(int argc, char **argv) {
                          .buf_size = 65536,
                          .buf_count = 1024,
                          .cpu = -1,
-                         .idle = -1};
-  enum { O_SINGLE = 256, O_BUFSZ, O_BUFCNT, O_PID, O_CPU, O_VERIFY, O_LABEL, O_IDLE };
+                         .idle = -1,
+                         .tls_sni = "localhost"};
+  enum {
+    O_SINGLE = 256,
+    O_BUFSZ,
+    O_BUFCNT,
+    O_PID,
+    O_CPU,
+    O_VERIFY,
+    O_LABEL,
+    O_IDLE,
+    O_TLS,
+    O_TLSVER,
+    O_TLSCIPH,
+    O_TLSSUITE,
+    O_TLSSNI
+  };
   static const struct option longopts[] = {{"host", required_argument, 0, 'H'},
                                            {"port", required_argument, 0, 'P'},
                                            {"unix", required_argument, 0, 'U'},
@@ -841,6 +1077,11 @@ int main(int argc, char **argv) {
                                            {"label", required_argument, 0, O_LABEL},
                                            {"json", no_argument, 0, 'j'},
                                            {"idle", required_argument, 0, O_IDLE},
+                                           {"tls", no_argument, 0, O_TLS},
+                                           {"tls-version", required_argument, 0, O_TLSVER},
+                                           {"tls-ciphers", required_argument, 0, O_TLSCIPH},
+                                           {"tls-suites", required_argument, 0, O_TLSSUITE},
+                                           {"tls-sni", required_argument, 0, O_TLSSNI},
                                            {"help", no_argument, 0, 'h'},
                                            {0, 0, 0, 0}};
   int ch;
@@ -905,6 +1146,21 @@ int main(int argc, char **argv) {
       case O_IDLE:
         opt.idle = strtod(optarg, NULL);
         break;
+      case O_TLS:
+        opt.tls = true;
+        break;
+      case O_TLSVER:
+        opt.tls_version = optarg;
+        break;
+      case O_TLSCIPH:
+        opt.tls_ciphers = optarg;
+        break;
+      case O_TLSSUITE:
+        opt.tls_suites = optarg;
+        break;
+      case O_TLSSNI:
+        opt.tls_sni = optarg;
+        break;
       case 'j':
         opt.json = true;
         break;
@@ -923,6 +1179,11 @@ int main(int argc, char **argv) {
     die("buf-count must be a power of two <= 32768");
   if (opt.duration <= 0 && !opt.requests) die("duration must be > 0");
   if (opt.requests) opt.duration = 0;
+#ifdef LOADGEN_TLS
+  if (opt.tls && opt.idle >= 0) die("--idle does not support --tls");
+#else
+  if (opt.tls) die("--tls: this load generator was built without OpenSSL");
+#endif
 
   if (opt.cpu >= 0) {
     cpu_set_t set;
@@ -952,9 +1213,15 @@ int main(int argc, char **argv) {
   conns = calloc(opt.conns, sizeof(*conns));
   uint64_t *ts = calloc((size_t)opt.conns * opt.depth, sizeof(uint64_t));
   if (!conns || !ts) die("out of memory");
+#ifdef LOADGEN_TLS
+  if (opt.tls) tls_setup();
+#endif
   for (unsigned i = 0; i < opt.conns; i++) {
-    conns[i].fd = open_conn(opt.engine == ENGINE_EPOLL);
+    conns[i].fd = open_conn(opt.engine == ENGINE_EPOLL && !opt.tls);
     conns[i].ts = ts + (size_t)i * opt.depth;
+#ifdef LOADGEN_TLS
+    if (opt.tls) tls_connect(&conns[i]);
+#endif
   }
 
   hist_reset(&hist);

@@ -21,10 +21,14 @@ Tiers:
   native    echo_epoll vs echo_kloop at 10/100/1000 conns, 1 KiB and 100 KiB
   syscalls  untimed: strace -c -f on each server for a fixed number of
             requests; syscalls and io_uring_enter calls per request
+  tls       TLS echo (Protocol server with ssl=; load generator --tls) at
+            TLS 1.3 and TLS 1.2, and HTTPS keep-alive under wrk; the test
+            certificate is made at run time in a temporary directory
 
 Examples:
   /usr/bin/python3 benchmarks/run.py quick
   /usr/bin/python3 benchmarks/run.py native --rounds 5 --doc
+  /usr/bin/python3 benchmarks/run.py tls --doc
   /usr/bin/python3 benchmarks/run.py custom --loops uvloop,kloop \
       --kinds protocol --sizes 1024 --conns 10,100 --rounds 3
 """
@@ -59,7 +63,21 @@ PY_LOOPS = ("asyncio", "uvloop", "kloop")
 NATIVE = ("epoll", "libkloop")
 KINDS = ("protocol", "streams", "buffered", "sock")
 KIND_TITLE = {"protocol": "Protocol", "streams": "streams", "buffered": "BufferedProtocol",
-              "sock": "sock_recv/sendall", "native": "C echo"}
+              "sock": "sock_recv/sendall", "native": "C echo",
+              "tls13": "TLS 1.3 echo", "tls12": "TLS 1.2 echo (AES-128-GCM)",
+              "https": "HTTPS keep-alive (wrk)"}
+
+# TLS kinds: the server kind behind ssl=, and the load generator's TLS
+# arguments (None: the client is wrk). The test certificate has a P-256 key,
+# hence ECDSA in the TLS 1.2 cipher; TLS 1.3 takes OpenSSL's default suite.
+TLS_KINDS = {
+    "tls13": ("protocol", ["--tls", "--tls-version", "1.3"]),
+    "tls12": ("protocol", ["--tls", "--tls-version", "1.2",
+                           "--tls-ciphers", "ECDHE-ECDSA-AES128-GCM-SHA256"]),
+    "https": ("http", None),
+}
+TLS_CELLS = [("tls13", 1024, 10), ("tls13", 102400, 10), ("tls13", 1024, 100),
+             ("tls12", 1024, 10), ("https", 0, 10), ("https", 0, 100)]
 
 QUICK_CELLS = [("protocol", 1024, 10), ("streams", 1024, 10),
                ("protocol", 102400, 10), ("protocol", 1024, 100)]
@@ -84,6 +102,23 @@ class Env:
         self.python_dir = ROOT / "python"
         self._availability = {}
         self._snapshot = None
+        self.tls_files = None  # (certfile, keyfile) for the TLS kinds
+        self._tls_dir = None
+
+    def make_test_certificate(self):
+        """A self-signed P-256 certificate for localhost, in a temporary
+        directory that lives as long as this Env (nothing is kept)."""
+        self._tls_dir = tempfile.TemporaryDirectory(prefix="kloop-bench-tls-")
+        cert = os.path.join(self._tls_dir.name, "cert.pem")
+        key = os.path.join(self._tls_dir.name, "key.pem")
+        r = subprocess.run(["openssl", "req", "-x509", "-newkey", "ec",
+                            "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                            "-keyout", key, "-out", cert, "-days", "2",
+                            "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise BenchError("openssl req failed: " + r.stderr.strip()[-200:])
+        self.tls_files = (cert, key)
 
     def snapshot(self):
         """Run every server from a copy of python/ taken now, so that edits
@@ -170,6 +205,12 @@ class Env:
         return self.build / "benchmarks" / ("echo_epoll" if name == "epoll" else "echo_kloop")
 
     def server_cmd(self, loop, kind):
+        if loop in PY_LOOPS and kind in TLS_KINDS:
+            if not self.tls_files:
+                raise BenchError("TLS cell without a test certificate")
+            return [self.python, str(SERVER_PY), "--loop", loop, "--kind", TLS_KINDS[kind][0],
+                    "--port", "0", "--certfile", self.tls_files[0],
+                    "--keyfile", self.tls_files[1]]
         if loop in PY_LOOPS:
             return [self.python, str(SERVER_PY), "--loop", loop, "--kind", kind, "--port", "0"]
         return [str(self.native_exe(loop)), "--port", "0"]
@@ -303,6 +344,20 @@ class Server:
     def pid(self):
         return self.proc.pid
 
+    def read_tls_info(self, wait=1.0):
+        """The TLSINFO line the server prints at its first TLS connection."""
+        info = None
+        while True:
+            r, _, _ = select.select([self.proc.stdout], [], [], wait)
+            if not r:
+                return info
+            line = self.proc.stdout.readline()
+            if not line:
+                return info
+            if line.startswith("TLSINFO "):
+                info = json.loads(line[8:])
+            wait = 0.0
+
     def stop(self):
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -325,6 +380,119 @@ def loadgen_cmd(env, port, size, conns, duration, warmup, pipeline=1, extra=(), 
     return cmd + list(extra)
 
 
+def tls_path(loop, transport):
+    """Which TLS implementation served a connection, from its transport type."""
+    if not transport:
+        return None
+    if transport == "asyncio.sslproto._SSLProtocolTransport":
+        return "sslproto"
+    return "engine" if loop == "kloop" else transport.rsplit(".", 1)[0]
+
+
+def _note_tls(rec, server):
+    info = server.read_tls_info()
+    if info:
+        rec["server_tls"] = info
+        rec["tls_path"] = tls_path(rec["loop"], info.get("transport"))
+
+
+def proc_status(pid):
+    """(utime s, stime s, VmRSS kB) of a process, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            data = f.read()
+        fields = data[data.rindex(")") + 2:].split()
+        rss = None
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    rss = int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK, rss
+
+
+def _wrk_seconds(text):
+    m = re.match(r"^([\d.]+)(us|ms|s|m)$", text.strip())
+    if not m:
+        return None
+    scale = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}[m.group(2)]
+    return float(m.group(1)) * scale
+
+
+def parse_wrk(text):
+    """requests, seconds, errors and latency percentiles (µs) from wrk --latency."""
+    out = {"latency_us": {}}
+    m = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s|m)", text)
+    if m:
+        out["requests"] = int(m.group(1))
+        out["duration_s"] = _wrk_seconds(m.group(2) + m.group(3))
+    for pct, val in re.findall(r"^\s+(50|75|90|99)(?:\.000)?%\s+(\S+)", text, re.M):
+        v = _wrk_seconds(val)
+        if v is not None:
+            out["latency_us"][f"p{pct}"] = round(v * 1e6, 2)
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)",
+                  text)
+    out["socket_errors"] = sum(int(x) for x in m.groups()) if m else 0
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    out["non_2xx"] = int(m.group(1)) if m else 0
+    return out
+
+
+def run_wrk(env, server, rec, conns, duration, warmup):
+    """wrk against an HTTP(S) server: a warm-up run, then the measured run with
+    the server's CPU time and RSS read from /proc around it."""
+    url = f"https://127.0.0.1:{server.port}/"
+    secs = max(1, round(duration))
+    base = ["wrk", "-t1", f"-c{conns}"]
+    if warmup > 0:
+        subprocess.run(base + [f"-d{max(1, round(warmup))}s", url], capture_output=True,
+                       timeout=warmup + 60, preexec_fn=_pin(CLIENT_CPU))
+    cmd = base + [f"-d{secs}s", "--latency", url]
+    rec["loadgen_cmd"] = " ".join(cmd)
+    s0 = proc_status(server.pid)
+    busy0, steal0 = cpu_totals()
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.monotonic()
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=secs + 60,
+                           preexec_fn=_pin(CLIENT_CPU))
+    except subprocess.TimeoutExpired:
+        rec["error"] = "wrk timed out"
+        return rec
+    wall = time.monotonic() - t0
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    busy1, steal1 = cpu_totals()
+    s1 = proc_status(server.pid)
+    res = parse_wrk(r.stdout)
+    if r.returncode != 0 or not res.get("requests"):
+        rec["error"] = f"wrk exit {r.returncode}: {(r.stderr or r.stdout).strip()[-300:]}"
+        return rec
+    n, dur = res["requests"], res["duration_s"]
+    client = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+    rec.update(requests=n, duration_s=dur, rps=n / dur, latency_us=res["latency_us"],
+               client={"util": round(client / wall, 4),
+                       "cpu_us_per_req": round(client * 1e6 / n, 4)},
+               wrk_socket_errors=res["socket_errors"], wrk_non_2xx=res["non_2xx"])
+    if s0 and s1:
+        su, ss = s1[0] - s0[0], s1[1] - s0[1]
+        rec["server"] = {"pid": server.pid, "user_s": su, "sys_s": ss,
+                         "util": round((su + ss) / wall, 4),
+                         "cpu_us_per_req": (su + ss) * 1e6 / n,
+                         "user_us_per_req": su * 1e6 / n, "sys_us_per_req": ss * 1e6 / n,
+                         "rss_kb": s1[2]}
+    machine = (busy1 - busy0) / CLK_TCK
+    server_total = (s1[0] + s1[1] - s0[0] - s0[1]) if s0 and s1 else 0
+    rec["other_cpu"] = round(max(0.0, machine - client - server_total) / wall, 4)
+    rec["steal"] = round((steal1 - steal0) / CLK_TCK / wall, 4)
+    if res["socket_errors"] or res["non_2xx"]:
+        rec["error"] = (f"wrk: {res['socket_errors']} socket errors, "
+                        f"{res['non_2xx']} non-2xx responses")
+    if server.proc.poll() is not None:
+        rec["error"] = f"server exited with {server.proc.returncode} during the run"
+    return rec
+
+
 def run_one(env, loop, kind, size, conns, duration, warmup, pipeline=1, loadgen_extra=(),
             log=None):
     """One measured run of one server; returns a result dict (with "error" on failure)."""
@@ -335,6 +503,15 @@ def run_one(env, loop, kind, size, conns, duration, warmup, pipeline=1, loadgen_
     except BenchError as e:
         rec["error"] = str(e)
         return rec
+    if kind in TLS_KINDS and TLS_KINDS[kind][1] is None:
+        try:
+            run_wrk(env, server, rec, conns, duration, warmup)
+            _note_tls(rec, server)
+            return rec
+        finally:
+            server.stop()
+    if kind in TLS_KINDS:
+        loadgen_extra = list(TLS_KINDS[kind][1]) + list(loadgen_extra)
     try:
         cmd = loadgen_cmd(env, server.port, size, conns, duration, warmup, pipeline,
                           loadgen_extra, server.pid)
@@ -372,6 +549,8 @@ def run_one(env, loop, kind, size, conns, duration, warmup, pipeline=1, loadgen_
                             f"({res.get('first_error')})")
         if server.proc.poll() is not None:
             rec["error"] = f"server exited with {server.proc.returncode} during the run"
+        if kind in TLS_KINDS:
+            _note_tls(rec, server)
         return rec
     finally:
         server.stop()
@@ -388,6 +567,8 @@ def size_label(n):
 
 
 def cell_label(kind, size, conns):
+    if kind == "https":
+        return f"{KIND_TITLE[kind]}, {conns} conn{'s' * (conns != 1)}"
     return f"{KIND_TITLE.get(kind, kind)}, {size_label(size)}, {conns} conn{'s' * (conns != 1)}"
 
 
@@ -469,12 +650,19 @@ def summarize(records, cells, loops, ratio_pairs):
                 "sys_us": _med([s.get("sys_us_per_req") for s in srv]),
                 "server_util": _med([s.get("util") for s in srv]),
                 "client_util": _med([r["client"]["util"] for r in runs]),
-                "p50": _med([r["latency_us"]["p50"] for r in runs]),
-                "p99": _med([r["latency_us"]["p99"] for r in runs]),
-                "p999": _med([r["latency_us"]["p999"] for r in runs]),
+                "p50": _med([r["latency_us"].get("p50") for r in runs]),
+                "p99": _med([r["latency_us"].get("p99") for r in runs]),
+                "p999": _med([r["latency_us"].get("p999") for r in runs]),
                 "rss_kb": _med([s.get("rss_kb") for s in srv]),
                 "other_cpu_max": max(r["other_cpu"] for r in runs),
             }
+            if kind in TLS_KINDS:
+                d = row["loops"][loop]
+                d["tls_path"] = sorted({r.get("tls_path") or "?" for r in runs})
+                d["transport"] = sorted({r.get("server_tls", {}).get("transport") or "?"
+                                         for r in runs})
+                d["cipher"] = sorted({"{version} {cipher}".format(**r["server_tls"])
+                                      for r in runs if r.get("server_tls")})
         for a, b in ratio_pairs:
             per_round = []
             cpu_round = []
@@ -893,12 +1081,84 @@ def markdown_tables(rows, loops, ratio_pairs, title_kind=True):
     return "\n".join(out)
 
 
+def _paths(rows, loop):
+    out = []
+    for row in rows:
+        for p in row["loops"].get(loop, {}).get("tls_path", []):
+            if p not in out:
+                out.append(p)
+    return out
+
+
+def tls_markdown(rows, loops, ratio_pairs):
+    """The TLS tier's tables: like markdown_tables, plus the TLS path kloop
+    took per cell, the load generator's CPU share and the negotiated cipher."""
+    kl = _paths(rows, "kloop")
+    names = {lp: lp for lp in loops}
+    if "kloop" in loops and len(kl) == 1:
+        names["kloop"] = f"kloop ({kl[0]})"
+    out = []
+    head = (["cell"] + [f"{names[lp]} req/s" for lp in loops]
+            + [f"{a}/{b}" for a, b in ratio_pairs]
+            + (["kloop TLS path"] if "kloop" in loops else []))
+    out.append("| " + " | ".join(head) + " |")
+    out.append("|" + "---|" + "---:|" * (len(head) - 1 - ("kloop" in loops))
+               + ("---|" if "kloop" in loops else ""))
+    for row in rows:
+        cells = [cell_label(row["kind"], row["size"], row["conns"])]
+        cells += [fmt_rps(row["loops"].get(lp)) for lp in loops]
+        cells += [fmt_ratio(row["ratios"].get(f"{a}/{b}")) for a, b in ratio_pairs]
+        if "kloop" in loops:
+            cells.append(", ".join(row["loops"].get("kloop", {}).get("tls_path", [])) or "n/a")
+        out.append("| " + " | ".join(cells) + " |")
+    out.append("")
+    head = (["cell"] + [f"{names[lp]} CPU µs/req (user+sys)" for lp in loops]
+            + [f"{a}/{b} CPU" for a, b in ratio_pairs[:1]]
+            + [f"client CPU with {lp}" for lp in loops]
+            + [f"{lp} p50 / p99 µs" for lp in loops])
+    out.append("| " + " | ".join(head) + " |")
+    out.append("|" + "---|" + "---:|" * (len(head) - 1))
+    for row in rows:
+        cells = [cell_label(row["kind"], row["size"], row["conns"])]
+        for lp in loops:
+            d = row["loops"].get(lp, {})
+            cells.append("n/a" if not d.get("n") else
+                         f"{d['cpu_us']:.1f} ({d['user_us']:.1f}+{d['sys_us']:.1f})")
+        for a, b in ratio_pairs[:1]:
+            rt = row["ratios"].get(f"{a}/{b}")
+            cells.append("n/a" if not rt or rt.get("cpu") is None else f"{rt['cpu']:.2f}×")
+        for lp in loops:
+            d = row["loops"].get(lp, {})
+            cells.append("n/a" if not d.get("n") else f"{d['client_util']:.0%}")
+        for lp in loops:
+            d = row["loops"].get(lp, {})
+            cells.append("n/a" if not d.get("n") or d.get("p50") is None else
+                         f"{d['p50']:.0f} / {d['p99']:.0f}")
+        out.append("| " + " | ".join(cells) + " |")
+    ciphers = []
+    for row in rows:
+        cs = sorted({c for lp in loops for c in row["loops"].get(lp, {}).get("cipher", [])})
+        if cs:
+            ciphers.append(f"{cell_label(row['kind'], row['size'], row['conns'])}: "
+                           + ", ".join(cs))
+    transports = sorted({f"{lp}: {', '.join(row['loops'][lp].get('transport', []))}"
+                         for row in rows for lp in loops if row["loops"].get(lp, {}).get("n")})
+    out.append("")
+    out.append("Negotiated (as the server reported it): " + "; ".join(ciphers) + ".")
+    out.append("")
+    out.append("Transport handed to the protocol: " + "; ".join(transports) + ".")
+    return "\n".join(out)
+
+
 def emit_matrix(payload, loops, ratio_pairs, notes, doc):
     """Print the tables of a matrix run and, with doc, write its section."""
     tier, meta = payload["tier"], payload["meta"]
     records, rows = payload["runs"], payload["summary"]
     nice = meta.get("nice", 0)
-    tables = markdown_tables(rows, loops, ratio_pairs, title_kind=tier != "native")
+    if tier == "tls":
+        tables = tls_markdown(rows, loops, ratio_pairs)
+    else:
+        tables = markdown_tables(rows, loops, ratio_pairs, title_kind=tier != "native")
     interf = interference_note(records, nice)
     print(tables)
     if notes:
@@ -907,7 +1167,9 @@ def emit_matrix(payload, loops, ratio_pairs, notes, doc):
     if doc:
         body = (f"Measured {meta['date']}: kernel {meta['kernel']}, {meta['cpu']} "
                 f"({meta['cpus']} CPUs), Python {meta['python']}, uvloop {meta['uvloop']}, "
-                f"liburing {meta['liburing']}, commit {meta['commit']}. "
+                f"liburing {meta['liburing']}, "
+                + (f"{meta['openssl']}, wrk {meta['wrk']}, " if meta.get("openssl") else "")
+                + f"commit {meta['commit']}. "
                 f"{payload['rounds']} interleaved rounds of {payload['warmup']:g} s warm-up + "
                 f"{payload['duration']:g} s measured per server; median (min–max); "
                 + (f"nice {nice}; " if nice else "") +
@@ -1029,7 +1291,7 @@ def main(argv=None):
                                 epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("tier", choices=["quick", "full", "native", "syscalls", "memory", "profile",
-                                    "loadgen", "custom", "report"])
+                                    "loadgen", "custom", "report", "tls"])
     p.add_argument("results", nargs="?", help="report: a results JSON file of a matrix run")
     p.add_argument("--build", help="meson build directory (default: build/, else build*/)")
     p.add_argument("--loops", help="comma list (default asyncio,uvloop,kloop; "
@@ -1097,6 +1359,8 @@ def main(argv=None):
                  for c in (1, 10, 100, 1000)]
     elif tier == "native":
         cells = [("native", s, c) for s in (1024, 102400) for c in (10, 100, 1000)]
+    elif tier == "tls":
+        cells = TLS_CELLS
     else:
         kinds = args.kinds.split(",")
         cells = [(k, s, c) for k in kinds for s in _ints(args.sizes) for c in _ints(args.conns)]
@@ -1105,6 +1369,14 @@ def main(argv=None):
 
     meta = metadata(env)
     meta["nice"] = args.nice
+    if tier == "tls" or any(k in TLS_KINDS for k, _, _ in cells):
+        try:
+            env.make_test_certificate()
+        except (BenchError, OSError) as e:
+            print(f"run.py: {e}", file=sys.stderr)
+            return 2
+        meta["openssl"] = _cmd_out(["openssl", "version"])
+        meta["wrk"] = _cmd_out(["dpkg-query", "-W", "-f=${Version}", "wrk"]) or None
     busy = busy_processes()
     meta["busy_at_start"] = [f"{comm} ({pid}) {share:.0%}" for share, pid, comm in busy]
     if busy:

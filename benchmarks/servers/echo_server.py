@@ -2,6 +2,7 @@
 
 usage: echo_server.py --loop {asyncio,uvloop,kloop} --kind KIND
                       [--host H] [--port P | --unix PATH]
+                      [--certfile CERT --keyfile KEY]
 
 KIND is one of
   protocol   asyncio.Protocol: data_received() -> transport.write()
@@ -9,6 +10,17 @@ KIND is one of
              await writer.drain()
   buffered   asyncio.BufferedProtocol: recv into get_buffer(), write a copy
   sock       loop.sock_accept / sock_recv / sock_sendall on plain sockets
+  http       minimal HTTP/1.1 keep-alive server (asyncio.Protocol): every
+             request gets a fixed 200 response written in two pieces
+             (headers, then body)
+
+With --certfile/--keyfile the protocol, streams, buffered and http servers
+take ssl= (an ssl.SSLContext with that certificate; protocol versions and
+ciphers are left to the client and OpenSSL's defaults). At the first
+connection the server prints one line "TLSINFO {json}" on stdout: the type
+of the transport the loop handed to the protocol (asyncio's sslproto gives
+asyncio.sslproto._SSLProtocolTransport, uvloop its own, kloop either
+asyncio's or its engine's) and the negotiated cipher.
 
 Every loop gets exactly the same code; only the event loop differs. Accepted
 sockets get TCP_NODELAY explicitly, because the loops disagree on when they
@@ -23,6 +35,7 @@ checkout's python/ directory.
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -39,12 +52,30 @@ def _nodelay(sock):
             pass
 
 
+# True while a TLS server has not yet said which transport it was given.
+REPORT_TLS = False
+
+
+def _report_transport(transport):
+    """Print, once per server, which transport the loop gave the protocol."""
+    global REPORT_TLS
+    REPORT_TLS = False
+    t = type(transport)
+    cipher = transport.get_extra_info("cipher")
+    info = {"transport": f"{t.__module__}.{t.__qualname__}",
+            "cipher": cipher[0] if cipher else None,
+            "version": cipher[1] if cipher else None}
+    print("TLSINFO " + json.dumps(info), flush=True)
+
+
 class EchoProtocol(asyncio.Protocol):
     __slots__ = ("transport",)
 
     def connection_made(self, transport):
         self.transport = transport
         _nodelay(transport.get_extra_info("socket"))
+        if REPORT_TLS:
+            _report_transport(transport)
 
     def data_received(self, data):
         self.transport.write(data)
@@ -61,6 +92,8 @@ class EchoBufferedProtocol(asyncio.BufferedProtocol):
         self.buf = bytearray(READ_SIZE)
         self.view = memoryview(self.buf)
         _nodelay(transport.get_extra_info("socket"))
+        if REPORT_TLS:
+            _report_transport(transport)
 
     def get_buffer(self, sizehint):
         return self.view
@@ -74,8 +107,46 @@ class EchoBufferedProtocol(asyncio.BufferedProtocol):
         self.transport = None
 
 
+HTTP_HEAD = (b"HTTP/1.1 200 OK\r\nServer: bench\r\nContent-Type: text/plain\r\n"
+             b"Content-Length: 13\r\n\r\n")
+HTTP_BODY = b"Hello, World!"
+
+
+class HttpProtocol(asyncio.Protocol):
+    """HTTP/1.1 keep-alive, just enough for wrk: requests without a body,
+    answered in order, each response written as two pieces."""
+
+    __slots__ = ("transport", "pending")
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.pending = b""
+        _nodelay(transport.get_extra_info("socket"))
+        if REPORT_TLS:
+            _report_transport(transport)
+
+    def data_received(self, data):
+        if self.pending:
+            data = self.pending + data
+        start = 0
+        write = self.transport.write
+        while True:
+            end = data.find(b"\r\n\r\n", start)
+            if end < 0:
+                break
+            write(HTTP_HEAD)
+            write(HTTP_BODY)
+            start = end + 4
+        self.pending = data[start:]
+
+    def connection_lost(self, exc):
+        self.transport = None
+
+
 async def _streams_client(reader, writer):
     _nodelay(writer.get_extra_info("socket"))
+    if REPORT_TLS:
+        _report_transport(writer.transport)
     try:
         while True:
             data = await reader.read(READ_SIZE)
@@ -134,18 +205,36 @@ def new_loop(name):
     raise SystemExit(f"unknown loop {name!r}")
 
 
+def make_ssl_context(args):
+    global REPORT_TLS
+    if not args.certfile:
+        return None
+    import ssl
+
+    REPORT_TLS = True
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(args.certfile, args.keyfile)
+    return ctx
+
+
 async def serve(args, stop):
     loop = asyncio.get_running_loop()
     lsock = make_listener(args)
     where = args.unix or lsock.getsockname()[1]
     tasks = set()
+    ssl_ctx = make_ssl_context(args)
+    if ssl_ctx is not None and args.kind == "sock":
+        raise SystemExit("--kind sock has no TLS variant")
     if args.kind == "protocol":
-        server = await loop.create_server(EchoProtocol, sock=lsock, backlog=4096)
+        server = await loop.create_server(EchoProtocol, sock=lsock, backlog=4096, ssl=ssl_ctx)
     elif args.kind == "buffered":
-        server = await loop.create_server(EchoBufferedProtocol, sock=lsock, backlog=4096)
+        server = await loop.create_server(EchoBufferedProtocol, sock=lsock, backlog=4096,
+                                          ssl=ssl_ctx)
+    elif args.kind == "http":
+        server = await loop.create_server(HttpProtocol, sock=lsock, backlog=4096, ssl=ssl_ctx)
     elif args.kind == "streams":
         server = await asyncio.start_server(_streams_client, sock=lsock, limit=READ_SIZE * 4,
-                                            backlog=4096)
+                                            backlog=4096, ssl=ssl_ctx)
     elif args.kind == "sock":
         server = None
 
@@ -173,10 +262,12 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--loop", default="asyncio", choices=["asyncio", "uvloop", "kloop"])
     p.add_argument("--kind", default="protocol",
-                   choices=["protocol", "streams", "buffered", "sock"])
+                   choices=["protocol", "streams", "buffered", "sock", "http"])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--unix")
+    p.add_argument("--certfile", help="serve TLS with this certificate (PEM)")
+    p.add_argument("--keyfile", help="private key of --certfile (PEM)")
     p.add_argument("--cpu", type=int, default=-1, help="pin to this CPU")
     p.add_argument("--profile", metavar="FILE",
                    help="run under cProfile and write its stats (pstats format) at exit")
