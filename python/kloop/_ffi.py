@@ -121,6 +121,31 @@ int kloop_stream_shutdown(kloop_t *loop, uint64_t token);
 int kloop_stream_close(kloop_t *loop, uint64_t token);
 int kloop_stream_abort(kloop_t *loop, uint64_t token);
 
+int kloop_stream_start_tls(kloop_t *loop, uint64_t token, void *ssl);
+
+struct kloop_tls_error {
+  uint32_t size;
+  int32_t ssl_error;
+  int32_t lib;
+  int32_t reason;
+  int64_t verify_result;
+  char message[256];
+  char verify_message[256];
+};
+
+int kloop_stream_tls_error(kloop_t *loop, uint64_t token, struct kloop_tls_error *out);
+
+struct kloop_tls_info {
+  uint32_t size;
+  uint32_t reserved0;
+  uint64_t version_num;
+  uint64_t ssl_new_addr;
+  char libssl_path[256];
+  char version_text[128];
+};
+
+int kloop_get_tls_info(struct kloop_tls_info *out);
+
 struct kloop_stats {
   uint32_t size;
   uint32_t reserved0;
@@ -193,10 +218,15 @@ EVENT_ERROR = 3
 EVENT_WRITE_LOW = 4
 EVENT_CLOSED = 5
 EVENT_WRITE_DONE = 6
+EVENT_HANDSHAKE = 7
 
 # kloop_completion.aux of EVENT_ERROR: which side of the stream failed
 ERROR_READ = 1
 ERROR_WRITE = 2
+ERROR_TLS = 4
+
+# kloop_completion.aux of EVENT_EOF on a TLS stream
+EOF_UNCLEAN = 1
 
 OP_MULTISHOT = 1 << 0
 POLL_EDGE = 1 << 1

@@ -223,7 +223,7 @@ class _EngineReadPipeTransport(transports.ReadTransport):
                 "protocol": self._protocol,
             })
 
-    def _on_eof(self):
+    def _on_eof(self, aux=0):
         if self._closing or self._loop_closing:
             return
         if self._paused or self._held:
@@ -239,7 +239,7 @@ class _EngineReadPipeTransport(transports.ReadTransport):
         self._loop.call_soon(self._protocol.eof_received)
         self._loop.call_soon(self._call_connection_lost, None)
 
-    def _on_error(self, res):
+    def _on_error(self, res, aux=0):
         if self._closing or self._loop_closing:
             return
         exc = make_error(res)

@@ -75,7 +75,7 @@ _POLLOUT = 0x004
 # The dispatch loop compares event numbers as literals (no global lookups
 # per record); they must stay equal to kloop.h's.
 assert (_ffi.EVENT_OP, _ffi.EVENT_DATA, _ffi.EVENT_EOF, _ffi.EVENT_ERROR, _ffi.EVENT_WRITE_LOW,
-        _ffi.EVENT_CLOSED, _ffi.EVENT_WRITE_DONE) == (0, 1, 2, 3, 4, 5, 6)
+        _ffi.EVENT_CLOSED, _ffi.EVENT_WRITE_DONE, _ffi.EVENT_HANDSHAKE) == (0, 1, 2, 3, 4, 5, 6, 7)
 _MORE = _ffi.COMPLETION_MORE
 _OFFSET_CURRENT = _ffi.OFFSET_CURRENT
 
@@ -1276,13 +1276,15 @@ class IouringProactor:
                 t = get(tok)
                 if t is not None:
                     if ev == 2:                          # KLOOP_EVENT_EOF
-                        t._on_eof()
+                        t._on_eof(aux)
                     elif ev == 4:                        # KLOOP_EVENT_WRITE_LOW
                         t._on_write_low()
                     elif ev == 3:                        # KLOOP_EVENT_ERROR
-                        t._on_error(res)
+                        t._on_error(res, aux)
                     elif ev == 6:                        # KLOOP_EVENT_WRITE_DONE
                         t._on_write_done(res)
+                    elif ev == 7:                        # KLOOP_EVENT_HANDSHAKE
+                        t._on_handshake(res)
 
     # -- shutdown ------------------------------------------------------------
 

@@ -25,6 +25,10 @@ import selectors
 import socket
 import sys
 import warnings
+try:
+    import ssl
+except ImportError:  # pragma: no cover - Python without ssl
+    ssl = None
 import weakref
 
 from asyncio import base_events
@@ -508,6 +512,37 @@ class IouringProactorEventLoop(proactor_events.BaseProactorEventLoop):
             extra=extra, server=server,
             ssl_handshake_timeout=ssl_handshake_timeout,
             ssl_shutdown_timeout=ssl_shutdown_timeout)
+
+    async def start_tls(self, transport, protocol, sslcontext, *,
+                        server_side=False,
+                        server_hostname=None,
+                        ssl_handshake_timeout=None,
+                        ssl_shutdown_timeout=None):
+        """Upgrade transport to TLS.
+
+        On a kloop stream transport the engine takes the TLS over in place
+        where that is safe (transports.start_tls_in_place); otherwise, and
+        for every argument check, this is asyncio's start_tls (sslproto).
+        """
+        started = None
+        if (type(transport) is _transports.SocketTransport and ssl is not None
+                and isinstance(sslcontext, ssl.SSLContext)):
+            started = _transports.start_tls_in_place(
+                self, transport, protocol, sslcontext, server_side, server_hostname,
+                ssl_handshake_timeout, ssl_shutdown_timeout)
+        if started is None:
+            return await super().start_tls(
+                transport, protocol, sslcontext, server_side=server_side,
+                server_hostname=server_hostname,
+                ssl_handshake_timeout=ssl_handshake_timeout,
+                ssl_shutdown_timeout=ssl_shutdown_timeout)
+        new_transport, waiter = started
+        try:
+            await waiter
+        except BaseException:
+            new_transport.close()
+            raise
+        return new_transport
 
     def _make_datagram_transport(self, sock, protocol,
                                  address=None, waiter=None, extra=None):

@@ -23,10 +23,13 @@ import collections
 import contextvars
 import errno
 import functools
+import os
+import ssl
 import warnings
 
 from asyncio import base_events
 from asyncio import constants
+from asyncio import exceptions
 from asyncio import futures
 from asyncio import protocols
 from asyncio import sslproto
@@ -37,7 +40,7 @@ from asyncio.log import logger
 from . import _ffi
 from ._errors import make_error
 
-__all__ = ("SocketTransport",)
+__all__ = ("SocketTransport", "TLSTransport")
 
 _STREAM_PAUSED = _ffi.STREAM_PAUSED
 _ENOENT = errno.ENOENT
@@ -57,6 +60,18 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
 
     def __init__(self, loop, sock, protocol, waiter=None, extra=None, server=None,
                  context=None):
+        self._init_stream(loop, sock, protocol, extra, server, context)
+        self._loop.call_soon(self._protocol.connection_made, self)
+        # only start reading when connection_made() has been called
+        self._loop.call_soon(self._start_reading)
+        if waiter is not None:
+            # only wake up the waiter when connection_made() has been called
+            self._loop.call_soon(futures._set_result_unless_cancelled, waiter, None)
+
+    def _init_stream(self, loop, sock, protocol, extra, server, context, token=None):
+        # Everything but telling the protocol: attach `sock` as a paused
+        # engine stream reporting to this transport (or, with `token`, take
+        # over that stream: start_tls in place).
         super().__init__(extra, loop)
         self._sock = sock
         self._sock_fd = sock.fileno()
@@ -94,19 +109,16 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
         self._kptr = proactor._ptr
         self._klib = lib = proactor._lib
         self._kwrite = lib.kloop_stream_write
+        if token is not None:
+            self._token = token
+            proactor._streams[token] = self
+            return
         self._token = proactor.stream_attach(self, self._sock_fd, _STREAM_PAUSED)
 
         # Bytes a cancelled sock_recv() took out of the kernel come first.
         stashed = proactor.take_stashed_bytes(sock)
         if stashed:
             self._held = collections.deque([(_H_DATA, stashed)])
-
-        self._loop.call_soon(self._protocol.connection_made, self)
-        # only start reading when connection_made() has been called
-        self._loop.call_soon(self._start_reading)
-        if waiter is not None:
-            # only wake up the waiter when connection_made() has been called
-            self._loop.call_soon(futures._set_result_unless_cancelled, waiter, None)
 
     # -- extra info -----------------------------------------------------------
 
@@ -327,7 +339,7 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
                     self._deliver(rest)
                 return
 
-    def _on_eof(self):
+    def _on_eof(self, aux=0):
         self._read_done = True
         # The engine can hand over the last bytes and the EOF in one batch.
         # The selector loop reads once per iteration, so it reports EOF at
@@ -362,7 +374,7 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
         if not keep_open:
             self.close()
 
-    def _on_error(self, res):
+    def _on_error(self, res, aux=0):
         # A read or a write error. Read errors stay behind data held while
         # paused (the engine holds the ones it has not handed out yet); with
         # nothing held the error is reported at once, so that a write error
@@ -708,11 +720,445 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
         return (self._low_water, self._high_water)
 
 
+# -- TLS in the engine --------------------------------------------------------
+#
+# Behaviour follows asyncio's sslproto (Lib/asyncio/sslproto.py,
+# SSLProtocol and _SSLProtocolTransport): connection_made() and the waiter
+# only after the handshake; a handshake that fails, times out or meets EOF
+# ends the connection with the exception sslproto gives; EOF (with or
+# without the peer's close_notify) calls eof_received() and then closes;
+# close() sends close_notify after the queued data and waits at most
+# ssl_shutdown_timeout for the peer's; write_eof() is not supported; writes
+# after close() are dropped. Which connections come here: _tls.py.
+
+_HS = 1         # handshake running
+_WRAPPED = 2    # application data flows
+_SHUTDOWN = 3   # close() called: close_notify sent, the peer's awaited
+_DONE = 4       # failed, aborted or lost
+
+_ERROR_TLS = _ffi.ERROR_TLS
+_EOF_UNCLEAN = _ffi.EOF_UNCLEAN
+
+
+def _ssl_timeouts(handshake, shutdown):
+    # As SSLProtocol.__init__: None means asyncio's default.
+    if handshake is None:
+        handshake = constants.SSL_HANDSHAKE_TIMEOUT
+    elif handshake <= 0:
+        raise ValueError(f"ssl_handshake_timeout should be a positive number, "
+                         f"got {handshake}")
+    if shutdown is None:
+        shutdown = constants.SSL_SHUTDOWN_TIMEOUT
+    elif shutdown <= 0:
+        raise ValueError(f"ssl_shutdown_timeout should be a positive number, "
+                         f"got {shutdown}")
+    return handshake, shutdown
+
+
+class TLSTransport(SocketTransport):
+    """A stream whose TLS the engine runs (kloop_stream_start_tls)."""
+
+    _start_tls_compatible = True
+    _sendfile_compatible = constants._SendfileMode.FALLBACK
+
+    _tls_state = _HS
+    _hs_handle = None
+    _sd_handle = None
+    _hs_start = None
+    _waiter = None
+    _dropped_writes = 0
+    _eof_unclean = False
+
+    def __init__(self, loop, sock, protocol, sslobj, ssl_ptr, sslcontext, waiter=None, *,
+                 server_side=False, extra=None, server=None, ssl_handshake_timeout=None,
+                 ssl_shutdown_timeout=None, context=None):
+        self._init_stream(loop, sock, protocol, extra, server, context)
+        self._setup_tls(sslobj, sslcontext, waiter, True, ssl_handshake_timeout,
+                        ssl_shutdown_timeout)
+        rc = self._klib.kloop_stream_start_tls(self._kptr, self._token,
+                                               _ffi.ffi.cast("void *", ssl_ptr))
+        if rc < 0:
+            self._tls_state = _DONE
+            self._fatal_error(make_error(rc), "kloop_stream_start_tls() failed")
+            return
+        self._start_handshake_timer()
+
+    @classmethod
+    def _take_over(cls, old, protocol, sslobj, sslcontext, waiter, ssl_handshake_timeout,
+                   ssl_shutdown_timeout):
+        """The transport start_tls() returns: it takes over the engine stream
+        of `old` (on which kloop_stream_start_tls() was called already)."""
+        self = cls.__new__(cls)
+        server, old._server = old._server, None
+        sock = old._sock
+        context = old._context_run.__self__
+        _UpgradedTransport._retire(old, self)
+        self._init_stream(old._loop, sock, protocol, dict(old._extra), None, context,
+                          token=old._token)
+        self._server = server
+        self._setup_tls(sslobj, sslcontext, waiter, False, ssl_handshake_timeout,
+                        ssl_shutdown_timeout)
+        self._start_handshake_timer()
+        return self
+
+    def _setup_tls(self, sslobj, sslcontext, waiter, call_connection_made, handshake_timeout,
+                   shutdown_timeout):
+        self._sslobj = sslobj
+        self._extra["sslcontext"] = sslcontext
+        self._waiter = waiter
+        self._call_made = call_connection_made
+        # The app protocol hears of the connection after the handshake.
+        self._protocol_connected = False
+        self._ssl_handshake_timeout = handshake_timeout
+        self._ssl_shutdown_timeout = shutdown_timeout
+        self._tls_state = _HS
+        self._read_limits = sslproto.add_flowcontrol_defaults(
+            None, None, constants.FLOW_CONTROL_HIGH_WATER_SSL_READ)
+        self._klib.kloop_stream_set_limits(self._kptr, self._token, self._high_water,
+                                           self._low_water)
+
+    def _start_handshake_timer(self):
+        loop = self._loop
+        if loop.get_debug():
+            logger.debug("%r starts SSL handshake", self)
+            self._hs_start = loop.time()
+        self._hs_handle = loop.call_later(self._ssl_handshake_timeout,
+                                          self._check_handshake_timeout)
+
+    def __repr__(self):
+        state = {_HS: "handshake", _WRAPPED: "wrapped", _SHUTDOWN: "shutdown",
+                 _DONE: "done"}[self._tls_state]
+        return super().__repr__()[:-1] + f" tls={state}>"
+
+    # -- handshake ------------------------------------------------------------
+
+    def _on_handshake(self, res):
+        if self._tls_state != _HS:
+            return
+        self._cancel_timer("_hs_handle")
+        if res < 0:
+            if res == -errno.EPROTO:
+                exc = self._tls_error()
+            elif res == -errno.ECONNRESET:
+                exc = ConnectionResetError()   # what sslproto gives for EOF here
+            else:
+                exc = make_error(res)
+            self._handshake_failed(exc)
+            return
+        sslobj = self._sslobj
+        try:
+            peercert = sslobj.getpeercert()
+        except Exception as exc:
+            self._handshake_failed(exc)
+            return
+        self._tls_state = _WRAPPED
+        loop = self._loop
+        if loop.get_debug() and self._hs_start is not None:
+            logger.debug("%r: SSL handshake took %.1f ms", self,
+                         (loop.time() - self._hs_start) * 1e3)
+        self._extra.update(peercert=peercert, cipher=sslobj.cipher(),
+                           compression=sslobj.compression(), ssl_object=sslobj)
+        self._protocol_connected = True
+        if self._call_made:
+            try:
+                self._context_run(self._protocol.connection_made, self)
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                self._fatal_error(exc, "Fatal error: protocol.connection_made() call failed.")
+                return
+        self._wake_waiter(None)
+        self._start_reading()
+
+    def _handshake_failed(self, exc):
+        self._tls_state = _DONE
+        if not self._call_made:
+            # start_tls(): the protocol was connected before the upgrade and
+            # hears of the loss, as with sslproto.
+            self._protocol_connected = True
+        if isinstance(exc, ssl.CertificateError):
+            msg = "SSL handshake failed on verifying the certificate"
+        else:
+            msg = "SSL handshake failed"
+        self._fatal_error(exc, msg)
+        self._wake_waiter(exc)
+
+    def _check_handshake_timeout(self):
+        self._hs_handle = None
+        if self._tls_state == _HS:
+            self._tls_state = _DONE
+            msg = (f"SSL handshake is taking longer than {self._ssl_handshake_timeout} "
+                   f"seconds: aborting the connection")
+            self._fatal_error(ConnectionAbortedError(msg))
+
+    def _wake_waiter(self, exc):
+        waiter = self._waiter
+        if waiter is None:
+            return
+        self._waiter = None
+        if not waiter.done():
+            if exc is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(exc)
+
+    def _tls_error(self):
+        ffi = _ffi.ffi
+        err = ffi.new("struct kloop_tls_error *")
+        err.size = ffi.sizeof("struct kloop_tls_error")
+        rc = -errno.ENOENT
+        if not self._engine_closed:
+            rc = self._klib.kloop_stream_tls_error(self._kptr, self._token, err)
+        if rc < 0:
+            return make_error(-errno.EPROTO)
+        from . import _tls
+        return _tls.tls_exception(err, self._sslobj.server_hostname)
+
+    def _cancel_timer(self, name):
+        handle = getattr(self, name)
+        if handle is not None:
+            handle.cancel()
+            setattr(self, name, None)
+
+    # -- reading ----------------------------------------------------------------
+
+    def _on_eof(self, aux=0):
+        if aux & _EOF_UNCLEAN:
+            self._eof_unclean = True
+        if self._tls_state == _HS:
+            self._read_done = True
+            return  # the HANDSHAKE record says how the handshake ended
+        super()._on_eof(aux)
+
+    def _eof_received(self):
+        # sslproto calls eof_received() when the peer's close_notify arrives
+        # and also when the connection ends without one, then closes.
+        if self._loop.get_debug():
+            logger.debug("%r received EOF%s", self,
+                         " without close_notify" if self._eof_unclean else "")
+        if self._tls_state != _WRAPPED:
+            return
+        try:
+            keep_open = self._context_run(self._protocol.eof_received)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc, "Error calling eof_received()")
+            return
+        if keep_open:
+            logger.warning("returning true from eof_received() has no effect when using ssl")
+        self.close()
+
+    def _on_error(self, res, aux=0):
+        if self._tls_state == _HS:
+            return  # the HANDSHAKE record says how the handshake ended
+        exc = self._tls_error() if aux & _ERROR_TLS else make_error(res)
+        if self._held and not self._closing:
+            self._hold(_H_ERROR, exc)
+            return
+        self._read_error(exc)
+
+    def _read_error(self, exc):
+        self._read_done = True
+        if self._conn_lost:
+            return
+        self._fatal_error(exc, "Fatal error on SSL protocol")
+
+    def set_read_buffer_limits(self, high=None, low=None):
+        # The engine decrypts into its receive buffers and hands the bytes
+        # over at once: there is no read buffer to limit. The limits are
+        # kept for get_read_buffer_limits(), as sslproto's transport has them.
+        self._read_limits = sslproto.add_flowcontrol_defaults(
+            high, low, constants.FLOW_CONTROL_HIGH_WATER_SSL_READ)
+
+    def get_read_buffer_limits(self):
+        high, low = self._read_limits
+        return (low, high)
+
+    def get_read_buffer_size(self):
+        return 0
+
+    # -- writing --------------------------------------------------------------
+
+    def _update_wok(self):
+        self._wok = not (self._conn_lost or self._closing or self._empty_waiter is not None)
+
+    def write(self, data):
+        if self._wok and type(data) is bytes:
+            if data:
+                size = self._kwrite(self._kptr, self._token, data, len(data))
+                if size > self._high_water:
+                    if not self._protocol_paused:
+                        self._pause_protocol()
+                elif size < 0:
+                    self._write_failed(size)
+            return
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"data: expecting a bytes-like instance, "
+                            f"got {type(data).__name__}")
+        if not data:
+            return
+        if self._closing or self._conn_lost:
+            # As sslproto: dropped, with a warning after a few.
+            if self._dropped_writes >= constants.LOG_THRESHOLD_FOR_CONNLOST_WRITES:
+                logger.warning("SSL connection is closed")
+            self._dropped_writes += 1
+            return
+        buf = _ffi.ffi.from_buffer(data)
+        try:
+            size = self._kwrite(self._kptr, self._token, buf, len(buf))
+        finally:
+            _ffi.ffi.release(buf)
+        if size > self._high_water:
+            if not self._protocol_paused:
+                self._pause_protocol()
+        elif size < 0:
+            self._write_failed(size)
+
+    def _write_failed(self, rc):
+        if rc == -_EPIPE:
+            self._dropped_writes += 1
+            return
+        self._fatal_error(make_error(rc), "Fatal error on SSL protocol")
+
+    def writelines(self, list_of_data):
+        data = b"".join(list_of_data)
+        if data:
+            self.write(data)
+
+    def _set_write_buffer_limits(self, high=None, low=None):
+        self._high_water, self._low_water = sslproto.add_flowcontrol_defaults(
+            high, low, constants.FLOW_CONTROL_HIGH_WATER_SSL_WRITE)
+
+    def can_write_eof(self):
+        return False
+
+    def write_eof(self):
+        raise NotImplementedError
+
+    # -- closing --------------------------------------------------------------
+
+    def close(self):
+        if self._closing:
+            return
+        if self._tls_state != _WRAPPED:
+            # During the handshake sslproto aborts.
+            self._force_close(None)
+            return
+        self._tls_state = _SHUTDOWN
+        self._closing = True
+        self._rblock = True
+        self._held = None
+        self._update_wok()
+        if not self._engine_closed:
+            # close_notify after the queued data; CLOSED once the peer's
+            # close_notify (or EOF) came. The timer bounds the wait.
+            self._klib.kloop_stream_close(self._kptr, self._token)
+            self._sd_handle = self._loop.call_later(self._ssl_shutdown_timeout,
+                                                    self._check_shutdown_timeout)
+
+    def _check_shutdown_timeout(self):
+        self._sd_handle = None
+        if self._tls_state == _SHUTDOWN and not self._conn_lost:
+            self._force_close(exceptions.TimeoutError("SSL shutdown timed out"))
+
+    def _force_close(self, exc):
+        self._cancel_timer("_hs_handle")
+        self._cancel_timer("_sd_handle")
+        self._wake_waiter(exc)
+        self._tls_state = _DONE
+        super()._force_close(exc)
+
+    def _on_closed(self, res):
+        self._cancel_timer("_hs_handle")
+        self._cancel_timer("_sd_handle")
+        if self._tls_state == _HS:
+            # Gone before the handshake said anything (loop teardown).
+            self._tls_state = _DONE
+            self._wake_waiter(make_error(res) if res < 0 and res != -errno.ECANCELED
+                              else None)
+        super()._on_closed(res)
+
+    def _call_connection_lost(self, exc):
+        self._cancel_timer("_hs_handle")
+        self._cancel_timer("_sd_handle")
+        super()._call_connection_lost(exc)
+
+
+class _UpgradedTransport(SocketTransport):
+    """What a plain transport becomes once start_tls() upgraded its stream
+    in place: the TLS transport it returned owns the socket and the engine
+    stream. Writing here would put plaintext into the TLS stream, so it
+    raises; close() and abort() end the TLS connection (as closing the raw
+    transport under sslproto does)."""
+
+    @staticmethod
+    def _retire(old, new):
+        old.__class__ = _UpgradedTransport
+        old._upgraded_to = new
+        old._engine_closed = True      # no engine call from here any more
+        old._closing = True
+        old._rblock = True
+        old._held = None
+        old._conn_lost = 1
+        old._wok = False
+        old._called_connection_lost = True
+        old._sock = None               # owned by the TLS transport now
+
+    def write(self, data):
+        raise RuntimeError("this transport was upgraded by start_tls(); write to the "
+                           "transport start_tls() returned")
+
+    def writelines(self, list_of_data):
+        self.write(b"")
+
+    def close(self):
+        self._upgraded_to.abort()
+
+    def abort(self):
+        self._upgraded_to.abort()
+
+    def is_closing(self):
+        return True
+
+    def pause_reading(self):
+        pass
+
+    def resume_reading(self):
+        pass
+
+    def get_write_buffer_size(self):
+        return 0
+
+    def __repr__(self):
+        return f"<{self.__class__.__name__} upgraded to {self._upgraded_to!r}>"
+
+
 def make_ssl_transport(loop, rawsock, protocol, sslcontext, waiter=None, *,
                        server_side=False, server_hostname=None, extra=None,
                        server=None, ssl_handshake_timeout=None,
                        ssl_shutdown_timeout=None, context=None):
-    """asyncio's SSLProtocol over an engine stream transport."""
+    """A TLS transport: the engine's TLS where it is safe, else asyncio's
+    SSLProtocol over an engine stream transport (see _tls.py)."""
+    from . import _tls
+    handshake_timeout, shutdown_timeout = _ssl_timeouts(ssl_handshake_timeout,
+                                                        ssl_shutdown_timeout)
+    if not sslcontext:
+        sslcontext = sslproto._create_transport_context(server_side, server_hostname)
+    hostname = server_hostname if server_hostname and not server_side else None
+    what = f"{'server' if server_side else 'client'} connection on fd {rawsock.fileno()}"
+    reason = _tls.choose(loop, sslcontext, rawsock)
+    if reason is None:
+        sslobj, ptr = _tls.prepare(sslcontext, server_side, hostname)
+        if isinstance(ptr, str):
+            reason = ptr
+        else:
+            _tls.log_path(loop, what, _tls.ENGINE)
+            return TLSTransport(loop, rawsock, protocol, sslobj, ptr, sslcontext, waiter,
+                                server_side=server_side, extra=extra, server=server,
+                                ssl_handshake_timeout=handshake_timeout,
+                                ssl_shutdown_timeout=shutdown_timeout, context=context)
+    _tls.log_path(loop, what, _tls.SSLPROTO, reason)
     ssl_protocol = sslproto.SSLProtocol(
         loop, protocol, sslcontext, waiter, server_side, server_hostname,
         ssl_handshake_timeout=ssl_handshake_timeout,
@@ -720,3 +1166,55 @@ def make_ssl_transport(loop, rawsock, protocol, sslcontext, waiter=None, *,
     SocketTransport(loop, rawsock, ssl_protocol, extra=extra, server=server,
                     context=context)
     return ssl_protocol._app_transport
+
+
+def _not_movable(old):
+    """Why the stream of plain transport `old` cannot be upgraded in place."""
+    if old._closing or old._conn_lost or old._engine_closed:
+        return "the transport is closing"
+    if old._held:
+        return "bytes the transport received are held in Python (reading was paused)"
+    if old._read_done:
+        return "the transport's reading has ended"
+    if old._eof:
+        return "write_eof() was called on the transport"
+    if old._empty_waiter is not None or old._close_pending:
+        return "the transport is waiting for its write queue (sendfile or close)"
+    return None
+
+
+def start_tls_in_place(loop, old, protocol, sslcontext, server_side, server_hostname,
+                       ssl_handshake_timeout, ssl_shutdown_timeout):
+    """loop.start_tls() on a plain engine transport, on the engine path.
+
+    Returns (new transport, waiter), or None when sslproto must do it (the
+    reason is logged)."""
+    from . import _tls
+    handshake_timeout, shutdown_timeout = _ssl_timeouts(ssl_handshake_timeout,
+                                                        ssl_shutdown_timeout)
+    hostname = server_hostname if server_hostname and not server_side else None
+    what = f"start_tls on fd {old._sock_fd}"
+    reason = _tls.choose(loop, sslcontext) or _not_movable(old)
+    if reason is None:
+        sslobj, ptr = _tls.prepare(sslcontext, server_side, hostname)
+        if isinstance(ptr, str):
+            reason = ptr
+    if reason is None:
+        # The engine holds what arrives after the handshake until the new
+        # transport resumes reading.
+        reading = old._started and not old._paused
+        if reading:
+            old._engine_call(old._klib.kloop_stream_pause)
+        rc = old._klib.kloop_stream_start_tls(old._kptr, old._token, _ffi.ffi.cast("void *", ptr))
+        if rc < 0:
+            if reading:
+                old._engine_call(old._klib.kloop_stream_resume)
+            reason = f"kloop_stream_start_tls() failed: {os.strerror(-rc)}"
+    if reason is not None:
+        _tls.log_path(loop, what, _tls.SSLPROTO, reason)
+        return None
+    _tls.log_path(loop, what, _tls.ENGINE)
+    waiter = loop.create_future()
+    new = TLSTransport._take_over(old, protocol, sslobj, sslcontext, waiter,
+                                  handshake_timeout, shutdown_timeout)
+    return new, waiter
