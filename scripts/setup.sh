@@ -34,6 +34,8 @@ PACKAGES=(
   python3-httptools python3-aiohttp python3-asyncpg python3-psycopg python3-psycopg-pool
   python3-redis python3-anyio python3-httpx python3-pytest-asyncio gunicorn
   postgresql redis-server wrk openssl
+  # kTLS tests: a Debian kernel with tls.ko booted in qemu (scripts/ktls-vm.sh)
+  qemu-system-x86 busybox-static cpio
 )
 
 log() { printf 'setup: %s\n' "$*"; }

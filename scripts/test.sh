@@ -20,6 +20,11 @@
 #   integ    pytest tests/integration: real servers and frameworks on both loops
 #   package  pytest tests/packaging: sdist -> wheel -> fresh venv -> echo;
 #            python -m kloop info/run; scripts/lint.sh
+#   ktls     the kernel TLS tests (tests/ktls, built statically in build/)
+#            inside a qemu guest whose Debian kernel has tls.ko, through
+#            scripts/ktls-vm.sh; counted from GoogleTest's summary. Skipped
+#            (one skip) when qemu-system-x86_64 is not installed. The first
+#            run downloads the kernel package with apt-get (then cached).
 # A stage that cannot run (configure or build error, no tests collected,
 # missing directory) counts as one failure. Environment:
 #   JOBS          parallel build/test jobs (default: number of cores)
@@ -29,7 +34,7 @@ set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 ROOT=$PWD
 JOBS=${JOBS:-$(nproc)}
-STAGES=${KLOOP_STAGES:-meson examples asan python conform integ package}
+STAGES=${KLOOP_STAGES:-meson examples asan python conform integ package ktls}
 PY=/usr/bin/python3
 RESULTS=$(mktemp -d)
 trap 'rm -rf "$RESULTS"' EXIT
@@ -176,6 +181,55 @@ pytest_stage() {
   esac
 }
 
+# Counts of a GoogleTest run from its console output: passed failed skipped
+# and how many tests ran (-1 when the final summary is missing).
+gtest_counts() {
+  "$PY" - "$1" <<'EOF'
+import re, sys
+try:
+    text = open(sys.argv[1], errors="replace").read()
+except OSError:
+    text = ""
+def count(label):
+    m = re.search(r"^\[ +%s +\] (\d+) tests?\b" % label, text, re.M)
+    return int(m.group(1)) if m else 0
+ran = re.search(r"^\[==========\] (\d+) tests? from .* ran\.", text, re.M)
+print(count("PASSED"), count("FAILED"), count("SKIPPED"), int(ran.group(1)) if ran else -1)
+EOF
+}
+
+stage_ktls() {
+  local log=$RESULTS/ktls.log rc passed failed skipped ran
+  local exe=build/tests/ktls/kloop-ktls-tests
+  say "ktls: tests/ktls in a qemu guest with kernel TLS (scripts/ktls-vm.sh)"
+  if ! command -v qemu-system-x86_64 >/dev/null; then
+    record ktls 0 0 1 "qemu-system-x86_64 is not installed: run scripts/setup.sh"
+    return
+  fi
+  if [ ! -f build/build.ninja ]; then
+    record ktls 0 1 0 "build/ is not configured: run scripts/setup.sh"
+    return
+  fi
+  if ! ninja -C build -j "$JOBS" tests/ktls/kloop-ktls-tests; then
+    record ktls 0 1 0 "ninja -C build tests/ktls/kloop-ktls-tests failed"
+    return
+  fi
+  bash scripts/ktls-vm.sh "$exe" 2>&1 | tee "$log"
+  rc=${PIPESTATUS[0]}
+  read -r passed failed skipped ran < <(gtest_counts "$log")
+  if [ "$ran" -lt 0 ]; then
+    record ktls "$passed" $((failed > 0 ? failed : 1)) "$skipped" \
+      "no GoogleTest summary: scripts/ktls-vm.sh exited $rc"
+  elif [ "$rc" -ne 0 ] && [ "$failed" -eq 0 ]; then
+    # e.g. the program's own check that nothing skipped in the guest
+    record ktls "$passed" 1 "$skipped" "the guest program exited $rc"
+  elif [ "$ran" -eq 0 ]; then
+    record ktls 0 1 0 "no test ran"
+  else
+    record ktls "$passed" "$failed" "$skipped"
+  fi
+}
+
 for stage in $STAGES; do
   STAGE_START=$SECONDS
   case $stage in
@@ -186,6 +240,7 @@ for stage in $STAGES; do
     conform) pytest_stage conform tests/conformance ;;
     integ) pytest_stage integ tests/integration ;;
     package) pytest_stage package tests/packaging ;;
+    ktls) stage_ktls ;;
     *) echo "test.sh: unknown stage $stage" >&2; record "$stage" 0 1 0 "unknown stage" ;;
   esac
 done

@@ -39,9 +39,11 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <fstream>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <utility>
@@ -101,8 +103,11 @@ struct TcpPair {
   Fd client, server;
 };
 
-// A connected loopback TCP pair, blocking, with 30 s send/receive timeouts
-// so that a broken expectation fails a test instead of hanging it.
+// A connected loopback TCP pair, blocking. No SO_RCVTIMEO/SO_SNDTIMEO: with
+// a timeout set, a blocking call interrupted by io_uring task work (a ring
+// being torn down) fails with EINTR instead of being restarted, which breaks
+// OpenSSL's blocking I/O at random. A hung test is caught by the watchdog in
+// main() instead.
 testing::AssertionResult tcp_pair(TcpPair &out) {
   Fd listener(socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
   if (listener.get() < 0) return testing::AssertionFailure() << "socket: " << errno_text(errno);
@@ -120,11 +125,6 @@ testing::AssertionResult tcp_pair(TcpPair &out) {
     return testing::AssertionFailure() << "connect: " << errno_text(errno);
   Fd server(accept4(listener.get(), nullptr, nullptr, SOCK_CLOEXEC));
   if (server.get() < 0) return testing::AssertionFailure() << "accept: " << errno_text(errno);
-  timeval tv{30, 0};
-  for (int fd : {client.get(), server.get()}) {
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
-  }
   out.client = std::move(client);
   out.server = std::move(server);
   return testing::AssertionSuccess();
@@ -285,10 +285,15 @@ testing::AssertionResult handshake(SSL_CTX *cctx, SSL_CTX *sctx, TlsPair &pair,
   std::string server_err;
   std::thread server([&] {
     server_rc = SSL_accept(pair.server.get());
-    if (server_rc != 1) server_err = openssl_errors();
+    if (server_rc != 1)
+      server_err = "error " + std::to_string(SSL_get_error(pair.server.get(), server_rc)) +
+                   ", errno " + errno_text(errno) + ", " + openssl_errors();
   });
   int client_rc = SSL_connect(pair.client.get());
-  std::string client_err = client_rc == 1 ? "" : openssl_errors();
+  std::string client_err =
+      client_rc == 1 ? ""
+                     : "error " + std::to_string(SSL_get_error(pair.client.get(), client_rc)) +
+                           ", errno " + errno_text(errno) + ", " + openssl_errors();
   if (client_rc != 1) shutdown(pair.tcp.client.get(), SHUT_RDWR);  // unblock the server
   server.join();
   if (client_rc != 1 || server_rc != 1)
@@ -1032,8 +1037,49 @@ INSTANTIATE_TEST_SUITE_P(Ktls, EngineStyleBio,
 
 }  // namespace
 
+namespace {
+
+// Ends the program when one test runs longer than a minute, naming it: the
+// sockets are blocking, so a broken expectation could otherwise hang until
+// the guest's (or meson's) timeout, without saying where.
+class Watchdog : public testing::EmptyTestEventListener {
+ public:
+  Watchdog() {
+    std::thread([this] {
+      for (;;) {
+        sleep(1);
+        std::lock_guard<std::mutex> lock(mu_);
+        if (!name_.empty() && time(nullptr) - started_ > kLimitSeconds) {
+          fprintf(stderr, "\nwatchdog: %s has run for more than %d s; giving up\n", name_.c_str(),
+                  kLimitSeconds);
+          fflush(stdout);
+          _exit(1);
+        }
+      }
+    }).detach();
+  }
+  void OnTestStart(const testing::TestInfo &info) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    name_ = std::string(info.test_suite_name()) + "." + info.name();
+    started_ = time(nullptr);
+  }
+  void OnTestEnd(const testing::TestInfo &) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    name_.clear();
+  }
+
+ private:
+  static constexpr int kLimitSeconds = 60;
+  std::mutex mu_;
+  std::string name_;
+  time_t started_ = 0;
+};
+
+}  // namespace
+
 int main(int argc, char **argv) {
   testing::InitGoogleTest(&argc, argv);
+  testing::UnitTest::GetInstance()->listeners().Append(new Watchdog);
   signal(SIGPIPE, SIG_IGN);
   utsname u{};
   uname(&u);
