@@ -760,6 +760,40 @@ TEST(Tls12, IoUringRecvmsgReturnsPlaintextAndRecordType) {
   EXPECT_EQ(buf[1], 0);
 }
 
+// A limitation the engine must design around: OpenSSL 3.0 does not move a
+// TLS 1.3 KeyUpdate into the kernel (tls13_update_key only changes its own
+// keys, and the 6.1 kernel cannot rekey TLS_TX). When a peer without kTLS
+// sends KeyUpdate(update_requested) to a side whose send is offloaded, that
+// side reads it fine (receive is in userspace) and answers with its own
+// KeyUpdate, but the kernel keeps encrypting with the old key: the peer's
+// next read fails with bad_record_mac. This test fails, and says so, the day
+// an OpenSSL update handles it.
+TEST(Tls13, PeerKeyUpdateBreaksAnOffloadedSendSide) {
+  REQUIRE_KTLS();
+  auto cctx = make_ctx(false, kTls13Aes128), sctx = make_ctx(true, kTls13Aes128);
+  ASSERT_TRUE(cctx && sctx) << openssl_errors();
+  SSL_CTX_clear_options(cctx.get(), SSL_OP_ENABLE_KTLS);  // a userspace peer
+  TlsPair pair;
+  ASSERT_TRUE(handshake(cctx.get(), sctx.get(), pair));
+  ASSERT_FALSE(ktls_send(pair.client.get()));
+  ASSERT_TRUE(ktls_send(pair.server.get()));
+  ASSERT_TRUE(ssl_write_all(pair.server.get(), "before", 6));
+  EXPECT_EQ(read_string(pair.client.get(), 6), "before");
+
+  ASSERT_EQ(SSL_key_update(pair.client.get(), SSL_KEY_UPDATE_REQUESTED), 1) << openssl_errors();
+  ASSERT_TRUE(ssl_write_all(pair.client.get(), "updated", 7));  // KeyUpdate goes first
+  EXPECT_EQ(read_string(pair.server.get(), 7), "updated") << "the offloaded side reads it";
+  // The server answers: its KeyUpdate and data go through the kernel.
+  ASSERT_TRUE(ssl_write_all(pair.server.get(), "answer", 6));
+  char buf[6];
+  size_t n = 0;
+  int rc = SSL_read_ex(pair.client.get(), buf, sizeof buf, &n);
+  unsigned long err = ERR_peek_error();
+  std::string errors = openssl_errors();
+  EXPECT_EQ(rc, 0) << "the peer read the answer: OpenSSL now rekeys kTLS send";
+  EXPECT_EQ(ERR_GET_REASON(err), SSL_R_DECRYPTION_FAILED_OR_BAD_RECORD_MAC) << errors;
+}
+
 // ------------------------------------------------ an engine-style kTLS BIO
 //
 // OpenSSL 3.0 offers the keys to whatever BIO the SSL uses: on each key
