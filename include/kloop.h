@@ -66,23 +66,23 @@ KLOOP_API uint32_t kloop_version(void);
 /* Capabilities                                                            */
 /* ---------------------------------------------------------------------- */
 
-#define KLOOP_CAP_SINGLE_ISSUER      (UINT64_C(1) << 0)  /* IORING_SETUP_SINGLE_ISSUER (6.0) */
-#define KLOOP_CAP_DEFER_TASKRUN      (UINT64_C(1) << 1)  /* IORING_SETUP_DEFER_TASKRUN (6.1) */
-#define KLOOP_CAP_MULTISHOT_ACCEPT   (UINT64_C(1) << 2)  /* 5.19 */
-#define KLOOP_CAP_MULTISHOT_RECV     (UINT64_C(1) << 3)  /* 6.0 */
-#define KLOOP_CAP_MULTISHOT_POLL     (UINT64_C(1) << 4)  /* 5.13 */
-#define KLOOP_CAP_BUF_RING           (UINT64_C(1) << 5)  /* provided-buffer ring, 5.19 */
-#define KLOOP_CAP_RECV_BUNDLE        (UINT64_C(1) << 6)  /* IORING_RECVSEND_BUNDLE, 6.10 */
-#define KLOOP_CAP_BUF_RING_INC       (UINT64_C(1) << 7)  /* IOU_PBUF_RING_INC, 6.12 */
-#define KLOOP_CAP_WAITID             (UINT64_C(1) << 8)  /* IORING_OP_WAITID, 6.7 */
-#define KLOOP_CAP_SEND_ZC            (UINT64_C(1) << 9)  /* IORING_OP_SEND_ZC, 6.0 */
-#define KLOOP_CAP_EXT_ARG            (UINT64_C(1) << 10) /* IORING_FEAT_EXT_ARG: timed wait in one call */
-#define KLOOP_CAP_NODROP             (UINT64_C(1) << 11) /* IORING_FEAT_NODROP */
-#define KLOOP_CAP_REG_RING_FD        (UINT64_C(1) << 12) /* registered ring fd, 5.18 */
-#define KLOOP_CAP_SOCKET_OP          (UINT64_C(1) << 13) /* IORING_OP_SOCKET, 5.19 */
-#define KLOOP_CAP_SPLICE             (UINT64_C(1) << 14) /* IORING_OP_SPLICE, 5.7 */
-#define KLOOP_CAP_BIND_LISTEN        (UINT64_C(1) << 15) /* IORING_OP_BIND/LISTEN, 6.11 */
-#define KLOOP_CAP_PIDFD              (UINT64_C(1) << 16) /* pidfd_open(2) */
+#define KLOOP_CAP_SINGLE_ISSUER (UINT64_C(1) << 0)    /* IORING_SETUP_SINGLE_ISSUER (6.0) */
+#define KLOOP_CAP_DEFER_TASKRUN (UINT64_C(1) << 1)    /* IORING_SETUP_DEFER_TASKRUN (6.1) */
+#define KLOOP_CAP_MULTISHOT_ACCEPT (UINT64_C(1) << 2) /* 5.19 */
+#define KLOOP_CAP_MULTISHOT_RECV (UINT64_C(1) << 3)   /* 6.0 */
+#define KLOOP_CAP_MULTISHOT_POLL (UINT64_C(1) << 4)   /* 5.13 */
+#define KLOOP_CAP_BUF_RING (UINT64_C(1) << 5)         /* provided-buffer ring, 5.19 */
+#define KLOOP_CAP_RECV_BUNDLE (UINT64_C(1) << 6)      /* IORING_RECVSEND_BUNDLE, 6.10 */
+#define KLOOP_CAP_BUF_RING_INC (UINT64_C(1) << 7)     /* IOU_PBUF_RING_INC, 6.12 */
+#define KLOOP_CAP_WAITID (UINT64_C(1) << 8)           /* IORING_OP_WAITID, 6.7 */
+#define KLOOP_CAP_SEND_ZC (UINT64_C(1) << 9)          /* IORING_OP_SEND_ZC, 6.0 */
+#define KLOOP_CAP_EXT_ARG (UINT64_C(1) << 10)     /* IORING_FEAT_EXT_ARG: timed wait in one call */
+#define KLOOP_CAP_NODROP (UINT64_C(1) << 11)      /* IORING_FEAT_NODROP */
+#define KLOOP_CAP_REG_RING_FD (UINT64_C(1) << 12) /* registered ring fd, 5.18 */
+#define KLOOP_CAP_SOCKET_OP (UINT64_C(1) << 13)   /* IORING_OP_SOCKET, 5.19 */
+#define KLOOP_CAP_SPLICE (UINT64_C(1) << 14)      /* IORING_OP_SPLICE, 5.7 */
+#define KLOOP_CAP_BIND_LISTEN (UINT64_C(1) << 15) /* IORING_OP_BIND/LISTEN, 6.11 */
+#define KLOOP_CAP_PIDFD (UINT64_C(1) << 16)       /* pidfd_open(2) */
 
 /*
  * struct kloop_caps - what the kernel offers and what a loop uses.
@@ -124,7 +124,7 @@ KLOOP_API int kloop_probe(struct kloop_caps *caps);
 /* ---------------------------------------------------------------------- */
 
 /* kloop_config.flags */
-#define KLOOP_CONFIG_SQPOLL          (1u << 0) /* kernel submission thread (costs a core) */
+#define KLOOP_CONFIG_SQPOLL (1u << 0)           /* kernel submission thread (costs a core) */
 #define KLOOP_CONFIG_NO_DEFER_TASKRUN (1u << 1) /* allow use from several threads in turn */
 
 /*
@@ -200,20 +200,27 @@ KLOOP_API int kloop_ring_fd(kloop_t *loop);
 /* ---------------------------------------------------------------------- */
 
 /* kloop_completion.flags */
-#define KLOOP_COMPLETION_MORE  (1u << 0) /* not the final completion of this token */
+#define KLOOP_COMPLETION_MORE (1u << 0) /* not the final completion of this token */
 
 /* kloop_completion.event */
-#define KLOOP_EVENT_OP         0u /* a one-shot or multishot operation */
-#define KLOOP_EVENT_DATA       1u /* stream: `result` bytes at `data` */
-#define KLOOP_EVENT_EOF        2u /* stream: peer finished sending (result 0) */
-#define KLOOP_EVENT_ERROR      3u /* stream: I/O failed, result is -errno */
-#define KLOOP_EVENT_WRITE_LOW  4u /* stream: write queue drained to <= low water */
-#define KLOOP_EVENT_CLOSED     5u /* stream: final completion; result 0 or -errno */
+#define KLOOP_EVENT_OP 0u         /* a one-shot or multishot operation */
+#define KLOOP_EVENT_DATA 1u       /* stream: `result` bytes at `data` */
+#define KLOOP_EVENT_EOF 2u        /* stream: peer finished sending (result 0) */
+#define KLOOP_EVENT_ERROR 3u      /* stream: I/O failed, result is -errno */
+#define KLOOP_EVENT_WRITE_LOW 4u  /* stream: write queue drained to <= low water */
+#define KLOOP_EVENT_CLOSED 5u     /* stream: final completion; result 0 or -errno */
 #define KLOOP_EVENT_WRITE_DONE 6u /* stream: write_eof shutdown done (result 0/-errno) */
+#define KLOOP_EVENT_HANDSHAKE 7u  /* TLS stream: handshake over; result 0 or -errno */
 
 /* kloop_completion.aux of KLOOP_EVENT_ERROR: which side of the stream failed */
-#define KLOOP_ERROR_READ       1u /* receiving failed; reading stops */
-#define KLOOP_ERROR_WRITE      2u /* sending failed; the write queue is dropped */
+#define KLOOP_ERROR_READ 1u  /* receiving failed; reading stops */
+#define KLOOP_ERROR_WRITE 2u /* sending failed; the write queue is dropped */
+#define KLOOP_ERROR_TLS                                     \
+  4u /* with READ or WRITE: TLS failed (alert, bad record); \
+        kloop_stream_tls_error() says how */
+
+/* kloop_completion.aux of KLOOP_EVENT_EOF on a TLS stream */
+#define KLOOP_EOF_UNCLEAN 1u /* the connection ended without the peer's close_notify */
 
 /*
  * struct kloop_completion - one record filled by kloop_poll(). 32 bytes.
@@ -272,11 +279,13 @@ KLOOP_API int kloop_wake(kloop_t *loop);
 /* ---------------------------------------------------------------------- */
 
 /* `flags` of submit calls */
-#define KLOOP_OP_MULTISHOT   (1u << 0) /* accept, poll: keep going until cancelled */
-#define KLOOP_POLL_EDGE      (1u << 1) /* poll with KLOOP_OP_MULTISHOT: kernel multishot poll,
-                                          reports each new readiness (edge-like) */
-#define KLOOP_ACCEPT_KERNEL_MULTISHOT (1u << 2) /* accept with KLOOP_OP_MULTISHOT: use the
-                                          kernel's multishot accept (see kloop_submit_accept) */
+#define KLOOP_OP_MULTISHOT (1u << 0) /* accept, poll: keep going until cancelled */
+#define KLOOP_POLL_EDGE                                             \
+  (1u << 1) /* poll with KLOOP_OP_MULTISHOT: kernel multishot poll, \
+               reports each new readiness (edge-like) */
+#define KLOOP_ACCEPT_KERNEL_MULTISHOT                  \
+  (1u << 2) /* accept with KLOOP_OP_MULTISHOT: use the \
+      kernel's multishot accept (see kloop_submit_accept) */
 
 /* Common errors of every kloop_submit_*: -EBADF (handle), -EBADFD (after
  * fork), -EEXIST (token in use), -EINVAL (bad argument, e.g. negative fd,
@@ -328,8 +337,8 @@ KLOOP_API int kloop_submit_send(kloop_t *loop, uint64_t token, int fd, const voi
  *   the next poll), aux = (msg_flags << 16) | address length.
  * Since: 0.1
  */
-KLOOP_API int kloop_submit_recvmsg(kloop_t *loop, uint64_t token, int fd, void *buf,
-                                   uint32_t len, uint32_t msg_flags);
+KLOOP_API int kloop_submit_recvmsg(kloop_t *loop, uint64_t token, int fd, void *buf, uint32_t len,
+                                   uint32_t msg_flags);
 
 /*
  * kloop_submit_sendmsg - send one datagram of len bytes from buf
@@ -443,12 +452,13 @@ KLOOP_API int kloop_cancel_fd(kloop_t *loop, int fd);
 /* ---------------------------------------------------------------------- */
 
 /* kloop_stream_attach flags */
-#define KLOOP_STREAM_SOCKET     0u        /* recv/sendmsg (default) */
-#define KLOOP_STREAM_FILE       (1u << 0) /* read/writev: pipes, ttys, character devices */
-#define KLOOP_STREAM_CLOSE_FD   (1u << 1) /* engine closes fd at the end; else the caller does
-                                             after the CLOSED event */
-#define KLOOP_STREAM_PAUSED     (1u << 2) /* do not start reading yet */
-#define KLOOP_STREAM_NO_READ    (1u << 3) /* write-only stream (never reads) */
+#define KLOOP_STREAM_SOCKET 0u      /* recv/sendmsg (default) */
+#define KLOOP_STREAM_FILE (1u << 0) /* read/writev: pipes, ttys, character devices */
+#define KLOOP_STREAM_CLOSE_FD                                                               \
+  (1u << 1)                            /* engine closes fd at the end; else the caller does \
+                                          after the CLOSED event */
+#define KLOOP_STREAM_PAUSED (1u << 2)  /* do not start reading yet */
+#define KLOOP_STREAM_NO_READ (1u << 3) /* write-only stream (never reads) */
 
 /*
  * kloop_stream_attach - let the engine drive connected fd.
@@ -480,11 +490,10 @@ KLOOP_API int kloop_stream_resume(kloop_t *loop, uint64_t token);
  *   short sends are resubmitted. No completion per write.
  * Returns: bytes now queued and not yet accepted by the kernel (>= 0, after
  *   this write), -ENOENT, -EPIPE (write side shut down, aborting, failed,
- *   or the stream has finished closing: the data is dropped), -EBADF, -EINVAL (buf NULL with len > 0, or len
- *   over 1 TiB), -ENOMEM (the data is dropped).
- * When the result rises above the high-water mark the engine remembers it
- * and sends WRITE_LOW once the queue falls to the low-water mark or below.
- * Since: 0.1
+ *   or the stream has finished closing: the data is dropped), -EBADF, -EINVAL (buf NULL with len >
+ * 0, or len over 1 TiB), -ENOMEM (the data is dropped). When the result rises above the high-water
+ * mark the engine remembers it and sends WRITE_LOW once the queue falls to the low-water mark or
+ * below. Since: 0.1
  */
 KLOOP_API int64_t kloop_stream_write(kloop_t *loop, uint64_t token, const void *buf, size_t len);
 
@@ -493,8 +502,7 @@ KLOOP_API int64_t kloop_stream_write(kloop_t *loop, uint64_t token, const void *
  *   (default 65536 / 16384). low <= high, else -EINVAL.
  * Returns: 0, -ENOENT, -EINVAL, -EBADF. Since: 0.1
  */
-KLOOP_API int kloop_stream_set_limits(kloop_t *loop, uint64_t token, uint64_t high,
-                                      uint64_t low);
+KLOOP_API int kloop_stream_set_limits(kloop_t *loop, uint64_t token, uint64_t high, uint64_t low);
 
 /*
  * kloop_stream_write_size - bytes queued and not yet accepted by the kernel.
@@ -529,6 +537,108 @@ KLOOP_API int kloop_stream_close(kloop_t *loop, uint64_t token);
 KLOOP_API int kloop_stream_abort(kloop_t *loop, uint64_t token);
 
 /* ---------------------------------------------------------------------- */
+/* TLS on streams                                                          */
+/* ---------------------------------------------------------------------- */
+
+/*
+ * kloop_stream_start_tls - run TLS on a stream, from now on: the engine
+ *   drives `ssl`, an OpenSSL `SSL *` (void * so that this header needs no
+ *   OpenSSL header) made by the same libssl that libkloop uses (see
+ *   kloop_get_tls_info) and set up by the caller as client or server
+ *   (SSL_set_connect_state/SSL_set_accept_state, SNI, host name checks,
+ *   ALPN, session to resume). The engine takes a reference (SSL_up_ref),
+ *   puts its own BIO under the SSL, starts the handshake at once, and drops
+ *   the reference once the stream is CLOSED; the BIO it leaves behind then
+ *   fails every read and write.
+ *   Works on a new stream (attach, then start_tls before the next poll) and
+ *   in place on one that has carried plain bytes (STARTTLS): bytes queued by
+ *   kloop_stream_write() before this call go out unencrypted first; bytes
+ *   received and not yet returned by kloop_poll() (also those held while
+ *   paused) are taken as the start of the TLS stream.
+ * While the handshake runs the engine reads even if the stream is paused;
+ *   writes are queued and encrypted once it is over. Then:
+ *   - KLOOP_EVENT_HANDSHAKE comes once: result 0, or -EPROTO (TLS failed:
+ *     kloop_stream_tls_error() says how), -ECONNRESET (the peer closed),
+ *     or the -errno of the socket. After a failed handshake the stream
+ *     neither reads nor writes; close or abort it.
+ *   - DATA records carry plaintext (in engine buffers, as for plain streams);
+ *     kloop_stream_write() takes plaintext; kloop_stream_write_size() counts
+ *     plaintext not yet encrypted plus encrypted bytes not yet sent.
+ *   - EOF: aux 0 after the peer's close_notify, KLOOP_EOF_UNCLEAN when the
+ *     connection ended without it.
+ *   - ERROR with KLOOP_ERROR_TLS in aux: a TLS failure (alert received,
+ *     record that does not decrypt), result -EPROTO.
+ *   - kloop_stream_close() sends close_notify after the queued data, keeps
+ *     reading (and dropping what arrives) until the peer's close_notify or
+ *     EOF, then closes; the caller bounds that wait with
+ *     kloop_stream_abort(). kloop_stream_abort() sends nothing.
+ *   - kloop_stream_shutdown() gives -EOPNOTSUPP (TLS has no half-close).
+ * The caller must not read or write through `ssl` while the engine drives
+ *   it; queries (peer certificate, cipher, ALPN protocol, session) are fine.
+ * Returns: 0, -ENOENT, -EINVAL (ssl NULL), -EALREADY (TLS already started),
+ *   -EPIPE (stream closing, or reading already ended), -EOPNOTSUPP
+ *   (KLOOP_STREAM_FILE or KLOOP_STREAM_NO_READ stream), -ENOMEM, -EBADF.
+ * Since: 0.1
+ */
+KLOOP_API int kloop_stream_start_tls(kloop_t *loop, uint64_t token, void *ssl);
+
+/*
+ * struct kloop_tls_error - why TLS failed on a stream (the last failure).
+ *   ssl_error:      SSL_get_error() of the failing call (SSL_ERROR_*), 0 if
+ *                   none was recorded.
+ *   lib, reason:    ERR_GET_LIB/ERR_GET_REASON of ERR_peek_last_error()
+ *                   then (0 if the error queue was empty).
+ *   verify_result:  SSL_get_verify_result() (X509_V_OK = 0).
+ *   message:        the OpenSSL reason text, NUL-terminated ("" if none).
+ *   verify_message: X509_verify_cert_error_string(verify_result) when that
+ *                   is not X509_V_OK, else "".
+ */
+struct kloop_tls_error {
+  uint32_t size;
+  int32_t ssl_error;
+  int32_t lib;
+  int32_t reason;
+  int64_t verify_result;
+  char message[256];
+  char verify_message[256];
+};
+
+/*
+ * kloop_stream_tls_error - copy the last TLS failure of a stream into *out
+ *   (out->size set by the caller, at least the 0.1 size). Valid until the
+ *   stream's CLOSED record has been returned.
+ * Returns: 0, -ENOENT (no such stream), -EINVAL (out NULL or size too
+ *   small; or not a TLS stream), -EBADF. Since: 0.1
+ */
+KLOOP_API int kloop_stream_tls_error(kloop_t *loop, uint64_t token, struct kloop_tls_error *out);
+
+/*
+ * struct kloop_tls_info - the OpenSSL that libkloop runs with.
+ *   version_num:  OpenSSL_version_num() of the loaded libcrypto.
+ *   ssl_new_addr: the address of SSL_new as libkloop resolves it; an SSL
+ *                 made by another copy of libssl in the process is not
+ *                 one libkloop may drive (compare with the SSL_new that
+ *                 the caller's library resolves).
+ *   libssl_path:  the file libssl was loaded from ("" if unknown).
+ *   version_text: OpenSSL_version(OPENSSL_VERSION).
+ */
+struct kloop_tls_info {
+  uint32_t size;
+  uint32_t reserved0;
+  uint64_t version_num;
+  uint64_t ssl_new_addr;
+  char libssl_path[256];
+  char version_text[128];
+};
+
+/*
+ * kloop_get_tls_info - fill *out (out->size set by the caller).
+ * Returns: 0, -EINVAL (out NULL or size too small). Thread safety: any
+ *   thread. Since: 0.1
+ */
+KLOOP_API int kloop_get_tls_info(struct kloop_tls_info *out);
+
+/* ---------------------------------------------------------------------- */
 /* Statistics                                                              */
 /* ---------------------------------------------------------------------- */
 
@@ -538,16 +648,16 @@ KLOOP_API int kloop_stream_abort(kloop_t *loop, uint64_t token);
 struct kloop_stats {
   uint32_t size;
   uint32_t reserved0;
-  uint64_t ops_in_flight;     /* operations and stream requests in the kernel */
-  uint64_t streams;           /* attached streams not yet CLOSED */
-  uint64_t buffers_in_use;    /* receive buffers handed out or held */
-  uint64_t polls;             /* kloop_poll() calls */
-  uint64_t enters;            /* submit/wait calls the engine made into the kernel */
-  uint64_t sqes;              /* submission entries queued */
-  uint64_t cqes;              /* completion entries reaped */
-  uint64_t completions;       /* records returned by kloop_poll() */
-  uint64_t cq_overflows;      /* kernel CQ overflow count */
-  uint64_t enobufs;           /* receive re-arms after running out of buffers */
+  uint64_t ops_in_flight;  /* operations and stream requests in the kernel */
+  uint64_t streams;        /* attached streams not yet CLOSED */
+  uint64_t buffers_in_use; /* receive buffers handed out or held */
+  uint64_t polls;          /* kloop_poll() calls */
+  uint64_t enters;         /* submit/wait calls the engine made into the kernel */
+  uint64_t sqes;           /* submission entries queued */
+  uint64_t cqes;           /* completion entries reaped */
+  uint64_t completions;    /* records returned by kloop_poll() */
+  uint64_t cq_overflows;   /* kernel CQ overflow count */
+  uint64_t enobufs;        /* receive re-arms after running out of buffers */
   uint64_t reserved[6];
 };
 

@@ -447,4 +447,16 @@ int kloop_stream_abort(kloop_t *loop, uint64_t token) {
   return eng->stream_abort(token);
 }
 
+int kloop_stream_start_tls(kloop_t *loop, uint64_t token, void *ssl) {
+  KLOOP_RESOLVE();
+  if (!ssl) return -EINVAL;
+  return eng->stream_start_tls(token, ssl);
+}
+
+int kloop_stream_tls_error(kloop_t *loop, uint64_t token, struct kloop_tls_error *out) {
+  KLOOP_RESOLVE();
+  if (!out || out->size < sizeof(kloop_tls_error)) return -EINVAL;
+  return eng->stream_tls_error(token, out);
+}
+
 }  // extern "C"

@@ -185,7 +185,7 @@ int Engine::init(const kloop_config &cfg) {
 
   buf_size_ = cfg.buf_size;
   buf_count_ = cfg.buf_count;
-  if (!setup_buffers()) {
+  if (!setup_buffers() || !setup_tls_buffers()) {
     destroy();
     return -ENOMEM;
   }
@@ -208,7 +208,9 @@ int Engine::init(const kloop_config &cfg) {
 }
 
 bool Engine::setup_buffers() {
-  arena_size_ = static_cast<size_t>(buf_size_) * buf_count_;
+  // A quarter as many again (8..64) for TLS plaintext, after the receive buffers.
+  tls_buf_count_ = buf_count_ / 4 < 8 ? 8 : (buf_count_ / 4 > 64 ? 64 : buf_count_ / 4);
+  arena_size_ = static_cast<size_t>(buf_size_) * (buf_count_ + tls_buf_count_);
   void *a = mmap(nullptr, arena_size_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (a == MAP_FAILED) {
     arena_ = nullptr;
@@ -243,6 +245,12 @@ bool Engine::setup_buffers() {
   }
   if (!own_free_.reserve(buf_count_)) return false;
   for (uint32_t i = buf_count_; i-- > 0;) own_free_.push_back(i);
+  return true;
+}
+
+bool Engine::setup_tls_buffers() {
+  if (!tls_free_.reserve(tls_buf_count_)) return false;
+  for (uint32_t i = tls_buf_count_; i-- > 0;) tls_free_.push_back(buf_count_ + i);
   return true;
 }
 
@@ -319,18 +327,18 @@ void Engine::destroy() {
     if (s->finished) return;  // owned by its CLOSED record in pending_
     if (!child && (s->flags & KLOOP_STREAM_CLOSE_FD) && s->fd >= 0 && !s->close_inflight)
       close(s->fd);
-    delete s;
+    delete_stream(s);
   });
   streams_.clear();
   for (size_t i = 0; i < pending_.size(); ++i) {
     Pending &p = pending_.at(i);
     delete p.retire_op;
-    delete p.retire_stream;
+    if (p.retire_stream) delete_stream(p.retire_stream);
   }
   pending_.clear();
   for (Op *op : retire_ops_) delete op;
   retire_ops_.clear();
-  for (Stream *s : retire_streams_) delete s;
+  for (Stream *s : retire_streams_) delete_stream(s);
   retire_streams_.clear();
   while (free_ops_) {
     Op *n = free_ops_->next_free;
@@ -365,7 +373,7 @@ int Engine::stats(kloop_stats *s) const {
   out.size = sizeof(out);
   out.ops_in_flight = in_flight_ > 0 ? in_flight_ - ((wake_op_.state & kOpInKernel) ? 1 : 0) : 0;
   out.streams = streams_.size();
-  out.buffers_in_use = buffers_in_use_;
+  out.buffers_in_use = buffers_in_use_ + tls_in_use_;
   if (ring_ok_ && ring_.cq.koverflow) out.cq_overflows = *ring_.cq.koverflow;
   *s = out;
   return 0;
@@ -914,8 +922,9 @@ void Engine::flush_recycled() {
   }
   for (Op *op : retire_ops_) free_op(op);
   retire_ops_.clear();
-  for (Stream *s : retire_streams_) delete s;
+  for (Stream *s : retire_streams_) delete_stream(s);
   retire_streams_.clear();
+  if (tls_starved_ && !tls_free_.empty()) tls_unstarve();
   if (starved_ && buffers_in_use_ < buf_count_) {
     Stream *s = starved_;
     starved_ = nullptr;
@@ -931,6 +940,11 @@ void Engine::flush_recycled() {
 }
 
 void Engine::recycle(uint32_t bid) {
+  if (is_tls_buffer(bid)) {
+    --tls_in_use_;
+    tls_free_.push_back(bid);  // cannot fail: reserved for all of them
+    return;
+  }
   --buffers_in_use_;
   if (br_registered_) {
     io_uring_buf_ring_add(br_, buf_addr(bid), buf_size_, static_cast<unsigned short>(bid),

@@ -118,6 +118,8 @@ struct Pending {
   Stream *retire_stream = nullptr;
 };
 
+struct TlsState;  // tls.cc
+
 struct Stream {
   uint64_t token = 0;
   int fd = -1;
@@ -151,7 +153,12 @@ struct Stream {
   int close_err = 0;
   // read records kept while paused, delivered in order on resume
   Fifo<Pending> held;
+  // TLS (kloop_stream_start_tls), else null; freed by delete_stream()
+  TlsState *tls = nullptr;
 };
+
+// Frees a Stream and its TLS state (tls.cc). Every Stream goes this way.
+void delete_stream(Stream *s);
 
 class Engine {
  public:
@@ -186,6 +193,12 @@ class Engine {
   int stream_shutdown(uint64_t token);
   int stream_close(uint64_t token);
   int stream_abort(uint64_t token);
+  int stream_start_tls(uint64_t token, void *ssl);
+  int stream_tls_error(uint64_t token, kloop_tls_error *out);
+
+  // The TLS BIO's callbacks (tls.cc)
+  int tls_bio_read(TlsState *t, char *out, size_t len);
+  bool tls_bio_write(TlsState *t, const char *in, size_t len);
 
   uint64_t enabled() const { return enabled_; }
 
@@ -221,6 +234,7 @@ class Engine {
 
   // buffers
   bool setup_buffers();
+  bool setup_tls_buffers();
   char *buf_addr(uint32_t bid) const { return arena_ + static_cast<size_t>(bid) * buf_size_; }
   void recycle(uint32_t bid);
   int take_own_buffer();
@@ -234,6 +248,18 @@ class Engine {
   void submit_send(Stream *s);
   void stream_finish(Stream *s, int err);
   void drop_held(Stream *s);
+
+  // TLS streams (tls.cc)
+  void tls_pump(Stream *s);
+  void tls_input(Stream *s, int32_t bid, uint32_t off, uint32_t len);
+  void tls_socket_eof(Stream *s);
+  void tls_socket_error(Stream *s, int err);
+  void tls_fail(Stream *s, int err, int ssl_error, bool handshake, uint32_t side);
+  bool tls_encrypt(Stream *s, const void *buf, size_t len);
+  void tls_release(Stream *s);
+  int take_tls_buffer();
+  void tls_unstarve();
+  bool is_tls_buffer(uint32_t bid) const { return bid >= buf_count_; }
 
   io_uring ring_{};
   bool ring_ok_ = false;
@@ -257,7 +283,14 @@ class Engine {
   Vec<uint32_t> handed_out_;  // returned by the last poll
   Vec<uint32_t> own_free_;    // free list without buffer ring
   uint32_t buffers_in_use_ = 0;
-  int pending_recycle_ = 0;  // buffers added to the ring, not yet published
+  // TLS plaintext buffers: the arena's last tls_buf_count_ buffers, never
+  // given to the kernel; bids buf_count_ .. buf_count_ + tls_buf_count_ - 1
+  uint32_t tls_buf_count_ = 0;
+  Vec<uint32_t> tls_free_;
+  uint32_t tls_in_use_ = 0;
+  Stream *tls_starved_ = nullptr;  // intrusive (TlsState::next_starved): TLS
+                                   // streams waiting for a plaintext buffer
+  int pending_recycle_ = 0;        // buffers added to the ring, not yet published
 
   IntMap<uint64_t, Op *> ops_;
   IntMap<uint64_t, Stream *> streams_;

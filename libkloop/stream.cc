@@ -8,6 +8,9 @@
 #include <new>
 
 #include "engine.h"
+#include "tls.h"
+
+#include <openssl/err.h>
 
 namespace kl {
 
@@ -123,6 +126,7 @@ void Engine::stream_finish(Stream *s, int err) {
   if (s->finished) return;
   s->finished = true;
   drop_held(s);
+  tls_release(s);
   s->wq.clear();
   // The token stays taken until CLOSED is returned (Engine::poll).
   // The Stream is freed after its CLOSED record is returned: no list may
@@ -158,6 +162,17 @@ void Engine::progress(Stream *s) {
   }
 
   bool want_read = !(s->flags & KLOOP_STREAM_NO_READ) && !s->paused && !s->read_done && !s->closing;
+  if (s->tls) {
+    TlsState *t = s->tls;
+    want_read = (want_read && !t->failed) || tls_must_read(s);
+    // A graceful close sends close_notify after what was written before it.
+    if (s->closing && !t->handshaking && !t->failed && !t->sent_close && !s->write_failed) {
+      t->sent_close = true;
+      ERR_clear_error();
+      SSL_shutdown(t->ssl);  // queues close_notify through the BIO
+      ERR_clear_error();
+    }
+  }
   if (want_read) {
     if (!s->recv_armed && !s->recv_nobufs) arm_recv(s);
   } else if (s->recv_armed && !s->recv_cancel) {
@@ -220,13 +235,18 @@ void Engine::handle_stream_cqe(Op *op, int res, uint32_t cflags) {
       } else if (!(enabled_ & KLOOP_CAP_BUF_RING)) {
         bid = static_cast<int32_t>(op->off);  // own buffer, counted when taken
       }
-      if (res > 0) {
+      if (res > 0 && s->tls) {
+        tls_input(s, bid, 0, static_cast<uint32_t>(res));
+        if (more) progress(s);  // TLS may have written (handshake, alerts) or finished reading
+      } else if (res > 0) {
         emit(s->token, res, KLOOP_COMPLETION_MORE,
              reinterpret_cast<uint64_t>(buf_addr(static_cast<uint32_t>(bid))), KLOOP_EVENT_DATA, 0,
              bid, s);
       } else {
         if (bid >= 0) recycle(static_cast<uint32_t>(bid));
-        if (res == 0) {
+        if (res == 0 && s->tls) {
+          if (!s->read_done) tls_socket_eof(s);
+        } else if (res == 0) {
           s->read_done = true;
           emit(s->token, 0, KLOOP_COMPLETION_MORE, 0, KLOOP_EVENT_EOF, 0, -1, s);
         } else if (res == -ENOBUFS) {
@@ -249,7 +269,9 @@ void Engine::handle_stream_cqe(Op *op, int res, uint32_t cflags) {
           arm(op);
           return;
         } else if (res != -ECANCELED || !s->recv_cancel) {
-          if (!s->read_done) {
+          if (!s->read_done && s->tls) {
+            tls_socket_error(s, res);
+          } else if (!s->read_done) {
             s->read_done = true;
             emit(s->token, res, KLOOP_COMPLETION_MORE, 0, KLOOP_EVENT_ERROR, KLOOP_ERROR_READ, -1,
                  s);
@@ -348,6 +370,13 @@ int Engine::stream_pause(uint64_t token, bool pause) {
       pending_.push_back(s->held.front());
       s->held.pop_front();
     }
+    if (s->tls) {  // decrypt what waited while paused
+      if (!reserve_records(tls_buf_count_ + 4)) {
+        s->paused = true;
+        return -ENOMEM;
+      }
+      tls_pump(s);
+    }
   }
   progress(s);
   return 0;
@@ -359,11 +388,20 @@ int64_t Engine::stream_write(uint64_t token, const void *buf, size_t len) {
   // A closing stream still takes writes until it has flushed (asyncio's
   // transports do the same: close() stops reading, not writing).
   if (s->shut_req || s->aborting || s->write_failed || s->finished) return -EPIPE;
-  if (len) {
+  if (s->tls) {
+    TlsState *t = s->tls;
+    if (t->failed || t->sent_close) return -EPIPE;
+    if (len && (t->handshaking || t->pt.size())) {
+      if (!t->pt.append(buf, len)) return -ENOMEM;
+    } else if (len) {
+      if (!reserve_records(1)) return -ENOMEM;
+      if (!tls_encrypt(s, buf, len)) return t->failed ? -EPIPE : -ENOMEM;
+    }
+  } else if (len) {
     if (!s->wq.append(buf, len)) return -ENOMEM;
     if (!s->send_inflight) mark_dirty(s);
   }
-  uint64_t size = s->wq.size();
+  uint64_t size = s->wq.size() + (s->tls ? s->tls->pt.size() : 0);
   if (size > s->high) s->over_high = true;
   return static_cast<int64_t>(size);
 }
@@ -381,13 +419,14 @@ int Engine::stream_set_limits(uint64_t token, uint64_t high, uint64_t low) {
 int64_t Engine::stream_write_size(uint64_t token) {
   Stream *s = find_stream(token);
   if (!s) return -ENOENT;
-  return static_cast<int64_t>(s->wq.size());
+  return static_cast<int64_t>(s->wq.size() + (s->tls ? s->tls->pt.size() : 0));
 }
 
 int Engine::stream_shutdown(uint64_t token) {
   Stream *s = find_stream(token);
   if (!s) return -ENOENT;
   if (s->shut_req || s->closing || s->aborting || s->finished) return -EPIPE;
+  if (s->tls) return -EOPNOTSUPP;
   s->shut_req = true;
   mark_dirty(s);
   return 0;

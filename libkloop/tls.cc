@@ -1,0 +1,470 @@
+// TLS on engine streams (see tls.h). The caller's SSL runs over a BIO of
+// the engine's: reads come from received ciphertext, writes go to the
+// stream's write queue, so the engine's send path (gathered sendmsg, one in
+// flight, flow control) carries TLS records unchanged.
+#include "tls.h"
+
+#include <dlfcn.h>
+#include <errno.h>
+#include <pthread.h>
+#include <string.h>
+
+#include <openssl/crypto.h>
+#include <openssl/err.h>
+#include <openssl/x509.h>
+
+#include <new>
+
+namespace kl {
+
+namespace {
+
+BIO_METHOD *g_bio_method = nullptr;
+pthread_once_t g_bio_once = PTHREAD_ONCE_INIT;
+
+int bio_read(BIO *b, char *out, int len) {
+  BIO_clear_retry_flags(b);
+  auto *t = static_cast<TlsState *>(BIO_get_data(b));
+  if (!t || !t->eng || len <= 0) return -1;  // detached: the stream is gone
+  int n = t->eng->tls_bio_read(t, out, static_cast<size_t>(len));
+  if (n > 0) return n;
+  if (t->in_eof) return 0;
+  BIO_set_retry_read(b);
+  return -1;
+}
+
+int bio_write(BIO *b, const char *in, int len) {
+  BIO_clear_retry_flags(b);
+  auto *t = static_cast<TlsState *>(BIO_get_data(b));
+  if (!t || !t->eng || len < 0) return -1;
+  if (len == 0) return 0;
+  return t->eng->tls_bio_write(t, in, static_cast<size_t>(len)) ? len : -1;
+}
+
+long bio_ctrl(BIO *b, int cmd, long /*num*/, void * /*ptr*/) {
+  auto *t = static_cast<TlsState *>(BIO_get_data(b));
+  switch (cmd) {
+    case BIO_CTRL_FLUSH:
+      return 1;  // everything written is already queued
+    case BIO_CTRL_PENDING: {
+      if (!t) return 0;
+      long n = 0;
+      for (size_t i = 0; i < t->in.size(); ++i) n += t->in.at(i).len;
+      return n;
+    }
+    default:     // WPENDING (nothing waits inside the BIO) and the kTLS
+                 // controls (no offload through this BIO yet) among others
+      return 0;  // includes the kTLS controls: no offload through this BIO yet
+  }
+}
+
+int bio_create(BIO *b) {
+  BIO_set_init(b, 1);
+  return 1;
+}
+
+void make_bio_method() {
+  BIO_METHOD *m = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK, "kloop stream");
+  if (!m) return;
+  if (!BIO_meth_set_read(m, bio_read) || !BIO_meth_set_write(m, bio_write) ||
+      !BIO_meth_set_ctrl(m, bio_ctrl) || !BIO_meth_set_create(m, bio_create)) {
+    BIO_meth_free(m);
+    return;
+  }
+  g_bio_method = m;
+}
+
+void copy_text(char *dst, size_t cap, const char *src) {
+  if (!src) src = "";
+  size_t n = strlen(src);
+  if (n >= cap) n = cap - 1;
+  memcpy(dst, src, n);
+  dst[n] = '\0';
+}
+
+}  // namespace
+
+void delete_stream(Stream *s) {
+  TlsState *t = s->tls;
+  if (t) {
+    if (t->ssl) {
+      BIO_set_data(t->bio, nullptr);
+      SSL_free(t->ssl);
+    }
+    delete t;
+  }
+  delete s;
+}
+
+// ---------------------------------------------------------------------------
+// BIO callbacks
+
+int Engine::tls_bio_read(TlsState *t, char *out, size_t len) {
+  size_t done = 0;
+  while (done < len && !t->in.empty()) {
+    TlsChunk &c = t->in.front();
+    size_t n = len - done < c.len ? len - done : c.len;
+    memcpy(out + done, buf_addr(static_cast<uint32_t>(c.bid)) + c.off, n);
+    c.off += static_cast<uint32_t>(n);
+    c.len -= static_cast<uint32_t>(n);
+    done += n;
+    if (c.len == 0) {
+      recycle(static_cast<uint32_t>(c.bid));
+      t->in.pop_front();
+    }
+  }
+  return static_cast<int>(done);
+}
+
+bool Engine::tls_bio_write(TlsState *t, const char *in, size_t len) {
+  Stream *s = t->s;
+  if (s->aborting || s->write_failed) return true;  // nothing goes out any more: drop
+  if (!s->wq.append(in, len)) return false;
+  if (!s->send_inflight) mark_dirty(s);
+  return true;
+}
+
+// ---------------------------------------------------------------------------
+// Buffers
+
+int Engine::take_tls_buffer() {
+  if (tls_free_.empty()) return -1;
+  uint32_t bid = tls_free_.back();
+  tls_free_.pop_back();
+  ++tls_in_use_;
+  return static_cast<int>(bid);
+}
+
+void Engine::tls_unstarve() {
+  Stream *s = tls_starved_;
+  tls_starved_ = nullptr;
+  while (s) {
+    Stream *next = s->tls->next_starved;
+    s->tls->next_starved = nullptr;
+    s->tls->starved = false;
+    tls_pump(s);  // may put it back on the list
+    progress(s);
+    s = next;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Starting TLS
+
+int Engine::stream_start_tls(uint64_t token, void *ssl_ptr) {
+  Stream *s = find_stream(token);
+  if (!s) return -ENOENT;
+  if (s->tls) return -EALREADY;
+  if (s->flags & (KLOOP_STREAM_FILE | KLOOP_STREAM_NO_READ)) return -EOPNOTSUPP;
+  if (s->closing || s->aborting || s->finished || s->shut_req) return -EPIPE;
+
+  // Read records not yet returned become the start of the TLS byte stream.
+  bool eof_seen = false;
+  int err_seen = 0;
+  size_t waiting = s->held.size();
+  for (size_t i = 0; i < pending_.size(); ++i) {
+    const Pending &p = pending_.at(i);
+    if (p.stream == s && p.rec.event == KLOOP_EVENT_DATA) ++waiting;
+  }
+  if (s->read_done) {
+    // Reading ended: fine only if that end is still on its way to the caller.
+    bool end_queued = false;
+    auto is_end = [&](const Pending &p) {
+      return p.stream == s && (p.rec.event == KLOOP_EVENT_EOF || p.rec.event == KLOOP_EVENT_ERROR);
+    };
+    for (size_t i = 0; i < s->held.size(); ++i) end_queued |= is_end(s->held.at(i));
+    for (size_t i = 0; i < pending_.size(); ++i) end_queued |= is_end(pending_.at(i));
+    if (!end_queued) return -EPIPE;
+  }
+  pthread_once(&g_bio_once, make_bio_method);
+  if (!g_bio_method) return -ENOMEM;
+  if (!reserve_records(tls_buf_count_ + 4)) return -ENOMEM;
+
+  auto *t = new (std::nothrow) TlsState;
+  if (!t) return -ENOMEM;
+  if (!t->in.reserve(waiting + 4)) {
+    delete t;
+    return -ENOMEM;
+  }
+  BIO *bio = BIO_new(g_bio_method);
+  if (!bio) {
+    delete t;
+    return -ENOMEM;
+  }
+  SSL *ssl = static_cast<SSL *>(ssl_ptr);
+  if (!SSL_up_ref(ssl)) {
+    BIO_free(bio);
+    delete t;
+    return -EINVAL;
+  }
+  t->eng = this;
+  t->s = s;
+  t->ssl = ssl;
+  t->bio = bio;
+  BIO_set_data(bio, t);
+  SSL_set_bio(ssl, bio, bio);  // one reference, now the SSL's
+  s->tls = t;
+
+  auto take = [&](const Pending &p) {
+    if (p.rec.event == KLOOP_EVENT_DATA) {
+      auto *base = buf_addr(static_cast<uint32_t>(p.bid));
+      auto off = static_cast<uint32_t>(reinterpret_cast<char *>(p.rec.data) - base);
+      t->in.push_back(TlsChunk{p.bid, off, static_cast<uint32_t>(p.rec.result)});
+    } else if (p.rec.event == KLOOP_EVENT_EOF) {
+      eof_seen = true;
+    } else if (p.rec.event == KLOOP_EVENT_ERROR && !err_seen) {
+      err_seen = p.rec.result;
+    }
+  };
+  while (!s->held.empty()) {
+    take(s->held.front());
+    s->held.pop_front();
+  }
+  pending_.partition(
+      [&](const Pending &p) {
+        return !(p.stream == s &&
+                 (p.rec.event == KLOOP_EVENT_DATA || p.rec.event == KLOOP_EVENT_EOF ||
+                  p.rec.event == KLOOP_EVENT_ERROR));
+      },
+      take);
+  if (err_seen) {
+    tls_fail(s, err_seen, 0, true, KLOOP_ERROR_READ);
+  } else {
+    if (eof_seen) t->in_eof = true;
+    tls_pump(s);  // a client writes its hello now
+  }
+  progress(s);
+  return 0;
+}
+
+void Engine::tls_input(Stream *s, int32_t bid, uint32_t off, uint32_t len) {
+  TlsState *t = s->tls;
+  if (t->failed || t->peer_closed || !t->in.push_back(TlsChunk{bid, off, len})) {
+    recycle(static_cast<uint32_t>(bid));  // nobody will read it (or no memory: fail)
+    if (!t->failed && !t->peer_closed) tls_fail(s, -ENOMEM, 0, t->handshaking, KLOOP_ERROR_READ);
+    return;
+  }
+  tls_pump(s);
+}
+
+void Engine::tls_socket_eof(Stream *s) {
+  s->read_done = true;
+  s->tls->in_eof = true;
+  tls_pump(s);
+}
+
+void Engine::tls_socket_error(Stream *s, int err) {
+  s->read_done = true;
+  TlsState *t = s->tls;
+  if (t->failed) return;
+  tls_fail(s, err, 0, t->handshaking, KLOOP_ERROR_READ);
+}
+
+// Record why TLS failed (from OpenSSL's error queue when ssl_error is set)
+// and report it: as the handshake's result, or as a read/write error.
+void Engine::tls_fail(Stream *s, int err, int ssl_error, bool handshake, uint32_t side) {
+  TlsState *t = s->tls;
+  if (ssl_error) {
+    kloop_tls_error &e = t->err;
+    e = kloop_tls_error{};
+    e.size = sizeof(e);
+    e.ssl_error = ssl_error;
+    unsigned long code = ERR_peek_last_error();
+    e.lib = ERR_GET_LIB(code);
+    e.reason = ERR_GET_REASON(code);
+    copy_text(e.message, sizeof(e.message), code ? ERR_reason_error_string(code) : "");
+    if (t->ssl) {
+      long v = SSL_get_verify_result(t->ssl);
+      e.verify_result = v;
+      if (v != X509_V_OK)
+        copy_text(e.verify_message, sizeof(e.verify_message), X509_verify_cert_error_string(v));
+    }
+  }
+  ERR_clear_error();
+  t->failed = true;
+  t->pt.clear();
+  s->read_done = true;
+  if (handshake) {
+    t->handshaking = false;
+    if (!s->aborting) emit(s->token, err, KLOOP_COMPLETION_MORE, 0, KLOOP_EVENT_HANDSHAKE, 0);
+  } else if (!s->aborting && !s->closing) {
+    emit(s->token, err, KLOOP_COMPLETION_MORE, 0, KLOOP_EVENT_ERROR, side | KLOOP_ERROR_TLS, -1,
+         side == KLOOP_ERROR_READ ? s : nullptr);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Moving data
+
+bool Engine::tls_encrypt(Stream *s, const void *buf, size_t len) {
+  TlsState *t = s->tls;
+  const char *p = static_cast<const char *>(buf);
+  while (len > 0) {
+    int n = len > (1u << 30) ? (1 << 30) : static_cast<int>(len);
+    ERR_clear_error();
+    int r = SSL_write(t->ssl, p, n);
+    if (r <= 0) {
+      tls_fail(s, -EPROTO, SSL_get_error(t->ssl, r), false, KLOOP_ERROR_WRITE);
+      return false;
+    }
+    p += r;
+    len -= static_cast<size_t>(r);
+  }
+  return true;
+}
+
+// Advance TLS as far as the data at hand allows: the handshake, then
+// plaintext into TLS buffers as DATA records (unless paused), or, while a
+// graceful close waits, reading up to the peer's close_notify.
+void Engine::tls_pump(Stream *s) {
+  TlsState *t = s->tls;
+  if (!t || t->failed || s->finished || s->aborting || !t->ssl) return;
+  if (t->handshaking) {
+    if (s->closing) return;  // closed before it was over: no TLS any more
+    ERR_clear_error();
+    int r = SSL_do_handshake(t->ssl);
+    if (r != 1) {
+      int e = SSL_get_error(t->ssl, r);
+      if (e == SSL_ERROR_WANT_READ && !t->in_eof) return;  // wait for the peer
+      bool reset = t->in_eof && t->in.empty() && e != SSL_ERROR_SSL;
+      if (t->in_eof && t->in.empty() && e == SSL_ERROR_SSL &&
+          ERR_GET_REASON(ERR_peek_last_error()) == SSL_R_UNEXPECTED_EOF_WHILE_READING)
+        reset = true;
+      tls_fail(s, reset ? -ECONNRESET : -EPROTO, e, true, 0);
+      return;
+    }
+    t->handshaking = false;
+    emit(s->token, 0, KLOOP_COMPLETION_MORE, 0, KLOOP_EVENT_HANDSHAKE, 0);
+    if (t->pt.size()) {
+      // Plaintext written during the handshake, in order.
+      while (t->pt.size()) {
+        iovec iov[kMaxIov];
+        int n = t->pt.fill_iov(iov, kMaxIov);
+        size_t done = 0;
+        for (int i = 0; i < n; ++i) {
+          if (!tls_encrypt(s, iov[i].iov_base, iov[i].iov_len)) return;
+          done += iov[i].iov_len;
+        }
+        t->pt.consume(done);
+      }
+    }
+  }
+  if (t->peer_closed || (s->paused && !s->closing)) return;
+  // Closing: read on until the peer's close_notify, dropping the plaintext.
+  bool drop = s->closing;
+  for (;;) {
+    int bid = take_tls_buffer();
+    if (bid < 0) {
+      if (!t->starved) {
+        t->starved = true;
+        t->next_starved = tls_starved_;
+        tls_starved_ = s;
+      }
+      return;
+    }
+    char *dst = buf_addr(static_cast<uint32_t>(bid));
+    size_t filled = 0;
+    int e = SSL_ERROR_NONE;
+    while (filled < buf_size_) {
+      ERR_clear_error();
+      int n = SSL_read(t->ssl, dst + filled, static_cast<int>(buf_size_ - filled));
+      if (n > 0) {
+        filled += static_cast<size_t>(n);
+        continue;
+      }
+      e = SSL_get_error(t->ssl, n);
+      break;
+    }
+    if (filled && !drop) {
+      emit(s->token, static_cast<int32_t>(filled), KLOOP_COMPLETION_MORE,
+           reinterpret_cast<uint64_t>(dst), KLOOP_EVENT_DATA, 0, bid, s);
+    } else {
+      recycle(static_cast<uint32_t>(bid));
+    }
+    if (e == SSL_ERROR_NONE) continue;  // the buffer filled up: there may be more
+    if (e == SSL_ERROR_WANT_READ) {
+      if (!t->in_eof) return;
+      // The socket ended and OpenSSL wants more: the peer cut the stream.
+      t->peer_closed = true;
+      if (!drop)
+        emit(s->token, 0, KLOOP_COMPLETION_MORE, 0, KLOOP_EVENT_EOF, KLOOP_EOF_UNCLEAN, -1, s);
+      ERR_clear_error();
+      return;
+    }
+    if (e == SSL_ERROR_ZERO_RETURN) {  // close_notify
+      t->peer_closed = true;
+      s->read_done = true;
+      if (!drop) emit(s->token, 0, KLOOP_COMPLETION_MORE, 0, KLOOP_EVENT_EOF, 0, -1, s);
+      return;
+    }
+    unsigned long code = ERR_peek_last_error();
+    if (t->in_eof && t->in.empty() &&
+        (e == SSL_ERROR_SYSCALL ||
+         (e == SSL_ERROR_SSL && ERR_GET_REASON(code) == SSL_R_UNEXPECTED_EOF_WHILE_READING))) {
+      t->peer_closed = true;
+      s->read_done = true;
+      if (!drop)
+        emit(s->token, 0, KLOOP_COMPLETION_MORE, 0, KLOOP_EVENT_EOF, KLOOP_EOF_UNCLEAN, -1, s);
+      ERR_clear_error();
+      return;
+    }
+    tls_fail(s, -EPROTO, e, false, KLOOP_ERROR_READ);
+    if (drop) t->peer_closed = true;  // nothing more will come: let the close go on
+    return;
+  }
+}
+
+// The stream has finished: give back what TLS holds and let go of the SSL.
+// The error record stays readable until the Stream is freed.
+void Engine::tls_release(Stream *s) {
+  TlsState *t = s->tls;
+  if (!t) return;
+  while (!t->in.empty()) {
+    recycle(static_cast<uint32_t>(t->in.front().bid));
+    t->in.pop_front();
+  }
+  t->pt.clear();
+  if (t->starved) {
+    for (Stream **pp = &tls_starved_; *pp; pp = &((*pp)->tls->next_starved))
+      if (*pp == s) {
+        *pp = t->next_starved;
+        break;
+      }
+    t->starved = false;
+    t->next_starved = nullptr;
+  }
+  if (t->ssl) {
+    BIO_set_data(t->bio, nullptr);
+    SSL_free(t->ssl);
+    t->ssl = nullptr;
+  }
+}
+
+int Engine::stream_tls_error(uint64_t token, kloop_tls_error *out) {
+  Stream *s = find_stream(token);
+  if (!s) return -ENOENT;
+  if (!s->tls) return -EINVAL;
+  kloop_tls_error e = s->tls->err;
+  e.size = out->size;
+  memcpy(out, &e, sizeof(e));
+  return 0;
+}
+
+}  // namespace kl
+
+// ---------------------------------------------------------------------------
+
+extern "C" int kloop_get_tls_info(struct kloop_tls_info *out) {
+  if (!out || out->size < sizeof(struct kloop_tls_info)) return -EINVAL;
+  uint32_t size = out->size;
+  memset(out, 0, sizeof(*out));
+  out->size = size;
+  out->version_num = OpenSSL_version_num();
+  auto *addr = reinterpret_cast<void *>(&SSL_new);
+  out->ssl_new_addr = reinterpret_cast<uint64_t>(addr);
+  Dl_info info{};
+  if (dladdr(addr, &info) && info.dli_fname)
+    kl::copy_text(out->libssl_path, sizeof(out->libssl_path), info.dli_fname);
+  kl::copy_text(out->version_text, sizeof(out->version_text), OpenSSL_version(OPENSSL_VERSION));
+  return 0;
+}

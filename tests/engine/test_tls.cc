@@ -1,0 +1,482 @@
+// TLS on engine streams (kloop_stream_start_tls): handshakes, data both
+// ways, failures reported with OpenSSL's reasons, close_notify, STARTTLS in
+// place, pausing. Both ends are usually engine streams of one loop on a
+// loopback TCP pair; a few tests put a plain socket on the other end to
+// play a misbehaving peer.
+#include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/ssl.h>
+#include <openssl/x509.h>
+#include <openssl/x509v3.h>
+
+#include <memory>
+#include <string>
+
+#include "common.h"
+
+using namespace kt;
+
+namespace {
+
+struct SslFree {
+  void operator()(SSL *p) const { SSL_free(p); }
+  void operator()(SSL_CTX *p) const { SSL_CTX_free(p); }
+  void operator()(X509 *p) const { X509_free(p); }
+  void operator()(EVP_PKEY *p) const { EVP_PKEY_free(p); }
+};
+using SslPtr = std::unique_ptr<SSL, SslFree>;
+using CtxPtr = std::unique_ptr<SSL_CTX, SslFree>;
+
+// A self-signed certificate for "localhost" (P-256), made once.
+struct Identity {
+  std::unique_ptr<EVP_PKEY, SslFree> key;
+  std::unique_ptr<X509, SslFree> cert;
+  Identity() {
+    key.reset(EVP_PKEY_Q_keygen(nullptr, nullptr, "EC", "P-256"));
+    cert.reset(X509_new());
+    X509 *c = cert.get();
+    X509_set_version(c, 2);
+    ASN1_INTEGER_set(X509_get_serialNumber(c), 1);
+    X509_gmtime_adj(X509_getm_notBefore(c), -3600);
+    X509_gmtime_adj(X509_getm_notAfter(c), 3600L * 24);
+    X509_set_pubkey(c, key.get());
+    X509_NAME *name = X509_get_subject_name(c);
+    X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_ASC,
+                               reinterpret_cast<const unsigned char *>("localhost"), -1, -1, 0);
+    X509_set_issuer_name(c, name);
+    X509V3_CTX v3;
+    X509V3_set_ctx_nodb(&v3);
+    X509V3_set_ctx(&v3, c, c, nullptr, nullptr, 0);
+    X509_EXTENSION *ext = X509V3_EXT_conf_nid(nullptr, &v3, NID_subject_alt_name, "DNS:localhost");
+    X509_add_ext(c, ext, -1);
+    X509_EXTENSION_free(ext);
+    X509_sign(c, key.get(), EVP_sha256());
+  }
+};
+
+const Identity &Id() {
+  static Identity id;
+  return id;
+}
+
+CtxPtr ServerCtx(const char *alpn = nullptr) {
+  CtxPtr ctx(SSL_CTX_new(TLS_server_method()));
+  SSL_CTX_use_certificate(ctx.get(), Id().cert.get());
+  SSL_CTX_use_PrivateKey(ctx.get(), Id().key.get());
+  if (alpn) {
+    static std::string want;
+    want = alpn;
+    SSL_CTX_set_alpn_select_cb(
+        ctx.get(),
+        [](SSL *, const unsigned char **out, unsigned char *outlen, const unsigned char *in,
+           unsigned int inlen, void *) {
+          // pick the first protocol the client offers that equals `want`
+          for (unsigned i = 0; i < inlen; i += 1u + in[i])
+            if (in[i] == want.size() && memcmp(in + i + 1, want.data(), want.size()) == 0) {
+              *out = in + i + 1;
+              *outlen = in[i];
+              return SSL_TLSEXT_ERR_OK;
+            }
+          return SSL_TLSEXT_ERR_NOACK;
+        },
+        nullptr);
+  }
+  return ctx;
+}
+
+// A verifying client context that trusts Id() (or nothing).
+CtxPtr ClientCtx(bool trust = true) {
+  CtxPtr ctx(SSL_CTX_new(TLS_client_method()));
+  SSL_CTX_set_verify(ctx.get(), SSL_VERIFY_PEER, nullptr);
+  if (trust) X509_STORE_add_cert(SSL_CTX_get_cert_store(ctx.get()), Id().cert.get());
+  return ctx;
+}
+
+SslPtr Client(SSL_CTX *ctx, const char *host = "localhost") {
+  SslPtr ssl(SSL_new(ctx));
+  SSL_set_connect_state(ssl.get());
+  if (host) {
+    SSL_set_tlsext_host_name(ssl.get(), host);
+    SSL_set1_host(ssl.get(), host);
+  }
+  return ssl;
+}
+
+SslPtr Server(SSL_CTX *ctx) {
+  SslPtr ssl(SSL_new(ctx));
+  SSL_set_accept_state(ssl.get());
+  return ssl;
+}
+
+kloop_tls_error TlsError(kloop_t *loop, uint64_t token) {
+  kloop_tls_error e{};
+  e.size = sizeof e;
+  EXPECT_EQ(kloop_stream_tls_error(loop, token, &e), 0);
+  return e;
+}
+
+class Tls : public ::testing::Test {
+ protected:
+  void SetUp() override { ASSERT_EQ(d.Create(nullptr), 0); }
+
+  // Engine client (token 1) and engine server (token 2) on one TCP pair.
+  void Pair(SSL *client, SSL *server) {
+    auto p = TcpPair();
+    srv_fd = std::move(p.first);
+    cli_fd = std::move(p.second);
+    ASSERT_EQ(kloop_stream_attach(d, 1, cli_fd, 0), 0);
+    ASSERT_EQ(kloop_stream_attach(d, 2, srv_fd, 0), 0);
+    ASSERT_EQ(kloop_stream_start_tls(d, 1, client), 0);
+    ASSERT_EQ(kloop_stream_start_tls(d, 2, server), 0);
+  }
+  void Handshake() {
+    Event a = d.WaitEvent(1, KLOOP_EVENT_HANDSHAKE);
+    Event b = d.WaitEvent(2, KLOOP_EVENT_HANDSHAKE);
+    ASSERT_EQ(a.result, 0) << Describe(a);
+    ASSERT_EQ(b.result, 0) << Describe(b);
+    EXPECT_TRUE(a.more());
+  }
+  void CloseBoth() {
+    kloop_stream_abort(d, 1);
+    kloop_stream_abort(d, 2);
+    d.WaitFinal(1);
+    d.WaitFinal(2);
+  }
+
+  Driver d;
+  Fd cli_fd, srv_fd;
+  CtxPtr sctx = ServerCtx(), cctx = ClientCtx();
+};
+
+TEST_F(Tls, HandshakeThenDataBothWays) {
+  SslPtr c = Client(cctx.get()), s = Server(sctx.get());
+  Pair(c.get(), s.get());
+  Handshake();
+  EXPECT_EQ(SSL_get_verify_result(c.get()), X509_V_OK);
+  ASSERT_GE(kloop_stream_write(d, 1, "ping", 4), 0);
+  ASSERT_TRUE(d.RunUntil([&] { return d.DataOf(2) == "ping"; })) << d.DataOf(2);
+  ASSERT_GE(kloop_stream_write(d, 2, "pong!", 5), 0);
+  ASSERT_TRUE(d.RunUntil([&] { return d.DataOf(1) == "pong!"; })) << d.DataOf(1);
+  // Plaintext records lie in the arena like any DATA record.
+  uint64_t base = 0, size = 0;
+  ASSERT_EQ(kloop_buffer_arena(d, &base, &size), 0);
+  for (const Event &e : d.Of(2, KLOOP_EVENT_DATA)) {
+    EXPECT_GE(e.data, base);
+    EXPECT_LE(e.data + static_cast<uint64_t>(e.result), base + size);
+  }
+  // The caller may still query the SSL while the engine drives it.
+  EXPECT_NE(SSL_get_current_cipher(c.get()), nullptr);
+  EXPECT_NE(SSL_get0_peer_certificate(c.get()), nullptr);
+  CloseBoth();
+  EXPECT_EQ(GetStats(d).buffers_in_use, 0u);
+}
+
+TEST_F(Tls, WritesBeforeHandshakeAreSentAfterIt) {
+  SslPtr c = Client(cctx.get()), s = Server(sctx.get());
+  Pair(c.get(), s.get());
+  // Counted with the client hello that is queued but not sent yet.
+  int64_t queued = kloop_stream_write(d, 1, "early", 5);
+  ASSERT_GT(queued, 5);
+  ASSERT_EQ(kloop_stream_write_size(d, 1), queued);
+  ASSERT_TRUE(d.RunUntil([&] { return d.DataOf(2) == "early"; })) << d.DataOf(2);
+  EXPECT_EQ(d.Of(1, KLOOP_EVENT_HANDSHAKE).size(), 1u);
+  CloseBoth();
+}
+
+TEST_F(Tls, LargeTransferIntact) {
+  SslPtr c = Client(cctx.get()), s = Server(sctx.get());
+  Pair(c.get(), s.get());
+  Handshake();
+  d.set_store_data(false);
+  constexpr size_t kTotal = 64u << 20;
+  uint64_t checked = 0;
+  int64_t mismatch = -1;
+  d.on_record = [&](const kloop_completion &r) {
+    if (r.token != 2 || r.event != KLOOP_EVENT_DATA) return;
+    auto *p = reinterpret_cast<const uint8_t *>(r.data);
+    for (int32_t i = 0; i < r.result; ++i)
+      if (p[i] != PatternByte(checked + static_cast<uint64_t>(i)) && mismatch < 0)
+        mismatch = static_cast<int64_t>(checked) + i;
+    checked += static_cast<uint64_t>(r.result);
+  };
+  std::vector<uint8_t> chunk(1 << 20);
+  size_t sent = 0;
+  while (sent < kTotal) {
+    for (size_t i = 0; i < chunk.size(); ++i) chunk[i] = PatternByte(sent + i);
+    ASSERT_GE(kloop_stream_write(d, 1, chunk.data(), chunk.size()), 0);
+    sent += chunk.size();
+    // keep the queue bounded, as a transport honouring flow control would
+    ASSERT_TRUE(d.RunUntil([&] { return kloop_stream_write_size(d, 1) < (4 << 20); }, 30s));
+  }
+  ASSERT_TRUE(d.RunUntil([&] { return checked >= kTotal; }, 60s)) << checked;
+  EXPECT_EQ(checked, kTotal);
+  EXPECT_EQ(mismatch, -1);
+  d.on_record = nullptr;
+  CloseBoth();
+  EXPECT_EQ(GetStats(d).buffers_in_use, 0u);
+}
+
+TEST_F(Tls, UntrustedCertificateFailsWithVerifyReason) {
+  CtxPtr untrusting = ClientCtx(false);
+  SslPtr c = Client(untrusting.get()), s = Server(sctx.get());
+  Pair(c.get(), s.get());
+  Event a = d.WaitEvent(1, KLOOP_EVENT_HANDSHAKE);
+  EXPECT_EQ(a.result, -EPROTO);
+  kloop_tls_error e = TlsError(d, 1);
+  EXPECT_EQ(e.ssl_error, SSL_ERROR_SSL);
+  EXPECT_EQ(e.lib, ERR_LIB_SSL);
+  EXPECT_EQ(e.reason, SSL_R_CERTIFICATE_VERIFY_FAILED);
+  EXPECT_STREQ(e.message, "certificate verify failed");
+  EXPECT_EQ(e.verify_result, X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT);
+  EXPECT_STREQ(e.verify_message, "self-signed certificate");
+  // The client's alert reaches the server, whose handshake fails too.
+  Event b = d.WaitEvent(2, KLOOP_EVENT_HANDSHAKE);
+  EXPECT_LT(b.result, 0);
+  // A failed stream takes no more writes.
+  EXPECT_EQ(kloop_stream_write(d, 1, "x", 1), -EPIPE);
+  CloseBoth();
+  EXPECT_EQ(GetStats(d).buffers_in_use, 0u);
+}
+
+TEST_F(Tls, HostnameMismatchIsReported) {
+  SslPtr c = Client(cctx.get(), "other.example"), s = Server(sctx.get());
+  Pair(c.get(), s.get());
+  Event a = d.WaitEvent(1, KLOOP_EVENT_HANDSHAKE);
+  EXPECT_EQ(a.result, -EPROTO);
+  kloop_tls_error e = TlsError(d, 1);
+  EXPECT_EQ(e.reason, SSL_R_CERTIFICATE_VERIFY_FAILED);
+  EXPECT_EQ(e.verify_result, X509_V_ERR_HOSTNAME_MISMATCH);
+  EXPECT_STREQ(e.verify_message, "hostname mismatch");
+  CloseBoth();
+}
+
+TEST_F(Tls, AlpnIsNegotiated) {
+  CtxPtr alpn_srv = ServerCtx("h2");
+  SslPtr c = Client(cctx.get()), s = Server(alpn_srv.get());
+  static const unsigned char protos[] = "\x08http/1.1\x02h2";
+  ASSERT_EQ(SSL_set_alpn_protos(c.get(), protos, sizeof protos - 1), 0);
+  Pair(c.get(), s.get());
+  Handshake();
+  const unsigned char *got = nullptr;
+  unsigned len = 0;
+  SSL_get0_alpn_selected(c.get(), &got, &len);
+  EXPECT_EQ(std::string(reinterpret_cast<const char *>(got), len), "h2");
+  CloseBoth();
+}
+
+TEST_F(Tls, GarbageFromPeerFailsHandshakeAndSendsAlert) {
+  SslPtr s = Server(sctx.get());
+  auto [mine, peer] = TcpPair();
+  ASSERT_EQ(kloop_stream_attach(d, 2, mine, 0), 0);
+  ASSERT_EQ(kloop_stream_start_tls(d, 2, s.get()), 0);
+  // A handshake record whose message type does not exist.
+  const char junk[] = {22, 3, 1, 0, 4, 99, 0, 0, 0};
+  ASSERT_TRUE(WriteAll(peer, std::string(junk, sizeof junk)));
+  Event b = d.WaitEvent(2, KLOOP_EVENT_HANDSHAKE);
+  EXPECT_EQ(b.result, -EPROTO);
+  kloop_tls_error e = TlsError(d, 2);
+  EXPECT_EQ(e.lib, ERR_LIB_SSL);
+  EXPECT_NE(e.reason, 0);
+  EXPECT_STRNE(e.message, "");
+  // The engine sends the alert OpenSSL queued: a TLS alert record (type 21).
+  d.Drain(20 * 1ms);
+  ASSERT_TRUE(WaitReadable(peer));
+  char buf[64];
+  ssize_t n = ::recv(peer, buf, sizeof buf, 0);
+  ASSERT_GE(n, 1);
+  EXPECT_EQ(buf[0], 21);
+  kloop_stream_close(d, 2);
+  d.WaitFinal(2);
+}
+
+TEST_F(Tls, PeerClosingDuringHandshakeIsAReset) {
+  SslPtr s = Server(sctx.get());
+  auto [mine, peer] = TcpPair();
+  ASSERT_EQ(kloop_stream_attach(d, 2, mine, 0), 0);
+  ASSERT_EQ(kloop_stream_start_tls(d, 2, s.get()), 0);
+  peer.reset();
+  Event b = d.WaitEvent(2, KLOOP_EVENT_HANDSHAKE);
+  EXPECT_EQ(b.result, -ECONNRESET);
+  kloop_stream_close(d, 2);
+  EXPECT_EQ(d.WaitFinal(2).event, KLOOP_EVENT_CLOSED);
+}
+
+TEST_F(Tls, GracefulCloseSendsCloseNotifyAndWaitsForThePeers) {
+  SslPtr c = Client(cctx.get()), s = Server(sctx.get());
+  Pair(c.get(), s.get());
+  Handshake();
+  ASSERT_GE(kloop_stream_write(d, 1, "bye", 3), 0);
+  ASSERT_EQ(kloop_stream_close(d, 1), 0);
+  Event eof = d.WaitEvent(2, KLOOP_EVENT_EOF);
+  EXPECT_EQ(eof.aux, 0u) << "close_notify came first";
+  EXPECT_EQ(d.DataOf(2), "bye");
+  d.Drain(20 * 1ms);
+  EXPECT_FALSE(d.HasFinal(1)) << "the client waits for the server's close_notify";
+  EXPECT_EQ(kloop_stream_write(d, 1, "late", 4), -EPIPE) << "no data after close_notify";
+  ASSERT_EQ(kloop_stream_close(d, 2), 0);
+  EXPECT_EQ(d.WaitFinal(1).result, 0);
+  EXPECT_EQ(d.WaitFinal(2).result, 0);
+  EXPECT_EQ(GetStats(d).buffers_in_use, 0u);
+}
+
+TEST_F(Tls, ConnectionCutWithoutCloseNotifyIsAnUncleanEof) {
+  SslPtr c = Client(cctx.get()), s = Server(sctx.get());
+  Pair(c.get(), s.get());
+  Handshake();
+  ASSERT_GE(kloop_stream_write(d, 1, "last", 4), 0);
+  ASSERT_TRUE(d.RunUntil([&] { return d.DataOf(2) == "last"; }));
+  ASSERT_EQ(kloop_stream_abort(d, 1), 0);  // no close_notify
+  d.WaitFinal(1);
+  cli_fd.reset();
+  Event eof = d.WaitEvent(2, KLOOP_EVENT_EOF);
+  EXPECT_EQ(eof.aux, KLOOP_EOF_UNCLEAN);
+  kloop_stream_close(d, 2);
+  d.WaitFinal(2);
+}
+
+TEST_F(Tls, CorruptRecordIsATlsReadError) {
+  SslPtr c = Client(cctx.get()), s = Server(sctx.get());
+  Pair(c.get(), s.get());
+  Handshake();
+  // Hand the rest of the client's side to a raw writer: an application
+  // data record header with a body that cannot decrypt.
+  ASSERT_EQ(kloop_stream_abort(d, 1), 0);
+  d.WaitFinal(1);
+  const unsigned char rec[] = {23, 3,  3,  0,  24, 1,  2,  3,  4,  5,  6,  7,  8,  9, 10,
+                               11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24};
+  ASSERT_EQ(::send(cli_fd, rec, sizeof rec, MSG_NOSIGNAL), static_cast<ssize_t>(sizeof rec));
+  Event err = d.WaitEvent(2, KLOOP_EVENT_ERROR);
+  EXPECT_EQ(err.result, -EPROTO);
+  EXPECT_EQ(err.aux, KLOOP_ERROR_READ | KLOOP_ERROR_TLS);
+  kloop_tls_error e = TlsError(d, 2);
+  EXPECT_EQ(e.ssl_error, SSL_ERROR_SSL);
+  EXPECT_EQ(e.reason, SSL_R_DECRYPTION_FAILED_OR_BAD_RECORD_MAC);
+  kloop_stream_abort(d, 2);
+  d.WaitFinal(2);
+}
+
+TEST_F(Tls, PausedStreamHandshakesButHoldsPlaintextUntilResume) {
+  SslPtr c = Client(cctx.get()), s = Server(sctx.get());
+  auto p = TcpPair();
+  srv_fd = std::move(p.first);
+  cli_fd = std::move(p.second);
+  ASSERT_EQ(kloop_stream_attach(d, 1, cli_fd, 0), 0);
+  ASSERT_EQ(kloop_stream_attach(d, 2, srv_fd, KLOOP_STREAM_PAUSED), 0);
+  ASSERT_EQ(kloop_stream_start_tls(d, 1, c.get()), 0);
+  ASSERT_EQ(kloop_stream_start_tls(d, 2, s.get()), 0);
+  Handshake();
+  ASSERT_GE(kloop_stream_write(d, 1, "held", 4), 0);
+  d.Drain(30 * 1ms);
+  EXPECT_EQ(d.DataOf(2), "");
+  ASSERT_EQ(kloop_stream_resume(d, 2), 0);
+  ASSERT_TRUE(d.RunUntil([&] { return d.DataOf(2) == "held"; })) << d.DataOf(2);
+  // pause again with data in flight, then resume: nothing lost, in order
+  ASSERT_EQ(kloop_stream_pause(d, 2), 0);
+  ASSERT_GE(kloop_stream_write(d, 1, "-more", 5), 0);
+  d.Drain(30 * 1ms);
+  ASSERT_EQ(kloop_stream_resume(d, 2), 0);
+  ASSERT_TRUE(d.RunUntil([&] { return d.DataOf(2) == "held-more"; })) << d.DataOf(2);
+  CloseBoth();
+}
+
+TEST_F(Tls, StartTlsInPlaceAfterPlainBytes) {
+  auto p = TcpPair();
+  srv_fd = std::move(p.first);
+  cli_fd = std::move(p.second);
+  ASSERT_EQ(kloop_stream_attach(d, 1, cli_fd, 0), 0);
+  ASSERT_EQ(kloop_stream_attach(d, 2, srv_fd, 0), 0);
+  ASSERT_GE(kloop_stream_write(d, 1, "STARTTLS\r\n", 10), 0);
+  ASSERT_TRUE(d.RunUntil([&] { return d.DataOf(2) == "STARTTLS\r\n"; }));
+  // The server pauses, answers in plain text and upgrades; the client
+  // upgrades on reading the answer. Its hello may arrive while the server
+  // is still paused: it must be taken as TLS, not delivered as data.
+  ASSERT_EQ(kloop_stream_pause(d, 2), 0);
+  ASSERT_GE(kloop_stream_write(d, 2, "220 go\r\n", 8), 0);
+  ASSERT_TRUE(d.RunUntil([&] { return d.DataOf(1) == "220 go\r\n"; }));
+  SslPtr c = Client(cctx.get()), s = Server(sctx.get());
+  ASSERT_EQ(kloop_stream_start_tls(d, 1, c.get()), 0);
+  d.Drain(20 * 1ms);  // the hello reaches the paused server
+  ASSERT_EQ(kloop_stream_start_tls(d, 2, s.get()), 0);
+  ASSERT_EQ(kloop_stream_resume(d, 2), 0);
+  Handshake();
+  ASSERT_GE(kloop_stream_write(d, 1, "MAIL", 4), 0);
+  ASSERT_TRUE(d.RunUntil([&] { return d.DataOf(2) == "STARTTLS\r\nMAIL"; })) << d.DataOf(2);
+  CloseBoth();
+}
+
+TEST_F(Tls, ManyConnectionsAtOnce) {
+  constexpr int kConns = 40;
+  std::vector<SslPtr> ssls;
+  std::vector<Fd> fds;
+  for (int i = 0; i < kConns; ++i) {
+    auto [a, b] = TcpPair();
+    uint64_t tc = 100 + 2 * static_cast<uint64_t>(i), ts = tc + 1;
+    ssls.push_back(Client(cctx.get()));
+    ssls.push_back(Server(sctx.get()));
+    ASSERT_EQ(kloop_stream_attach(d, tc, b, 0), 0);
+    ASSERT_EQ(kloop_stream_attach(d, ts, a, 0), 0);
+    ASSERT_EQ(kloop_stream_start_tls(d, tc, ssls[ssls.size() - 2].get()), 0);
+    ASSERT_EQ(kloop_stream_start_tls(d, ts, ssls.back().get()), 0);
+    ASSERT_GE(kloop_stream_write(d, tc, "m", 1), 0);
+    fds.push_back(std::move(a));
+    fds.push_back(std::move(b));
+  }
+  ASSERT_TRUE(d.RunUntil(
+      [&] {
+        for (int i = 0; i < kConns; ++i)
+          if (d.DataOf(101 + 2 * static_cast<uint64_t>(i)) != "m") return false;
+        return true;
+      },
+      30s));
+  for (int i = 0; i < 2 * kConns; ++i) kloop_stream_abort(d, 100 + static_cast<uint64_t>(i));
+  for (int i = 0; i < 2 * kConns; ++i) d.WaitFinal(100 + static_cast<uint64_t>(i));
+  EXPECT_EQ(GetStats(d).buffers_in_use, 0u);
+}
+
+TEST_F(Tls, BadCalls) {
+  SslPtr c = Client(cctx.get());
+  auto [a, b] = TcpPair();
+  EXPECT_EQ(kloop_stream_start_tls(d, 9, c.get()), -ENOENT);
+  EXPECT_EQ(kloop_stream_start_tls(nullptr, 9, c.get()), -EBADF);
+  ASSERT_EQ(kloop_stream_attach(d, 9, a, 0), 0);
+  EXPECT_EQ(kloop_stream_start_tls(d, 9, nullptr), -EINVAL);
+  kloop_tls_error e{};
+  e.size = sizeof e;
+  EXPECT_EQ(kloop_stream_tls_error(d, 9, &e), -EINVAL) << "not a TLS stream";
+  EXPECT_EQ(kloop_stream_tls_error(d, 9, nullptr), -EINVAL);
+  e.size = 4;
+  EXPECT_EQ(kloop_stream_tls_error(d, 9, &e), -EINVAL);
+  ASSERT_EQ(kloop_stream_start_tls(d, 9, c.get()), 0);
+  EXPECT_EQ(kloop_stream_start_tls(d, 9, c.get()), -EALREADY);
+  EXPECT_EQ(kloop_stream_shutdown(d, 9), -EOPNOTSUPP);
+  auto [r, w] = Pipe();
+  ASSERT_EQ(kloop_stream_attach(d, 10, r, KLOOP_STREAM_FILE), 0);
+  EXPECT_EQ(kloop_stream_start_tls(d, 10, c.get()), -EOPNOTSUPP);
+  ASSERT_EQ(kloop_stream_close(d, 10), 0);
+  auto [x, y] = TcpPair();
+  ASSERT_EQ(kloop_stream_attach(d, 11, x, 0), 0);
+  ASSERT_EQ(kloop_stream_close(d, 11), 0);
+  EXPECT_EQ(kloop_stream_start_tls(d, 11, c.get()), -EPIPE);
+  kloop_stream_abort(d, 9);
+  d.WaitFinal(9);
+  d.WaitFinal(10);
+  d.WaitFinal(11);
+  // The engine dropped its reference: ours is the last one.
+  EXPECT_EQ(SSL_get_rbio(c.get()) != nullptr, true);
+}
+
+TEST(TlsInfo, DescribesTheLoadedOpenSsl) {
+  struct kloop_tls_info info {};
+  info.size = sizeof info;
+  ASSERT_EQ(kloop_get_tls_info(&info), 0);
+  EXPECT_EQ(info.version_num, OpenSSL_version_num());
+  EXPECT_EQ(info.ssl_new_addr, reinterpret_cast<uint64_t>(&SSL_new))
+      << "libkloop and this program resolve SSL_new to the same libssl";
+  EXPECT_NE(std::string(info.libssl_path).find("libssl"), std::string::npos) << info.libssl_path;
+  EXPECT_STREQ(info.version_text, OpenSSL_version(OPENSSL_VERSION));
+  info.size = 4;
+  EXPECT_EQ(kloop_get_tls_info(&info), -EINVAL);
+  EXPECT_EQ(kloop_get_tls_info(nullptr), -EINVAL);
+}
+
+}  // namespace
