@@ -72,7 +72,7 @@ FEATURES = (
 
 NR_IO_URING_SETUP = 425  # the same on every architecture that has io_uring
 MEMLOCK_UNTIL = (5, 12)  # rings counted against RLIMIT_MEMLOCK before this kernel
-LIBKLOOP_NO_OPENSSL = "not linked with OpenSSL (TLS in the engine is a later step)"
+LIBKLOOP_NO_OPENSSL = "not linked with OpenSSL (no TLS in the engine)"
 
 
 # -- small readers -----------------------------------------------------------
@@ -355,6 +355,28 @@ def _openssl(library_path):
     return out
 
 
+def _tls(lib):
+    """Engine TLS: can libkloop drive Python's SSL objects here, and which
+    path new TLS connections take (python/kloop/_tls.py)."""
+    from . import _tls as tls
+    out = {"mode": "sslproto" if tls.forced_sslproto() else "auto",
+           "engine": None, "layout": None}
+    if lib is None:
+        out["engine"] = {"available": False, "reason": "libkloop not loaded",
+                         "libkloop": None, "python": None}
+        return out
+    out["engine"] = tls.engine_info(lib)
+    try:
+        import ssl
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        obj = ctx.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_hostname="localhost")
+        ptr = tls.ssl_pointer(obj, False)
+        out["layout"] = "ok" if isinstance(ptr, int) else ptr
+    except ImportError:
+        out["layout"] = "no ssl module"
+    return out
+
+
 def gather(disable=()):
     """Everything ``python -m kloop info`` reports, as a dict (the --json document).
 
@@ -378,9 +400,11 @@ def gather(disable=()):
         "capabilities": None,
         "ktls": _ktls(kernel),
         "openssl": None,
+        "tls": None,
     }
     lib, info["library"] = _library()
     info["openssl"] = _openssl(info["library"]["path"])
+    info["tls"] = _tls(lib)
     kernel_bits = None
     if lib is not None:
         rc, caps = _probe(lib)
@@ -480,6 +504,24 @@ def render_text(info):
             + ("the same library as Python's" if o["match"] else "DIFFERS from Python's"))
     else:
         add(f"             libkloop: {kl['note']}")
+    t = info["tls"]
+    if t is not None:
+        e = t["engine"]
+        usable = e["available"] and t["layout"] == "ok"
+        if usable:
+            add("engine TLS   available: libkloop drives the SSL objects of Python's ssl module "
+                "(same libssl: SSL_new at " + e["libkloop"]["ssl_new_addr"] + ")")
+        else:
+            why = e["reason"] or f"SSL object layout: {t['layout']}"
+            add(f"engine TLS   NOT available: {why}; TLS goes through asyncio's sslproto")
+        if e["libkloop"]:
+            add(f"             libkloop's OpenSSL: {e['libkloop']['version_text']} "
+                f"({e['libkloop']['libssl_path'] or '?'})")
+        if e["python"]:
+            add(f"             Python's OpenSSL:   {e['python']['version_text']} "
+                f"(via {e['python']['ssl_path']})")
+        if t["mode"] == "sslproto":
+            add("             KLOOP_TLS=sslproto: every TLS connection uses asyncio's sslproto")
     add("")
     add(("OK: " if info["ok"] else "FAIL: ") + info["verdict"])
     return "\n".join(lines)

@@ -768,6 +768,7 @@ class TLSTransport(SocketTransport):
     _waiter = None
     _dropped_writes = 0
     _eof_unclean = False
+    _eof_called = False
 
     def __init__(self, loop, sock, protocol, sslobj, ssl_ptr, sslcontext, waiter=None, *,
                  server_side=False, extra=None, server=None, ssl_handshake_timeout=None,
@@ -936,8 +937,9 @@ class TLSTransport(SocketTransport):
         if self._loop.get_debug():
             logger.debug("%r received EOF%s", self,
                          " without close_notify" if self._eof_unclean else "")
-        if self._tls_state != _WRAPPED:
+        if self._tls_state != _WRAPPED or self._eof_called:
             return
+        self._eof_called = True
         try:
             keep_open = self._context_run(self._protocol.eof_received)
         except (SystemExit, KeyboardInterrupt):
@@ -1072,6 +1074,17 @@ class TLSTransport(SocketTransport):
     def _on_closed(self, res):
         self._cancel_timer("_hs_handle")
         self._cancel_timer("_sd_handle")
+        if (self._tls_state == _SHUTDOWN and res >= 0 and not self._conn_lost
+                and not self._eof_called and not self._loop_closing):
+            # The peer answered our close_notify (or closed): sslproto tells
+            # the protocol with eof_received() before connection_lost().
+            self._eof_called = True
+            try:
+                self._context_run(self._protocol.eof_received)
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                self._fatal_error(exc, "Error calling eof_received()")
         if self._tls_state == _HS:
             # Gone before the handshake said anything (loop teardown).
             self._tls_state = _DONE
@@ -1180,6 +1193,13 @@ def _not_movable(old):
         return "write_eof() was called on the transport"
     if old._empty_waiter is not None or old._close_pending:
         return "the transport is waiting for its write queue (sendfile or close)"
+    token = old._token
+    for rec in old._loop._proactor._batch:
+        if rec[0] == token:
+            # The last poll returned bytes for this stream that are not
+            # dispatched yet (the peer sent its hello at once): they belong
+            # to the TLS stream, and only sslproto can still take them.
+            return "records of this stream from the last poll are not dispatched yet"
     return None
 
 
