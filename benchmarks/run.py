@@ -23,7 +23,9 @@ Tiers:
             requests; syscalls and io_uring_enter calls per request
   tls       TLS echo (Protocol server with ssl=; load generator --tls) at
             TLS 1.3 and TLS 1.2, and HTTPS keep-alive under wrk; the test
-            certificate is made at run time in a temporary directory
+            certificate is made at run time in a temporary directory. Runs
+            kloop twice: as it chooses (engine TLS where safe) and as
+            kloop-sslproto (KLOOP_TLS=sslproto: asyncio's sslproto)
 
 Examples:
   /usr/bin/python3 benchmarks/run.py quick
@@ -60,6 +62,10 @@ CLIENT_CPU = 1
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 PY_LOOPS = ("asyncio", "uvloop", "kloop")
+# Python servers that are one of PY_LOOPS run with extra environment:
+# kloop with KLOOP_TLS=sslproto keeps every TLS connection on asyncio's
+# sslproto, which puts kloop's two TLS paths side by side in one run.
+LOOP_VARIANTS = {"kloop-sslproto": ("kloop", {"KLOOP_TLS": "sslproto"})}
 NATIVE = ("epoll", "libkloop")
 KINDS = ("protocol", "streams", "buffered", "sock")
 KIND_TITLE = {"protocol": "Protocol", "streams": "streams", "buffered": "BufferedProtocol",
@@ -167,13 +173,16 @@ class Env:
                     if src.exists() and src.stat().st_mtime > built]
         return out
 
-    def server_env(self):
+    def server_env(self, loop=None):
         env = dict(os.environ)
         env["PYTHONPATH"] = str(self.python_dir)
         if self.libkloop.exists():
             env["KLOOP_LIBRARY"] = str(self.libkloop)
         env.pop("PYTHONASYNCIODEBUG", None)
+        env.pop("KLOOP_TLS", None)
         env["PYTHONDONTWRITEBYTECODE"] = "1"
+        if loop in LOOP_VARIANTS:
+            env.update(LOOP_VARIANTS[loop][1])
         return env
 
     def availability(self, loop):
@@ -181,15 +190,17 @@ class Env:
         if loop in self._availability:
             return self._availability[loop]
         reason = None
-        if loop not in PY_LOOPS and loop not in NATIVE:
-            reason = f"unknown server {loop!r} (known: {', '.join(PY_LOOPS + NATIVE)})"
-        elif loop in PY_LOOPS:
+        base = LOOP_VARIANTS[loop][0] if loop in LOOP_VARIANTS else loop
+        if base not in PY_LOOPS and loop not in NATIVE:
+            known = ", ".join(PY_LOOPS + tuple(LOOP_VARIANTS) + NATIVE)
+            reason = f"unknown server {loop!r} (known: {known})"
+        elif base in PY_LOOPS:
             probe = {
                 "asyncio": "import asyncio; asyncio.new_event_loop().close()",
                 "uvloop": "import uvloop; uvloop.new_event_loop().close()",
                 "kloop": "import kloop; kloop.new_event_loop().close()",
-            }[loop]
-            r = subprocess.run([self.python, "-c", probe], env=self.server_env(),
+            }[base]
+            r = subprocess.run([self.python, "-c", probe], env=self.server_env(loop),
                                capture_output=True, text=True, timeout=60)
             if r.returncode != 0:
                 lines = [x for x in r.stderr.strip().splitlines() if x.strip()]
@@ -205,6 +216,7 @@ class Env:
         return self.build / "benchmarks" / ("echo_epoll" if name == "epoll" else "echo_kloop")
 
     def server_cmd(self, loop, kind):
+        loop = LOOP_VARIANTS[loop][0] if loop in LOOP_VARIANTS else loop
         if loop in PY_LOOPS and kind in TLS_KINDS:
             if not self.tls_files:
                 raise BenchError("TLS cell without a test certificate")
@@ -321,7 +333,7 @@ class Server:
 
     def __init__(self, env, loop, kind, log):
         self.cmd = env.server_cmd(loop, kind)
-        self.proc = subprocess.Popen(self.cmd, env=env.server_env(), stdout=subprocess.PIPE,
+        self.proc = subprocess.Popen(self.cmd, env=env.server_env(loop), stdout=subprocess.PIPE,
                                      stderr=log, text=True, preexec_fn=_pin(SERVER_CPU))
         self.port = None
         deadline = time.monotonic() + 30
@@ -386,7 +398,7 @@ def tls_path(loop, transport):
         return None
     if transport == "asyncio.sslproto._SSLProtocolTransport":
         return "sslproto"
-    return "engine" if loop == "kloop" else transport.rsplit(".", 1)[0]
+    return "engine" if loop.startswith("kloop") else transport.rsplit(".", 1)[0]
 
 
 def _note_tls(rec, server):
@@ -1093,23 +1105,24 @@ def _paths(rows, loop):
 def tls_markdown(rows, loops, ratio_pairs):
     """The TLS tier's tables: like markdown_tables, plus the TLS path kloop
     took per cell, the load generator's CPU share and the negotiated cipher."""
-    kl = _paths(rows, "kloop")
+    kls = [lp for lp in loops if lp.startswith("kloop")]
     names = {lp: lp for lp in loops}
-    if "kloop" in loops and len(kl) == 1:
-        names["kloop"] = f"kloop ({kl[0]})"
+    for lp in kls:
+        paths = _paths(rows, lp)
+        if len(paths) == 1:
+            names[lp] = f"{lp} ({paths[0]})"
     out = []
     head = (["cell"] + [f"{names[lp]} req/s" for lp in loops]
             + [f"{a}/{b}" for a, b in ratio_pairs]
-            + (["kloop TLS path"] if "kloop" in loops else []))
+            + [f"{lp} TLS path" for lp in kls])
     out.append("| " + " | ".join(head) + " |")
-    out.append("|" + "---|" + "---:|" * (len(head) - 1 - ("kloop" in loops))
-               + ("---|" if "kloop" in loops else ""))
+    out.append("|" + "---|" + "---:|" * (len(head) - 1 - len(kls)) + "---|" * len(kls))
     for row in rows:
         cells = [cell_label(row["kind"], row["size"], row["conns"])]
         cells += [fmt_rps(row["loops"].get(lp)) for lp in loops]
         cells += [fmt_ratio(row["ratios"].get(f"{a}/{b}")) for a, b in ratio_pairs]
-        if "kloop" in loops:
-            cells.append(", ".join(row["loops"].get("kloop", {}).get("tls_path", [])) or "n/a")
+        for lp in kls:
+            cells.append(", ".join(row["loops"].get(lp, {}).get("tls_path", [])) or "n/a")
         out.append("| " + " | ".join(cells) + " |")
     out.append("")
     head = (["cell"] + [f"{names[lp]} CPU µs/req (user+sys)" for lp in loops]
@@ -1295,7 +1308,8 @@ def main(argv=None):
     p.add_argument("results", nargs="?", help="report: a results JSON file of a matrix run")
     p.add_argument("--build", help="meson build directory (default: build/, else build*/)")
     p.add_argument("--loops", help="comma list (default asyncio,uvloop,kloop; "
-                                   "native: epoll,libkloop)")
+                                   "native: epoll,libkloop; tls: also kloop-sslproto, "
+                                   "kloop with KLOOP_TLS=sslproto)")
     p.add_argument("--kinds", default="protocol", help="custom: comma list of " + ",".join(KINDS))
     p.add_argument("--sizes", default="1024", help="custom: comma list of sizes (k = KiB)")
     p.add_argument("--conns", default="10", help="custom: comma list of connection counts")
@@ -1352,6 +1366,8 @@ def main(argv=None):
     native = tier == "native"
     env.snapshot()
     loops = args.loops.split(",") if args.loops else list(NATIVE if native else PY_LOOPS)
+    if tier == "tls" and not args.loops:
+        loops.append("kloop-sslproto")
     if tier == "quick":
         cells = QUICK_CELLS
     elif tier == "full":
@@ -1502,7 +1518,8 @@ def main(argv=None):
         return 0
 
     ratio_pairs = [("libkloop", "epoll")] if native else \
-        [(a, b) for a, b in (("kloop", "uvloop"), ("kloop", "asyncio"), ("uvloop", "asyncio"))
+        [(a, b) for a, b in (("kloop", "uvloop"), ("kloop", "asyncio"), ("uvloop", "asyncio"),
+                             ("kloop", "kloop-sslproto"))
          if a in loops and b in loops]
     est = rounds * len(cells) * len(loops) * (duration + args.warmup + 0.8)
     print(f"run.py: {len(cells)} cells x {len(loops)} servers x {rounds} rounds, "
