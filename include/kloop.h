@@ -83,6 +83,7 @@ KLOOP_API uint32_t kloop_version(void);
 #define KLOOP_CAP_SPLICE (UINT64_C(1) << 14)      /* IORING_OP_SPLICE, 5.7 */
 #define KLOOP_CAP_BIND_LISTEN (UINT64_C(1) << 15) /* IORING_OP_BIND/LISTEN, 6.11 */
 #define KLOOP_CAP_PIDFD (UINT64_C(1) << 16)       /* pidfd_open(2) */
+#define KLOOP_CAP_KTLS (UINT64_C(1) << 17)        /* kernel TLS: TCP ULP "tls" (4.13) */
 
 /*
  * struct kloop_caps - what the kernel offers and what a loop uses.
@@ -573,6 +574,13 @@ KLOOP_API int kloop_stream_abort(kloop_t *loop, uint64_t token);
  *     EOF, then closes; the caller bounds that wait with
  *     kloop_stream_abort(). kloop_stream_abort() sends nothing.
  *   - kloop_stream_shutdown() gives -EOPNOTSUPP (TLS has no half-close).
+ * Kernel TLS: with KLOOP_CAP_KTLS enabled the engine sets SSL_OP_ENABLE_KTLS
+ *   and hands the send key OpenSSL offers to the socket (TLS_TX) once what
+ *   was encrypted before it has been sent; plaintext then goes to the socket
+ *   as it is, other records with their type in a cmsg. The receive side
+ *   stays in user space. A peer's request for a TLS 1.3 key update fails
+ *   such a stream (ERROR, KLOOP_ERROR_WRITE | KLOOP_ERROR_TLS, -EPROTO): the
+ *   kernel cannot change the key.
  * The caller must not read or write through `ssl` while the engine drives
  *   it; queries (peer certificate, cipher, ALPN protocol, session) are fine.
  * Returns: 0, -ENOENT, -EINVAL (ssl NULL), -EALREADY (TLS already started),

@@ -97,13 +97,16 @@ void ByteQueue::clear() {
   bytes_ = 0;
 }
 
-int ByteQueue::fill_iov(iovec *iov, int max) const {
+int ByteQueue::fill_iov(iovec *iov, int max, size_t limit) const {
   int n = 0;
-  for (size_t i = 0; i < blocks_.size() && n < max; ++i) {
+  for (size_t i = 0; i < blocks_.size() && n < max && limit > 0; ++i) {
     const Block &b = blocks_.at(i);
     if (b.end == b.begin) continue;
+    size_t len = b.end - b.begin;
+    if (len > limit) len = limit;
     iov[n].iov_base = b.data + b.begin;
-    iov[n].iov_len = b.end - b.begin;
+    iov[n].iov_len = len;
+    limit -= len;
     ++n;
   }
   return n;
@@ -522,6 +525,7 @@ void Engine::prep(io_uring_sqe *sqe, Op *op) {
     }
     case OpKind::StreamSend: {
       Stream *s = op->stream;
+      if (s->tls && tls_prep_send(s, sqe)) break;  // kTLS: bounded by record marks
       int n = s->wq.fill_iov(s->iov, kMaxIov);
       if (s->flags & KLOOP_STREAM_FILE) {
         io_uring_prep_writev(sqe, s->fd, s->iov, static_cast<unsigned>(n), KLOOP_OFFSET_CURRENT);

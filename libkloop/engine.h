@@ -98,7 +98,8 @@ class ByteQueue {
   void consume(size_t n);
   void clear();
   size_t size() const { return bytes_; }
-  int fill_iov(iovec *iov, int max) const;
+  // iovecs for the first `limit` bytes (all by default)
+  int fill_iov(iovec *iov, int max, size_t limit = SIZE_MAX) const;
 
  private:
   Fifo<Block> blocks_;
@@ -199,6 +200,7 @@ class Engine {
   // The TLS BIO's callbacks (tls.cc)
   int tls_bio_read(TlsState *t, char *out, size_t len);
   bool tls_bio_write(TlsState *t, const char *in, size_t len);
+  bool tls_set_key(TlsState *t, bool tx, const void *crypto_info);
 
   uint64_t enabled() const { return enabled_; }
 
@@ -259,6 +261,9 @@ class Engine {
   void tls_release(Stream *s);
   int take_tls_buffer();
   void tls_unstarve();
+  bool tls_prep_send(Stream *s, io_uring_sqe *sqe);
+  void tls_sent(Stream *s, size_t n);
+  bool tls_apply_tx_key(Stream *s);
   bool is_tls_buffer(uint32_t bid) const { return bid >= buf_count_; }
 
   io_uring ring_{};
@@ -288,6 +293,7 @@ class Engine {
   uint32_t tls_buf_count_ = 0;
   Vec<uint32_t> tls_free_;
   uint32_t tls_in_use_ = 0;
+  bool ktls_ulp_missing_ = false;  // setsockopt(TCP_ULP, "tls") said ENOENT once
   Stream *tls_starved_ = nullptr;  // intrusive (TlsState::next_starved): TLS
                                    // streams waiting for a plaintext buffer
   int pending_recycle_ = 0;        // buffers added to the ring, not yet published

@@ -5,8 +5,10 @@
 
 #include <errno.h>
 #include <liburing.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/utsname.h>
 #include <unistd.h>
 
 #include <pthread.h>
@@ -21,6 +23,34 @@ namespace {
 pthread_mutex_t g_probe_mu = PTHREAD_MUTEX_INITIALIZER;
 bool g_probe_done = false;
 ProbeResult g_probe;
+
+// Whether the kernel can do TLS: the TCP upper-layer protocol "tls" is
+// registered, or its module is there for setsockopt(TCP_ULP) to load.
+bool has_tls_ulp() {
+  char buf[256];
+  if (FILE *f = fopen("/proc/sys/net/ipv4/tcp_available_ulp", "re")) {
+    bool found = false;
+    if (fgets(buf, sizeof buf, f)) {
+      for (char *save = nullptr, *tok = strtok_r(buf, " \n", &save); tok;
+           tok = strtok_r(nullptr, " \n", &save))
+        found |= strcmp(tok, "tls") == 0;
+    }
+    fclose(f);
+    if (found) return true;
+  }
+  utsname u{};
+  if (uname(&u) != 0) return false;
+  char path[sizeof u.release + 64];
+  snprintf(path, sizeof path, "/lib/modules/%s/modules.dep", u.release);
+  FILE *f = fopen(path, "re");
+  if (!f) return false;
+  bool found = false;
+  char line[1024];
+  while (!found && fgets(line, sizeof line, f))
+    found = strncmp(line, "kernel/net/tls/tls.ko", 21) == 0;
+  fclose(f);
+  return found;
+}
 
 bool try_setup(unsigned flags) {
   io_uring ring;
@@ -92,6 +122,7 @@ int do_probe(ProbeResult *r) {
     c |= KLOOP_CAP_PIDFD;
     close(pfd);
   }
+  if (has_tls_ulp()) c |= KLOOP_CAP_KTLS;
   r->caps = c;
   return 0;
 }

@@ -180,6 +180,8 @@ void Engine::progress(Stream *s) {
     queue_cancel(&s->recv);
   }
 
+  if (s->tls && !s->send_inflight && !s->write_failed && !s->tls->marks.empty())
+    tls_apply_tx_key(s);
   if (!s->send_inflight && !s->write_failed && s->wq.size() > 0) submit_send(s);
 
   if (!s->send_inflight && s->wq.size() == 0 && s->shut_req && !s->shut_inflight && !s->shut_done &&
@@ -314,6 +316,7 @@ void Engine::handle_stream_cqe(Op *op, int res, uint32_t cflags) {
       s->send_cancel = false;
       if (res > 0) {
         s->wq.consume(static_cast<size_t>(res));
+        if (s->tls) tls_sent(s, static_cast<size_t>(res));
         if (s->over_high && s->wq.size() <= s->low && !s->aborting) {
           s->over_high = false;
           emit(s->token, 0, KLOOP_COMPLETION_MORE, 0, KLOOP_EVENT_WRITE_LOW, 0);
@@ -393,6 +396,11 @@ int64_t Engine::stream_write(uint64_t token, const void *buf, size_t len) {
     if (t->failed || t->sent_close) return -EPIPE;
     if (len && (t->handshaking || t->pt.size())) {
       if (!t->pt.append(buf, len)) return -ENOMEM;
+    } else if (len && t->tx_offload && !t->ctrl_type) {
+      // The kernel encrypts: plaintext goes to the socket as it is.
+      if (!s->wq.append(buf, len)) return -ENOMEM;
+      t->appended += len;
+      if (!s->send_inflight) mark_dirty(s);
     } else if (len) {
       if (!reserve_records(1)) return -ENOMEM;
       if (!tls_encrypt(s, buf, len)) return t->failed ? -EPIPE : -ENOMEM;

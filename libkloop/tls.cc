@@ -6,8 +6,12 @@
 
 #include <dlfcn.h>
 #include <errno.h>
+#include <linux/tls.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <pthread.h>
 #include <string.h>
+#include <sys/socket.h>
 
 #include <openssl/crypto.h>
 #include <openssl/err.h>
@@ -20,6 +24,8 @@ namespace kl {
 namespace {
 
 BIO_METHOD *g_bio_method = nullptr;
+constexpr const char *kKeyUpdateText =
+    "TLS 1.3 key update on a kernel TLS socket (the kernel cannot change the send key)";
 pthread_once_t g_bio_once = PTHREAD_ONCE_INIT;
 
 int bio_read(BIO *b, char *out, int len) {
@@ -41,9 +47,27 @@ int bio_write(BIO *b, const char *in, int len) {
   return t->eng->tls_bio_write(t, in, static_cast<size_t>(len)) ? len : -1;
 }
 
-long bio_ctrl(BIO *b, int cmd, long /*num*/, void * /*ptr*/) {
+// The controls OpenSSL 3.0 sends a BIO for kernel TLS. 73 and 76 are in
+// <openssl/bio.h>; 72, 74 and 75 are internal to OpenSSL (named there in a
+// comment only), and with them the layout of what 72 passes: the kernel's
+// tls12_crypto_info_* struct for the cipher.
+constexpr int kCtrlSetKtls = 72;         // num: 1 send side, 0 receive; ptr: keys
+constexpr int kCtrlSetKtlsCtrlMsg = 74;  // num: content type of the next write
+constexpr int kCtrlClearKtlsCtrlMsg = 75;
+
+long bio_ctrl(BIO *b, int cmd, long num, void *ptr) {
   auto *t = static_cast<TlsState *>(BIO_get_data(b));
   switch (cmd) {
+    case kCtrlSetKtls:
+      return t && t->eng && ptr && t->eng->tls_set_key(t, num != 0, ptr) ? 1 : 0;
+    case BIO_CTRL_GET_KTLS_SEND:
+      return t && t->tx_offload ? 1 : 0;
+    case kCtrlSetKtlsCtrlMsg:
+      if (t) t->ctrl_type = static_cast<uint32_t>(num);
+      return 1;
+    case kCtrlClearKtlsCtrlMsg:
+      if (t) t->ctrl_type = 0;
+      return 1;
     case BIO_CTRL_FLUSH:
       return 1;  // everything written is already queued
     case BIO_CTRL_PENDING: {
@@ -52,9 +76,9 @@ long bio_ctrl(BIO *b, int cmd, long /*num*/, void * /*ptr*/) {
       for (size_t i = 0; i < t->in.size(); ++i) n += t->in.at(i).len;
       return n;
     }
-    default:     // WPENDING (nothing waits inside the BIO) and the kTLS
-                 // controls (no offload through this BIO yet) among others
-      return 0;  // includes the kTLS controls: no offload through this BIO yet
+    default:  // WPENDING (nothing waits inside the BIO), GET_KTLS_RECV
+              // (receiving is not offloaded) among others
+      return 0;
   }
 }
 
@@ -119,9 +143,132 @@ int Engine::tls_bio_read(TlsState *t, char *out, size_t len) {
 bool Engine::tls_bio_write(TlsState *t, const char *in, size_t len) {
   Stream *s = t->s;
   if (s->aborting || s->write_failed) return true;  // nothing goes out any more: drop
+  if (t->ctrl_type) {
+    // A record other than application data on an offloaded send side.
+    // OpenSSL 3.0 changes only its own key on a TLS 1.3 KeyUpdate (type 22,
+    // message 24); the kernel would go on with the old one and the peer
+    // could not decrypt anything after it: fail here, cleanly.
+    if (t->ctrl_type == 22 && len > 0 && static_cast<unsigned char>(in[0]) == 24 &&
+        SSL_version(t->ssl) == TLS1_3_VERSION) {
+      if (!t->failed) {
+        tls_fail(s, -EPROTO, 0, false, KLOOP_ERROR_WRITE);
+        copy_text(t->err.message, sizeof t->err.message, kKeyUpdateText);
+      }
+      return false;
+    }
+    if (!t->marks.push_back(TlsMark{t->appended, t->appended + len, t->ctrl_type})) return false;
+    t->ctrl_type = 0;  // one write, one record (OpenSSL's socket BIO does the same)
+  }
   if (!s->wq.append(in, len)) return false;
+  t->appended += len;
   if (!s->send_inflight) mark_dirty(s);
   return true;
+}
+
+// OpenSSL offers the keys of one direction (kCtrlSetKtls). Send side: the
+// socket gets TCP_ULP now (harmless without keys), the key waits for the
+// bytes queued before it to go out (tls_apply_tx_key), and from here on
+// OpenSSL writes plaintext. Receive side: not offloaded (no).
+bool Engine::tls_set_key(TlsState *t, bool tx, const void *crypto_info) {
+  Stream *s = t->s;
+  if (!tx || !t->ktls_ok || ktls_ulp_missing_ || t->tx_offload || s->finished || s->aborting ||
+      s->write_failed)
+    return false;
+  tls_crypto_info head{};
+  memcpy(&head, crypto_info, sizeof head);
+  size_t len = 0;
+  switch (head.cipher_type) {
+    case TLS_CIPHER_AES_GCM_128:
+      len = sizeof(tls12_crypto_info_aes_gcm_128);
+      break;
+    case TLS_CIPHER_AES_GCM_256:
+      len = sizeof(tls12_crypto_info_aes_gcm_256);
+      break;
+    case TLS_CIPHER_CHACHA20_POLY1305:
+      len = sizeof(tls12_crypto_info_chacha20_poly1305);
+      break;
+    case TLS_CIPHER_AES_CCM_128:
+      len = sizeof(tls12_crypto_info_aes_ccm_128);
+      break;
+    default:
+      return false;
+  }
+  if ((head.version != TLS_1_2_VERSION && head.version != TLS_1_3_VERSION) ||
+      len > sizeof t->tx_key)
+    return false;
+  if (!t->ulp_set) {
+    if (setsockopt(s->fd, SOL_TCP, TCP_ULP, "tls", sizeof "tls") < 0) {
+      if (errno == ENOENT) ktls_ulp_missing_ = true;  // no TLS in this kernel: stop asking
+      return false;
+    }
+    t->ulp_set = true;
+  }
+  if (!t->marks.push_back(TlsMark{t->appended, t->appended, 0})) return false;
+  memcpy(t->tx_key, crypto_info, len);
+  t->tx_key_len = static_cast<uint32_t>(len);
+  t->tx_offload = true;
+  mark_dirty(s);
+  return true;
+}
+
+// Before a send: install the send key once everything queued before it
+// has gone out. Returns false when the stream failed.
+bool Engine::tls_apply_tx_key(Stream *s) {
+  TlsState *t = s->tls;
+  while (!t->marks.empty() && t->marks.front().type == 0 && t->consumed == t->marks.front().at) {
+    int rc = setsockopt(s->fd, SOL_TLS, TLS_TX, t->tx_key, t->tx_key_len);
+    int e = errno;
+    OPENSSL_cleanse(t->tx_key, sizeof t->tx_key);
+    t->marks.pop_front();
+    if (rc < 0) {
+      tls_fail(s, -e, 0, t->handshaking, KLOOP_ERROR_WRITE);
+      copy_text(t->err.message, sizeof t->err.message, "setsockopt(SOL_TLS, TLS_TX) failed");
+      s->write_failed = true;
+      s->wq.clear();
+      return false;
+    }
+    t->tx_applied = true;
+  }
+  return true;
+}
+
+// The send SQE of a stream with marks: plain bytes up to the next mark, or
+// one control record with its content type in a cmsg. False: no marks,
+// the ordinary gathered sendmsg applies.
+bool Engine::tls_prep_send(Stream *s, io_uring_sqe *sqe) {
+  TlsState *t = s->tls;
+  while (!t->marks.empty() && t->marks.front().type != 0 && t->consumed >= t->marks.front().end)
+    t->marks.pop_front();
+  if (t->marks.empty()) return false;
+  const TlsMark &m = t->marks.front();
+  Op *op = &s->send;
+  op->msg = {};
+  size_t limit = 0;
+  if (t->consumed < m.at) {
+    limit = m.at - t->consumed;
+  } else {
+    limit = m.end - t->consumed;
+    memset(t->cmsg, 0, sizeof t->cmsg);
+    auto *c = reinterpret_cast<cmsghdr *>(t->cmsg);
+    c->cmsg_level = SOL_TLS;
+    c->cmsg_type = TLS_SET_RECORD_TYPE;
+    c->cmsg_len = CMSG_LEN(1);
+    *CMSG_DATA(c) = static_cast<unsigned char>(m.type);
+    op->msg.msg_control = t->cmsg;
+    op->msg.msg_controllen = CMSG_SPACE(1);
+  }
+  int n = s->wq.fill_iov(s->iov, kMaxIov, limit);
+  op->msg.msg_iov = s->iov;
+  op->msg.msg_iovlen = static_cast<size_t>(n);
+  io_uring_prep_sendmsg(sqe, s->fd, &op->msg, MSG_NOSIGNAL);
+  return true;
+}
+
+void Engine::tls_sent(Stream *s, size_t n) {
+  TlsState *t = s->tls;
+  t->consumed += n;
+  while (!t->marks.empty() && t->marks.front().type != 0 && t->consumed >= t->marks.front().end)
+    t->marks.pop_front();
 }
 
 // ---------------------------------------------------------------------------
@@ -201,6 +348,11 @@ int Engine::stream_start_tls(uint64_t token, void *ssl_ptr) {
   t->s = s;
   t->ssl = ssl;
   t->bio = bio;
+  t->appended = s->wq.size();  // plain bytes queued before TLS go first
+  if ((enabled_ & KLOOP_CAP_KTLS) && !ktls_ulp_missing_) {
+    SSL_set_options(ssl, SSL_OP_ENABLE_KTLS);
+    t->ktls_ok = true;
+  }
   BIO_set_data(bio, t);
   SSL_set_bio(ssl, bio, bio);  // one reference, now the SSL's
   s->tls = t;
@@ -264,6 +416,10 @@ void Engine::tls_socket_error(Stream *s, int err) {
 // and report it: as the handshake's result, or as a read/write error.
 void Engine::tls_fail(Stream *s, int err, int ssl_error, bool handshake, uint32_t side) {
   TlsState *t = s->tls;
+  if (t->failed) {  // reported once; the first reason stays
+    ERR_clear_error();
+    return;
+  }
   if (ssl_error) {
     kloop_tls_error &e = t->err;
     e = kloop_tls_error{};
@@ -380,6 +536,16 @@ void Engine::tls_pump(Stream *s) {
            reinterpret_cast<uint64_t>(dst), KLOOP_EVENT_DATA, 0, bid, s);
     } else {
       recycle(static_cast<uint32_t>(bid));
+    }
+    if (t->tx_offload && SSL_get_key_update_type(t->ssl) != SSL_KEY_UPDATE_NONE && !t->failed) {
+      // The peer asked for a TLS 1.3 key update: OpenSSL would answer and
+      // change its own send key, the kernel would keep the old one, and
+      // the peer could decrypt nothing after it. Fail cleanly instead.
+      tls_fail(s, -EPROTO, 0, false, KLOOP_ERROR_WRITE);
+      copy_text(t->err.message, sizeof t->err.message, kKeyUpdateText);
+      s->write_failed = true;
+      s->wq.clear();
+      return;
     }
     if (e == SSL_ERROR_NONE) continue;  // the buffer filled up: there may be more
     if (e == SSL_ERROR_WANT_READ) {

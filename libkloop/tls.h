@@ -19,6 +19,17 @@ struct TlsChunk {
   uint32_t len;
 };
 
+// A place in the write queue where sending must change once kernel TLS has
+// the send key (offsets count bytes ever appended since start_tls): type 0
+// = install the key when everything before `at` has been sent; else
+// [at, end) is one record of that TLS content type, sent alone with a
+// TLS_SET_RECORD_TYPE cmsg (alerts, handshake messages).
+struct TlsMark {
+  uint64_t at;
+  uint64_t end;
+  uint32_t type;
+};
+
 struct TlsState {
   Engine *eng = nullptr;
   Stream *s = nullptr;
@@ -34,6 +45,19 @@ struct TlsState {
   bool starved = false;      // on Engine::tls_starved_
   Stream *next_starved = nullptr;
   kloop_tls_error err{};
+
+  // kernel TLS (send side)
+  bool ktls_ok = false;     // SSL_OP_ENABLE_KTLS set: OpenSSL may offer keys
+  bool ulp_set = false;     // TCP_ULP "tls" is on the socket
+  bool tx_offload = false;  // OpenSSL hands plaintext to the BIO now
+  bool tx_applied = false;  // the kernel has the send key
+  uint32_t ctrl_type = 0;   // the next BIO write is a record of this type
+  uint64_t appended = 0;    // bytes ever appended to the write queue
+  uint64_t consumed = 0;    // bytes ever sent from it
+  Fifo<TlsMark> marks;
+  unsigned char tx_key[64] = {};
+  uint32_t tx_key_len = 0;
+  alignas(8) unsigned char cmsg[32] = {};
 };
 
 // Whether the stream must keep reading although the caller paused it or
