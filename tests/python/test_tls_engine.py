@@ -870,3 +870,52 @@ def test_info_reports_engine_tls(kloop_module):
     text = subprocess.run([sys.executable, "-m", "kloop", "info"], env=env,
                           capture_output=True, text=True, timeout=60).stdout
     assert "engine TLS   available" in text
+
+
+def test_unix_sockets_and_accepted_socket(loop, certs, tmp_path):
+    path = str(tmp_path / "tls.sock")
+
+    async def main():
+        lp = loop.loop
+        made = []
+
+        class Echo(asyncio.Protocol):
+            def connection_made(self, tr):
+                self.tr = tr
+                made.append(tr)
+
+            def data_received(self, data):
+                self.tr.write(data)
+
+        srv = await lp.create_unix_server(Echo, path, ssl=certs.server_context())
+        tr, pr = await lp.create_unix_connection(lambda: RecordingProtocol(lp), path,
+                                                 ssl=certs.client_context(),
+                                                 server_hostname="localhost")
+        engine_path(loop, tr)
+        tr.write(b"unix")
+        await wait_for_data(pr, 4)
+        engine_path(loop, made[0])
+        tr.close()
+        await pr.lost
+        srv.close()
+        await srv.wait_closed()
+
+        # connect_accepted_socket(ssl=...): the server side of a socket
+        # accepted elsewhere.
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        b.setblocking(False)
+        (tr2, pr2), (tr3, pr3) = await asyncio.gather(
+            lp.connect_accepted_socket(Echo, a, ssl=certs.server_context()),
+            lp.create_connection(lambda: RecordingProtocol(lp), sock=b,
+                                 ssl=certs.client_context(), server_hostname="localhost"))
+        engine_path(loop, tr2)
+        engine_path(loop, tr3)
+        tr3.write(b"pair")
+        await wait_for_data(pr3, 4)
+        tr3.close()
+        await pr3.lost
+        tr2.close()
+        await asyncio.sleep(0.2)
+        assert bytes(pr.data) == b"unix" and bytes(pr3.data) == b"pair"
+    loop.run(main())
