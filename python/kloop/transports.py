@@ -40,7 +40,7 @@ from asyncio.log import logger
 from . import _ffi
 from ._errors import make_error
 
-__all__ = ("SocketTransport", "TLSTransport")
+__all__ = ("SocketTransport", "SSLEngineTransport", "TLSTransport")
 
 _STREAM_PAUSED = _ffi.STREAM_PAUSED
 _ENOENT = errno.ENOENT
@@ -755,8 +755,11 @@ def _ssl_timeouts(handshake, shutdown):
     return handshake, shutdown
 
 
-class TLSTransport(SocketTransport):
-    """A stream whose TLS the engine runs (kloop_stream_start_tls)."""
+class SSLEngineTransport(SocketTransport):
+    """A stream whose TLS the engine runs (kloop_stream_start_tls).
+
+    (The name says "SSL" as asyncio's SSL transports' names do: code and
+    CPython's tests recognise TLS transports by it.)"""
 
     _start_tls_compatible = True
     _sendfile_compatible = constants._SendfileMode.FALLBACK
@@ -1096,6 +1099,9 @@ class TLSTransport(SocketTransport):
         self._cancel_timer("_hs_handle")
         self._cancel_timer("_sd_handle")
         super()._call_connection_lost(exc)
+
+
+TLSTransport = SSLEngineTransport
 
 
 class _UpgradedTransport(SocketTransport):
