@@ -577,8 +577,10 @@ KLOOP_API int kloop_stream_abort(kloop_t *loop, uint64_t token);
  * Kernel TLS: with KLOOP_CAP_KTLS enabled the engine sets SSL_OP_ENABLE_KTLS
  *   and hands the send key OpenSSL offers to the socket (TLS_TX) once what
  *   was encrypted before it has been sent; plaintext then goes to the socket
- *   as it is, other records with their type in a cmsg. The receive side
- *   stays in user space. A peer's request for a TLS 1.3 key update fails
+ *   as it is, other records with their type in a cmsg. The receive key is
+ *   taken too where OpenSSL offers it (TLS 1.2): the handshake then reads
+ *   exactly what OpenSSL asks for, and afterwards recvmsg hands plaintext
+ *   to DATA records directly. A peer's request for a TLS 1.3 key update fails
  *   such a stream (ERROR, KLOOP_ERROR_WRITE | KLOOP_ERROR_TLS, -EPROTO): the
  *   kernel cannot change the key.
  * The caller must not read or write through `ssl` while the engine drives

@@ -504,6 +504,7 @@ void Engine::prep(io_uring_sqe *sqe, Op *op) {
       break;
     case OpKind::StreamRecv: {
       Stream *s = op->stream;
+      if (s->tls && tls_prep_recv(s, sqe)) break;  // exact reads, kernel TLS records
       bool file = s->flags & KLOOP_STREAM_FILE;
       if (enabled_ & KLOOP_CAP_BUF_RING) {
         if (file)

@@ -53,6 +53,8 @@ enum : uint16_t {
   kOpEdge = 1u << 5,         // caller wants the kernel's multishot (poll: edge-like)
   kOpWaitClose = 1u << 6,    // close: waiting for other ops on the fd
   kOpFinished = 1u << 7,     // final completion produced
+  kOpTlsExact = 1u << 8,     // TLS stream recv of exactly what OpenSSL asked for
+  kOpTlsRecvmsg = 1u << 9,   // TLS stream recvmsg with the record type (kernel TLS)
 };
 
 // One submitted operation. Its address is the SQE's user_data, so it lives
@@ -264,6 +266,9 @@ class Engine {
   bool tls_prep_send(Stream *s, io_uring_sqe *sqe);
   void tls_sent(Stream *s, size_t n);
   bool tls_apply_tx_key(Stream *s);
+  bool tls_prep_recv(Stream *s, io_uring_sqe *sqe);
+  bool tls_recv_cqe(Stream *s, Op *op, int res, uint32_t cflags);
+  uint16_t tls_recv_mode(const Stream *s) const;
   bool is_tls_buffer(uint32_t bid) const { return bid >= buf_count_; }
 
   io_uring ring_{};

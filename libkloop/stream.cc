@@ -95,7 +95,21 @@ int Engine::stream_attach(uint64_t token, int fd, uint32_t flags) {
 }
 
 void Engine::arm_recv(Stream *s) {
-  if (!(enabled_ & KLOOP_CAP_BUF_RING)) {
+  uint16_t tls_mode = s->tls ? tls_recv_mode(s) : 0;
+  if (tls_mode == kOpTlsExact) {
+    // Read what OpenSSL asked for, into a TLS buffer.
+    if (!s->tls->want) return;  // OpenSSL asks first
+    int bid = take_tls_buffer();
+    if (bid < 0) {
+      if (!s->tls->starved) {
+        s->tls->starved = true;
+        s->tls->next_starved = tls_starved_;
+        tls_starved_ = s;
+      }
+      return;
+    }
+    s->recv.off = static_cast<uint64_t>(bid);
+  } else if (!(enabled_ & KLOOP_CAP_BUF_RING) && !tls_mode) {
     int bid = take_own_buffer();
     if (bid < 0) {
       add_starved(s);
@@ -165,6 +179,13 @@ void Engine::progress(Stream *s) {
   if (s->tls) {
     TlsState *t = s->tls;
     want_read = (want_read && !t->failed) || tls_must_read(s);
+    // A recv armed in another mode (multishot before the handshake, exact
+    // reads after it) is cancelled and re-armed in the right one.
+    if (want_read && s->recv_armed && !s->recv_cancel &&
+        (s->recv.state & (kOpTlsExact | kOpTlsRecvmsg)) != tls_recv_mode(s)) {
+      s->recv_cancel = true;
+      queue_cancel(&s->recv);
+    }
     // A graceful close sends close_notify after what was written before it.
     if (s->closing && !t->handshaking && !t->failed && !t->sent_close && !s->write_failed) {
       t->sent_close = true;
@@ -214,6 +235,7 @@ void Engine::handle_stream_cqe(Op *op, int res, uint32_t cflags) {
   bool more = cflags & IORING_CQE_F_MORE;
   switch (op->kind) {
     case OpKind::StreamRecv: {
+      if ((op->state & (kOpTlsExact | kOpTlsRecvmsg)) && tls_recv_cqe(s, op, res, cflags)) return;
       if (op->state & kOpPollRetry) {
         op->state &= static_cast<uint16_t>(~kOpPollRetry);
         if (res < 0 || s->recv_cancel || s->finished) {
@@ -314,6 +336,11 @@ void Engine::handle_stream_cqe(Op *op, int res, uint32_t cflags) {
       }
       s->send_inflight = false;
       s->send_cancel = false;
+      if (s->aborting) {
+        s->wq.clear();
+        progress(s);
+        return;
+      }
       if (res > 0) {
         s->wq.consume(static_cast<size_t>(res));
         if (s->tls) tls_sent(s, static_cast<size_t>(res));
@@ -459,7 +486,9 @@ int Engine::stream_abort(uint64_t token) {
   if (s->finished) return 0;  // a close already finished; its CLOSED is on the way
   if (!reserve_records(2)) return -ENOMEM;
   s->aborting = true;
-  s->wq.clear();
+  // A send may be prepared or in flight: its iovecs point into the queue,
+  // which is freed when that send completes (or when the stream finishes).
+  if (!s->send_inflight) s->wq.clear();
   drop_held(s);
   progress(s);
   return 0;

@@ -10,6 +10,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <pthread.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/socket.h>
 
@@ -62,6 +63,8 @@ long bio_ctrl(BIO *b, int cmd, long num, void *ptr) {
       return t && t->eng && ptr && t->eng->tls_set_key(t, num != 0, ptr) ? 1 : 0;
     case BIO_CTRL_GET_KTLS_SEND:
       return t && t->tx_offload ? 1 : 0;
+    case BIO_CTRL_GET_KTLS_RECV:
+      return t && t->rx_offload ? 1 : 0;
     case kCtrlSetKtlsCtrlMsg:
       if (t) t->ctrl_type = static_cast<uint32_t>(num);
       return 1;
@@ -76,8 +79,7 @@ long bio_ctrl(BIO *b, int cmd, long num, void *ptr) {
       for (size_t i = 0; i < t->in.size(); ++i) n += t->in.at(i).len;
       return n;
     }
-    default:  // WPENDING (nothing waits inside the BIO), GET_KTLS_RECV
-              // (receiving is not offloaded) among others
+    default:  // WPENDING (nothing waits inside the BIO) among others
       return 0;
   }
 }
@@ -124,6 +126,24 @@ void delete_stream(Stream *s) {
 // BIO callbacks
 
 int Engine::tls_bio_read(TlsState *t, char *out, size_t len) {
+  if (t->rx_offload) {
+    // One framed record (or the rest of one) per read, as OpenSSL's own
+    // kTLS socket BIO gives them.
+    if (t->rx_ctl_lens.empty()) return 0;
+    uint32_t &left = t->rx_ctl_lens.front();
+    size_t want = len < left ? len : left;
+    iovec iov[kMaxIov];
+    int n = t->rx_ctl.fill_iov(iov, kMaxIov, want);
+    size_t done = 0;
+    for (int i = 0; i < n; ++i) {
+      memcpy(out + done, iov[i].iov_base, iov[i].iov_len);
+      done += iov[i].iov_len;
+    }
+    t->rx_ctl.consume(done);
+    left -= static_cast<uint32_t>(done);
+    if (left == 0) t->rx_ctl_lens.pop_front();
+    return static_cast<int>(done);
+  }
   size_t done = 0;
   while (done < len && !t->in.empty()) {
     TlsChunk &c = t->in.front();
@@ -137,6 +157,7 @@ int Engine::tls_bio_read(TlsState *t, char *out, size_t len) {
       t->in.pop_front();
     }
   }
+  t->want = done ? 0 : static_cast<uint32_t>(len > kTlsHsBuf ? kTlsHsBuf : len);
   return static_cast<int>(done);
 }
 
@@ -165,17 +186,12 @@ bool Engine::tls_bio_write(TlsState *t, const char *in, size_t len) {
   return true;
 }
 
-// OpenSSL offers the keys of one direction (kCtrlSetKtls). Send side: the
-// socket gets TCP_ULP now (harmless without keys), the key waits for the
-// bytes queued before it to go out (tls_apply_tx_key), and from here on
-// OpenSSL writes plaintext. Receive side: not offloaded (no).
-bool Engine::tls_set_key(TlsState *t, bool tx, const void *crypto_info) {
-  Stream *s = t->s;
-  if (!tx || !t->ktls_ok || ktls_ulp_missing_ || t->tx_offload || s->finished || s->aborting ||
-      s->write_failed)
-    return false;
+namespace {
+// Size of the kernel's crypto_info struct that starts at p, 0 if the
+// engine does not know its cipher or TLS version.
+size_t crypto_info_len(const void *p) {
   tls_crypto_info head{};
-  memcpy(&head, crypto_info, sizeof head);
+  memcpy(&head, p, sizeof head);
   size_t len = 0;
   switch (head.cipher_type) {
     case TLS_CIPHER_AES_GCM_128:
@@ -191,17 +207,39 @@ bool Engine::tls_set_key(TlsState *t, bool tx, const void *crypto_info) {
       len = sizeof(tls12_crypto_info_aes_ccm_128);
       break;
     default:
-      return false;
+      return 0;
   }
-  if ((head.version != TLS_1_2_VERSION && head.version != TLS_1_3_VERSION) ||
-      len > sizeof t->tx_key)
-    return false;
+  if (head.version != TLS_1_2_VERSION && head.version != TLS_1_3_VERSION) return 0;
+  return len;
+}
+}  // namespace
+
+// OpenSSL offers the keys of one direction (kCtrlSetKtls). The socket gets
+// TCP_ULP first (harmless without keys). Send side: the key waits for the
+// bytes queued before it to go out (tls_apply_tx_key), and from here on
+// OpenSSL writes plaintext. Receive side (TLS 1.2): taken only when nothing
+// past the key has been read from the socket (exact reads make it so); the
+// kernel decrypts from the next byte on.
+bool Engine::tls_set_key(TlsState *t, bool tx, const void *crypto_info) {
+  Stream *s = t->s;
+  if (!t->ktls_ok || ktls_ulp_missing_ || s->finished || s->aborting || t->failed) return false;
+  size_t len = crypto_info_len(crypto_info);
+  if (len == 0 || len > sizeof t->tx_key) return false;
+  if (tx ? (t->tx_offload || s->write_failed)
+         : (!t->rx_capable || t->rx_offload || !t->in.empty() || s->recv_armed || s->read_done))
+    return false;  // receive side: a byte after the key already left the socket
   if (!t->ulp_set) {
     if (setsockopt(s->fd, SOL_TCP, TCP_ULP, "tls", sizeof "tls") < 0) {
       if (errno == ENOENT) ktls_ulp_missing_ = true;  // no TLS in this kernel: stop asking
       return false;
     }
     t->ulp_set = true;
+  }
+  if (!tx) {
+    if (setsockopt(s->fd, SOL_TLS, TLS_RX, crypto_info, static_cast<socklen_t>(len)) < 0)
+      return false;  // OpenSSL goes on in user space: nothing was read past the key
+    t->rx_offload = true;
+    return true;
   }
   if (!t->marks.push_back(TlsMark{t->appended, t->appended, 0})) return false;
   memcpy(t->tx_key, crypto_info, len);
@@ -261,6 +299,111 @@ bool Engine::tls_prep_send(Stream *s, io_uring_sqe *sqe) {
   op->msg.msg_iov = s->iov;
   op->msg.msg_iovlen = static_cast<size_t>(n);
   io_uring_prep_sendmsg(sqe, s->fd, &op->msg, MSG_NOSIGNAL);
+  return true;
+}
+
+uint16_t Engine::tls_recv_mode(const Stream *s) const {
+  const TlsState *t = s->tls;
+  if (!t || t->failed) return 0;
+  if (t->rx_offload) return kOpTlsRecvmsg;
+  if (t->rx_capable && t->handshaking) return kOpTlsExact;
+  return 0;
+}
+
+// The receive SQE of a TLS stream in a special mode: an exact read into a
+// TLS buffer (taken by arm_recv, in op->off), or a recvmsg of one kernel
+// TLS record into a receive buffer with its type in a cmsg. False: the
+// ordinary receive applies.
+bool Engine::tls_prep_recv(Stream *s, io_uring_sqe *sqe) {
+  TlsState *t = s->tls;
+  Op *op = &s->recv;
+  op->state &= static_cast<uint16_t>(~(kOpTlsExact | kOpTlsRecvmsg));
+  uint16_t mode = tls_recv_mode(s);
+  if (mode == kOpTlsExact) {
+    uint32_t len = t->want < buf_size_ ? t->want : buf_size_;
+    io_uring_prep_recv(sqe, s->fd, buf_addr(static_cast<uint32_t>(op->off)), len, 0);
+  } else if (mode == kOpTlsRecvmsg) {
+    op->iov = iovec{nullptr, buf_size_};
+    op->msg = {};
+    op->msg.msg_iov = &op->iov;
+    op->msg.msg_iovlen = 1;
+    memset(t->rx_cmsg, 0, sizeof t->rx_cmsg);
+    op->msg.msg_control = t->rx_cmsg;
+    op->msg.msg_controllen = sizeof t->rx_cmsg;
+    io_uring_prep_recvmsg(sqe, s->fd, &op->msg, 0);
+    sqe->flags |= IOSQE_BUFFER_SELECT;
+    sqe->buf_group = 0;
+  } else {
+    return false;
+  }
+  op->state |= mode;
+  return true;
+}
+
+// Completion of a receive armed by tls_prep_recv. Both kinds are one-shot.
+bool Engine::tls_recv_cqe(Stream *s, Op *op, int res, uint32_t cflags) {
+  TlsState *t = s->tls;
+  bool exact = op->state & kOpTlsExact;
+  op->state &= static_cast<uint16_t>(~(kOpTlsExact | kOpTlsRecvmsg));
+  bool cancelled = s->recv_cancel;
+  s->recv_armed = false;
+  s->recv_cancel = false;
+  int32_t bid = -1;
+  if (exact) {
+    bid = static_cast<int32_t>(op->off);  // a TLS buffer
+  } else if (cflags & IORING_CQE_F_BUFFER) {
+    bid = static_cast<int32_t>(cflags >> IORING_CQE_BUFFER_SHIFT);
+    ++buffers_in_use_;
+  }
+  if (!t || s->finished) {
+    if (bid >= 0) recycle(static_cast<uint32_t>(bid));
+    return true;
+  }
+  if (res > 0 && exact) {
+    tls_input(s, bid, 0, static_cast<uint32_t>(res));
+  } else if (res > 0) {
+    unsigned char type = 23;  // application data unless the kernel says otherwise
+    auto *m = &op->msg;
+    for (cmsghdr *c = CMSG_FIRSTHDR(m); c; c = CMSG_NXTHDR(m, c))
+      if (c->cmsg_level == SOL_TLS && c->cmsg_type == TLS_GET_RECORD_TYPE) type = *CMSG_DATA(c);
+    if (type == 23) {
+      emit(s->token, res, KLOOP_COMPLETION_MORE,
+           reinterpret_cast<uint64_t>(buf_addr(static_cast<uint32_t>(bid))), KLOOP_EVENT_DATA, 0,
+           bid, s);
+    } else {
+      // For OpenSSL: the record with the header its kTLS reader expects.
+      unsigned char head[5] = {type, 3, 3, static_cast<unsigned char>(res >> 8),
+                               static_cast<unsigned char>(res & 0xff)};
+      bool ok = t->rx_ctl.append(head, sizeof head) &&
+                t->rx_ctl.append(buf_addr(static_cast<uint32_t>(bid)), static_cast<size_t>(res)) &&
+                t->rx_ctl_lens.push_back(static_cast<uint32_t>(res) + sizeof head);
+      recycle(static_cast<uint32_t>(bid));
+      if (!ok)
+        tls_fail(s, -ENOMEM, 0, t->handshaking, KLOOP_ERROR_READ);
+      else
+        tls_pump(s);
+    }
+  } else {
+    if (bid >= 0) recycle(static_cast<uint32_t>(bid));
+    if (res == 0) {
+      if (!s->read_done) tls_socket_eof(s);
+    } else if (res == -ENOBUFS) {
+      ++st_.enobufs;
+      add_starved(s);
+    } else if (res == -ECANCELED && cancelled) {
+      // re-armed below in the mode the stream needs now
+    } else if (res == -EBADMSG || res == -EMSGSIZE || res == -EIO) {
+      // The kernel could not decrypt or frame a record.
+      if (!t->failed) {
+        tls_fail(s, -EPROTO, 0, t->handshaking, KLOOP_ERROR_READ);
+        snprintf(t->err.message, sizeof t->err.message, "kernel TLS receive failed: %s",
+                 strerror(-res));
+      }
+    } else if (!s->read_done) {
+      tls_socket_error(s, res);
+    }
+  }
+  progress(s);
   return true;
 }
 
@@ -352,6 +495,7 @@ int Engine::stream_start_tls(uint64_t token, void *ssl_ptr) {
   if ((enabled_ & KLOOP_CAP_KTLS) && !ktls_ulp_missing_) {
     SSL_set_options(ssl, SSL_OP_ENABLE_KTLS);
     t->ktls_ok = true;
+    t->rx_capable = (enabled_ & KLOOP_CAP_BUF_RING) != 0;
   }
   BIO_set_data(bio, t);
   SSL_set_bio(ssl, bio, bio);  // one reference, now the SSL's
@@ -506,6 +650,9 @@ void Engine::tls_pump(Stream *s) {
     }
   }
   if (t->peer_closed || (s->paused && !s->closing)) return;
+  // Receiving offloaded: data went out as DATA already; OpenSSL only sees
+  // the other records, and the end of the stream.
+  if (t->rx_offload && t->rx_ctl_lens.empty() && !t->in_eof) return;
   // Closing: read on until the peer's close_notify, dropping the plaintext.
   bool drop = s->closing;
   for (;;) {
@@ -590,6 +737,8 @@ void Engine::tls_release(Stream *s) {
     t->in.pop_front();
   }
   t->pt.clear();
+  t->rx_ctl.clear();
+  t->rx_ctl_lens.clear();
   if (t->starved) {
     for (Stream **pp = &tls_starved_; *pp; pp = &((*pp)->tls->next_starved))
       if (*pp == s) {

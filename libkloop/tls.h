@@ -46,6 +46,18 @@ struct TlsState {
   Stream *next_starved = nullptr;
   kloop_tls_error err{};
 
+  // kernel TLS (receive side, TLS 1.2): during the handshake the engine
+  // reads exactly what OpenSSL asks for, so that no byte after the peer's
+  // ChangeCipherSpec has left the socket when the key goes to the kernel;
+  // then recvmsg gives plaintext and the record type, and records other
+  // than application data go to OpenSSL framed as it expects.
+  bool rx_capable = false;  // may offload receiving: read exactly meanwhile
+  bool rx_offload = false;  // the kernel has the receive key
+  uint32_t want = 0;        // bytes OpenSSL asked for and did not get
+  char *hsbuf = nullptr;    // exact-read buffer while rx_capable and handshaking
+  ByteQueue rx_ctl;         // framed non-data records for OpenSSL
+  Fifo<uint32_t> rx_ctl_lens;
+  alignas(8) unsigned char rx_cmsg[64] = {};
   // kernel TLS (send side)
   bool ktls_ok = false;     // SSL_OP_ENABLE_KTLS set: OpenSSL may offer keys
   bool ulp_set = false;     // TCP_ULP "tls" is on the socket
@@ -63,6 +75,8 @@ struct TlsState {
 // Whether the stream must keep reading although the caller paused it or
 // asked to close: the handshake needs the peer's messages, and a graceful
 // close waits for the peer's close_notify.
+inline constexpr uint32_t kTlsHsBuf = 16384 + 2048 + 5;
+
 inline bool tls_must_read(const Stream *s) {
   const TlsState *t = s->tls;
   if (!t || t->failed || s->read_done) return false;

@@ -186,6 +186,35 @@ TEST_F(Tls, GarbageFromPeerFailsHandshakeAndSendsAlert) {
   d.WaitFinal(2);
 }
 
+// The alert of a failed handshake is queued (its send prepared) when the
+// HANDSHAKE record comes out; an abort right then must not free the bytes
+// under that send: the peer gets the alert or nothing, never other memory.
+TEST_F(Tls, AbortRightAfterFailedHandshakeSendsNoForeignBytes) {
+  for (int round = 0; round < 20; ++round) {
+    SslPtr s = Server(sctx.get());
+    auto [mine, peer] = TcpPair();
+    uint64_t tok = 50 + static_cast<uint64_t>(round);
+    ASSERT_EQ(kloop_stream_attach(d, tok, mine, 0), 0);
+    ASSERT_EQ(kloop_stream_start_tls(d, tok, s.get()), 0);
+    const char junk[] = {22, 3, 1, 0, 4, 99, 0, 0, 0};
+    ASSERT_TRUE(WriteAll(peer, std::string(junk, sizeof junk)));
+    Event b = d.WaitEvent(tok, KLOOP_EVENT_HANDSHAKE);
+    ASSERT_EQ(b.result, -EPROTO);
+    ASSERT_EQ(kloop_stream_abort(d, tok), 0);
+    d.WaitFinal(tok);
+    ::shutdown(mine, SHUT_RDWR);
+    std::string got;
+    char buf[256];
+    ssize_t n;
+    while ((n = ::recv(peer, buf, sizeof buf, 0)) > 0) got.append(buf, static_cast<size_t>(n));
+    if (!got.empty()) {
+      ASSERT_GE(got.size(), 7u);
+      EXPECT_EQ(got[0], 21) << "round " << round << ": not an alert record";
+      EXPECT_EQ(got.size(), 7u) << "round " << round << ": one alert, nothing else";
+    }
+  }
+}
+
 TEST_F(Tls, PeerClosingDuringHandshakeIsAReset) {
   SslPtr s = Server(sctx.get());
   auto [mine, peer] = TcpPair();

@@ -42,12 +42,14 @@ std::map<std::string, long long> TlsStat() {
 }
 
 // The kernel's view: 0 and the TLS version when fd's send side is offloaded.
-int TxVersion(int fd) {
+int KeyVersion(int fd, int dir) {
   tls_crypto_info info{};  // the header alone: the kernel wants this size or the cipher's
   socklen_t len = sizeof info;
-  if (getsockopt(fd, SOL_TLS, TLS_TX, &info, &len) != 0) return -errno;
+  if (getsockopt(fd, SOL_TLS, dir, &info, &len) != 0) return -errno;
   return info.version;
 }
+int TxVersion(int fd) { return KeyVersion(fd, TLS_TX); }
+int RxVersion(int fd) { return KeyVersion(fd, TLS_RX); }
 
 std::string History(const Driver &d) {
   std::string out;
@@ -137,6 +139,17 @@ TEST_P(EngineKtls, SendSideOffloadedDataIntactCloseNotifyCrosses) {
   auto during = TlsStat();
   EXPECT_GE(during["TlsTxSw"] - before["TlsTxSw"], 2) << "two software kTLS send sides";
   EXPECT_GE(during["TlsCurrTxSw"], 2);
+  // Receiving: TLS 1.2 both ends (exact reads kept the key's first byte in
+  // the socket); OpenSSL 3.0 does not offer the TLS 1.3 receive key.
+  if (GetParam().version == TLS1_2_VERSION) {
+    EXPECT_EQ(RxVersion(cli_fd), TLS_1_2_VERSION);
+    EXPECT_EQ(RxVersion(srv_fd), TLS_1_2_VERSION);
+    EXPECT_EQ(BIO_get_ktls_recv(SSL_get_rbio(c.get())), 1);
+    EXPECT_GE(during["TlsRxSw"] - before["TlsRxSw"], 2) << "two software kTLS receive sides";
+  } else {
+    EXPECT_LT(RxVersion(cli_fd), 0);
+    EXPECT_EQ(BIO_get_ktls_recv(SSL_get_rbio(c.get())), 0);
+  }
   Transfer(1, 2, 8u << 20);
   Transfer(2, 1, 1u << 20);
   // close_notify is an alert: a control record through the kernel.
@@ -182,6 +195,7 @@ TEST_P(EngineKtls, StandardOpenSslPeerReadsWhatTheKernelEncrypted) {
   ASSERT_TRUE(d.RunUntil([&] { return d.DataOf(5) == "hello"; }));
   EXPECT_EQ(TxVersion(mine),
             GetParam().version == TLS1_3_VERSION ? TLS_1_3_VERSION : TLS_1_2_VERSION);
+  if (GetParam().version == TLS1_2_VERSION) EXPECT_EQ(RxVersion(mine), TLS_1_2_VERSION);
   std::string out(kTotal, '\0');
   for (size_t i = 0; i < kTotal; ++i) out[i] = static_cast<char>(PatternByte(i));
   ASSERT_GE(kloop_stream_write(d, 5, out.data(), out.size()), 0);
@@ -264,6 +278,40 @@ TEST_F(EngineKtls13, PeerKeyUpdateRequestFailsTheStreamCleanly) {
   ::shutdown(peer.get(), SHUT_RDWR);  // wakes the peer's blocking read
   th.join();
   EXPECT_TRUE(done);
+}
+
+TEST_F(EngineKtlsBase, RecordThatDoesNotDecryptOnOffloadedReceiveIsATlsError) {
+  REQUIRE_ENGINE_KTLS(d);
+  CtxPtr cctx = ClientFor(TLS1_2_VERSION);
+  SslPtr s = Server(sctx.get());
+  auto [mine, peer] = TcpPair();
+  ASSERT_EQ(kloop_stream_attach(d, 9, mine, 0), 0);
+  ASSERT_EQ(kloop_stream_start_tls(d, 9, s.get()), 0);
+  std::atomic<bool> connected{false};
+  std::thread th([&, fd = peer.get()] {
+    SslPtr c = Client(cctx.get());
+    SSL_set_fd(c.get(), fd);
+    if (SSL_connect(c.get()) == 1) {
+      SSL_write(c.get(), "ok", 2);
+      connected = true;
+    }
+  });
+  ASSERT_EQ(d.WaitEvent(9, KLOOP_EVENT_HANDSHAKE).result, 0);
+  ASSERT_TRUE(d.RunUntil([&] { return d.DataOf(9) == "ok"; }));
+  th.join();
+  ASSERT_TRUE(connected);
+  ASSERT_EQ(RxVersion(mine), TLS_1_2_VERSION);
+  // An application data record whose tag cannot match.
+  std::string rec = {23, 3, 3, 0, 40};
+  rec += std::string(40, '\x5a');
+  ASSERT_TRUE(WriteAll(peer, rec));
+  Event err = d.WaitEvent(9, KLOOP_EVENT_ERROR);
+  EXPECT_EQ(err.result, -EPROTO);
+  EXPECT_EQ(err.aux, KLOOP_ERROR_READ | KLOOP_ERROR_TLS);
+  std::string why = TlsError(d, 9).message;
+  EXPECT_NE(why.find("kernel TLS receive failed"), std::string::npos) << why;
+  kloop_stream_abort(d, 9);
+  d.WaitFinal(9);
 }
 
 // Runs everywhere: with KLOOP_CAP_KTLS switched off (or absent) the engine
