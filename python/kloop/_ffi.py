@@ -185,6 +185,7 @@ CAP_SOCKET_OP = 1 << 13
 CAP_SPLICE = 1 << 14
 CAP_BIND_LISTEN = 1 << 15
 CAP_PIDFD = 1 << 16
+CAP_KTLS = 1 << 17
 
 CAP_NAMES = {
     CAP_SINGLE_ISSUER: "single_issuer",
@@ -204,6 +205,7 @@ CAP_NAMES = {
     CAP_SPLICE: "splice",
     CAP_BIND_LISTEN: "bind_listen",
     CAP_PIDFD: "pidfd",
+    CAP_KTLS: "ktls",
 }
 
 CONFIG_SQPOLL = 1 << 0

@@ -399,12 +399,6 @@ def test_certificate_verify_failures(loop, certs, case):
 
 @pytest.mark.parametrize("with_cert", [True, False])
 def test_client_certificate_required(loop, certs, with_cert):
-    if not with_cert:
-        loop.known_failure("kloop", "engine bug: a server stream aborted right after its "
-                           "failed HANDSHAKE sends 24 bytes of stale memory instead of the "
-                           "alert record (the send still in flight when "
-                           "kloop_stream_abort() frees its buffer); the client then fails "
-                           "with WRONG_VERSION_NUMBER")
     sctx = certs.server_context(verify_mode=ssl.CERT_REQUIRED)
     sctx.load_verify_locations(certs.ca)
     seen = []
