@@ -33,9 +33,9 @@ PACKAGES=(
   python3-uvicorn python3-starlette python3-fastapi python3-websockets python3-wsproto
   python3-httptools python3-aiohttp python3-asyncpg python3-psycopg python3-psycopg-pool
   python3-redis python3-anyio python3-httpx python3-pytest-asyncio gunicorn
+  postgresql redis-server wrk openssl
   # TLS tests: certificates (CA, server, client, expired) made at test time
   python3-cryptography
-  postgresql redis-server wrk openssl
   # kTLS tests: a Debian kernel with tls.ko booted in qemu (scripts/ktls-vm.sh)
   qemu-system-x86 busybox-static cpio
 )
