@@ -1104,7 +1104,8 @@ def _paths(rows, loop):
 
 def tls_markdown(rows, loops, ratio_pairs):
     """The TLS tier's tables: like markdown_tables, plus the TLS path kloop
-    took per cell, the load generator's CPU share and the negotiated cipher."""
+    took per cell, the CPU shares of server and load generator (which of the
+    two is the limit) and the negotiated cipher."""
     kls = [lp for lp in loops if lp.startswith("kloop")]
     names = {lp: lp for lp in loops}
     for lp in kls:
@@ -1127,7 +1128,7 @@ def tls_markdown(rows, loops, ratio_pairs):
     out.append("")
     head = (["cell"] + [f"{names[lp]} CPU µs/req (user+sys)" for lp in loops]
             + [f"{a}/{b} CPU" for a, b in ratio_pairs[:1]]
-            + [f"client CPU with {lp}" for lp in loops]
+            + [f"{lp}: share of a core, server / client" for lp in loops]
             + [f"{lp} p50 / p99 µs" for lp in loops])
     out.append("| " + " | ".join(head) + " |")
     out.append("|" + "---|" + "---:|" * (len(head) - 1))
@@ -1142,7 +1143,8 @@ def tls_markdown(rows, loops, ratio_pairs):
             cells.append("n/a" if not rt or rt.get("cpu") is None else f"{rt['cpu']:.2f}×")
         for lp in loops:
             d = row["loops"].get(lp, {})
-            cells.append("n/a" if not d.get("n") else f"{d['client_util']:.0%}")
+            cells.append("n/a" if not d.get("n") or d.get("server_util") is None else
+                         f"{d['server_util']:.0%} / {d['client_util']:.0%}")
         for lp in loops:
             d = row["loops"].get(lp, {})
             cells.append("n/a" if not d.get("n") or d.get("p50") is None else
