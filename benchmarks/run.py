@@ -735,7 +735,11 @@ def syscall_run(env, loop, kind, size, conns, requests, log=None):
             errf.seek(0)
             rec["error"] = "strace failed: " + errf.read().strip()[-200:]
             return rec
-        cmd = loadgen_cmd(env, server.port, size, conns, 0, 0, requests=requests)
+        extra = TLS_KINDS[kind][1] if kind in TLS_KINDS else ()
+        if extra is None:
+            rec["error"] = "no syscall count for a wrk cell"
+            return rec
+        cmd = loadgen_cmd(env, server.port, size, conns, 0, 0, extra=extra, requests=requests)
         try:
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=180,
                                preexec_fn=_pin(CLIENT_CPU))
@@ -1493,7 +1497,8 @@ def main(argv=None):
     if tier == "syscalls":
         recs = []
         chosen = args.loops.split(",") if args.loops else list(PY_LOOPS + NATIVE)
-        targets = [(lp, k) for lp in chosen if lp in PY_LOOPS for k in args.kinds.split(",")]
+        targets = [(lp, k) for lp in chosen if lp in PY_LOOPS or lp in LOOP_VARIANTS
+                   for k in args.kinds.split(",")]
         targets += [(lp, "native") for lp in chosen if lp in NATIVE]
         size = _ints(args.sizes)[0]
         conns = _ints(args.conns)[0]
