@@ -569,10 +569,11 @@ KLOOP_API int kloop_stream_abort(kloop_t *loop, uint64_t token);
  *     connection ended without it.
  *   - ERROR with KLOOP_ERROR_TLS in aux: a TLS failure (alert received,
  *     record that does not decrypt), result -EPROTO.
- *   - kloop_stream_close() sends close_notify after the queued data, keeps
- *     reading (and dropping what arrives) until the peer's close_notify or
- *     EOF, then closes; the caller bounds that wait with
- *     kloop_stream_abort(). kloop_stream_abort() sends nothing.
+ *   - kloop_stream_close() sends close_notify after the queued data (not
+ *     when the socket already reached EOF), keeps reading (and dropping
+ *     what arrives) until the peer's close_notify or EOF, then closes; the
+ *     caller bounds that wait with kloop_stream_abort().
+ *     kloop_stream_abort() sends nothing.
  *   - kloop_stream_shutdown() gives -EOPNOTSUPP (TLS has no half-close).
  * Kernel TLS: with KLOOP_CAP_KTLS enabled the engine sets SSL_OP_ENABLE_KTLS
  *   and hands the send key OpenSSL offers to the socket (TLS_TX) once what

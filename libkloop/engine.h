@@ -263,12 +263,12 @@ class Engine {
   void tls_release(Stream *s);
   int take_tls_buffer();
   void tls_unstarve();
-  bool tls_prep_send(Stream *s, io_uring_sqe *sqe);
-  void tls_sent(Stream *s, size_t n);
+  static bool tls_prep_send(Stream *s, io_uring_sqe *sqe);
+  static void tls_sent(Stream *s, size_t n);
   bool tls_apply_tx_key(Stream *s);
   bool tls_prep_recv(Stream *s, io_uring_sqe *sqe);
   bool tls_recv_cqe(Stream *s, Op *op, int res, uint32_t cflags);
-  uint16_t tls_recv_mode(const Stream *s) const;
+  static uint16_t tls_recv_mode(const Stream *s);
   bool is_tls_buffer(uint32_t bid) const { return bid >= buf_count_; }
 
   io_uring ring_{};

@@ -186,8 +186,11 @@ void Engine::progress(Stream *s) {
       s->recv_cancel = true;
       queue_cancel(&s->recv);
     }
-    // A graceful close sends close_notify after what was written before it.
-    if (s->closing && !t->handshaking && !t->failed && !t->sent_close && !s->write_failed) {
+    // A graceful close sends close_notify after what was written before it
+    // -- unless the socket already reached EOF (asyncio's sslproto does not
+    // answer a peer that has closed the connection either).
+    if (s->closing && !t->handshaking && !t->failed && !t->sent_close && !s->write_failed &&
+        !t->in_eof) {
       t->sent_close = true;
       ERR_clear_error();
       SSL_shutdown(t->ssl);  // queues close_notify through the BIO

@@ -302,7 +302,7 @@ bool Engine::tls_prep_send(Stream *s, io_uring_sqe *sqe) {
   return true;
 }
 
-uint16_t Engine::tls_recv_mode(const Stream *s) const {
+uint16_t Engine::tls_recv_mode(const Stream *s) {
   const TlsState *t = s->tls;
   if (!t || t->failed) return 0;
   if (t->rx_offload) return kOpTlsRecvmsg;
@@ -396,8 +396,8 @@ bool Engine::tls_recv_cqe(Stream *s, Op *op, int res, uint32_t cflags) {
       // The kernel could not decrypt or frame a record.
       if (!t->failed) {
         tls_fail(s, -EPROTO, 0, t->handshaking, KLOOP_ERROR_READ);
-        snprintf(t->err.message, sizeof t->err.message, "kernel TLS receive failed: %s",
-                 strerror(-res));
+        (void)snprintf(t->err.message, sizeof t->err.message, "kernel TLS receive failed: %s",
+                       strerror(-res));
       }
     } else if (!s->read_done) {
       tls_socket_error(s, res);

@@ -159,12 +159,15 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
         self._fast = not value and not self._buffered
 
     def set_protocol(self, protocol):
-        if self._protocol is not None and self._protocol_paused:
-            # The new protocol (start_tls' SSLProtocol) never saw the
-            # pause_writing() of the old one: it must not get its
-            # resume_writing(). The engine's queue can be above the high mark
-            # here where the selector loop's would already be in the kernel,
-            # since the engine sends at the next iteration.
+        if (self._protocol is not None and self._protocol_paused
+                and isinstance(protocol, sslproto.SSLProtocol)):
+            # start_tls' SSLProtocol never saw the pause_writing() of the old
+            # protocol and asserts on a resume_writing() it did not ask for.
+            # The engine's queue can be above the high mark here where the
+            # selector loop's would already be in the kernel, since the
+            # engine sends at the next iteration. Any other new protocol
+            # inherits the paused state, as on asyncio's transports: the
+            # sendfile fallback's protocol waits for that resume_writing().
             self._protocol_paused = False
         if isinstance(protocol, protocols.BufferedProtocol):
             self._buffered = True
@@ -694,6 +697,8 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
             self._called_connection_lost = True
             self._protocol = None
             self._protocol_data_received = None
+            self._sink = None  # holds data_received too: a protocol that keeps
+            self._fast = False  # its transport would keep both alive
             server = self._server
             if server is not None:
                 server._detach()
@@ -1055,6 +1060,14 @@ class SSLEngineTransport(SocketTransport):
         self._rblock = True
         self._held = None
         self._update_wok()
+        if (self._read_done and self._eof_called and self._engine_size() == 0
+                and not self._engine_closed):
+            # The peer has finished (close_notify or EOF came, eof_received()
+            # was called) and nothing waits to be sent: as sslproto, the
+            # protocol hears of the end at once; the engine sends what is
+            # left (close_notify) and lets go of the socket on its own.
+            self._close_now()
+            return
         if not self._engine_closed:
             # close_notify after the queued data; CLOSED once the peer's
             # close_notify (or EOF) came. The timer bounds the wait.

@@ -2,7 +2,9 @@
 
 Every test of CPython 3.11's loop-generic asyncio suites that passes on the
 stock loop must pass on kloop, apart from the names in exceptions.txt (only
-subprocess and pipe tests, each with a reason).
+subprocess and pipe tests, and test_ssl tests that drive private hooks of
+asyncio's SSLProtocol -- those must pass on kloop's sslproto path instead --
+each with a reason).
 
 The run takes ~2 minutes for both loops on 2 cores (run.py schedules the
 suites over 2 workers with per-test and total time limits).  To check a
@@ -23,12 +25,16 @@ if HERE not in sys.path:
 import run  # noqa: E402  (tests/conformance/run.py)
 from conftest import add_summary_line, loop_unavailable  # noqa: E402
 
-#: A test may be excused only if it is about subprocesses or pipes.
+#: A test may be excused only if it is about subprocesses or pipes, or if it
+#: is a test_ssl test that drives a private hook of asyncio's SSLProtocol.
 ALLOWED_EXCEPTION_WORDS = ("subprocess", "pipe")
+SSLPROTO_HOOK = "sslproto private hook:"
 
 
-def _excusable(name):
+def _excusable(name, why=""):
     suite, test = name.split(".", 1)
+    if suite == "ssl" and why.startswith(SSLPROTO_HOOK):
+        return True
     return suite.startswith("subprocess_") or any(w in test for w in ALLOWED_EXCEPTION_WORDS)
 
 
@@ -69,10 +75,11 @@ def report(tmp_path_factory):
 
 
 @pytest.mark.conformance
-def test_exceptions_file_lists_only_subprocess_and_pipe_tests():
+def test_exceptions_file_lists_only_allowed_kinds():
     exceptions = run.load_exceptions()
-    bad = [n for n in exceptions if not _excusable(n)]
-    assert not bad, f"only subprocess/pipe tests may be excused in exceptions.txt: {bad}"
+    bad = [n for n, why in exceptions.items() if not _excusable(n, why)]
+    assert not bad, ("only subprocess/pipe tests and test_ssl tests on sslproto's private "
+                     f"hooks may be excused in exceptions.txt: {bad}")
     short = [n for n, why in exceptions.items() if len(why.split()) < 4]
     assert not short, f"each exception needs a reason (what, why, evidence): {short}"
     unknown = [n for n in exceptions if n.split(".", 1)[0] not in run.SUITE_NAMES]
@@ -120,3 +127,32 @@ def test_exceptions_are_still_needed(report):
         elif res["status"] == "pass":
             stale.append(f"{name}: passes on kloop now")
     assert not stale, stale
+
+
+@pytest.mark.conformance
+def test_sslproto_hook_tests_pass_on_kloop_sslproto_path(tmp_path):
+    """The test_ssl tests excused for driving SSLProtocol's private hooks
+    pass on kloop when its TLS goes through asyncio's sslproto."""
+    names = [n.split(".", 1)[1] for n, why in run.load_exceptions().items()
+             if n.startswith("ssl.") and why.startswith(SSLPROTO_HOOK)]
+    if not names:
+        pytest.skip("no test_ssl test is excused for sslproto hooks")
+    skip, fail = loop_unavailable("kloop")
+    if skip:
+        pytest.skip(skip)
+    if fail:
+        pytest.fail(f"kloop cannot be used: {fail}", pytrace=False)
+    import subprocess
+    script = (
+        "import asyncio, sys, unittest\n"
+        "import kloop\n"
+        "asyncio.set_event_loop_policy(kloop.IouringProactorEventLoopPolicy())\n"
+        "from test.test_asyncio import test_ssl\n"
+        "suite = unittest.TestSuite(test_ssl.TestSSL(n) for n in sys.argv[1:])\n"
+        "result = unittest.TextTestRunner(verbosity=2).run(suite)\n"
+        "sys.exit(0 if result.wasSuccessful() and result.testsRun == len(sys.argv) - 1 else 1)\n")
+    env = dict(os.environ, KLOOP_TLS="sslproto",
+               PYTHONPATH=os.pathsep.join([run.loops.PYTHON_DIR, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", script, *names], env=env, cwd=str(tmp_path),
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]

@@ -913,3 +913,225 @@ def test_unix_sockets_and_accepted_socket(loop, certs, tmp_path):
         await asyncio.sleep(0.2)
         assert bytes(pr.data) == b"unix" and bytes(pr3.data) == b"pair"
     loop.run(main())
+
+
+# -- regressions found by CPython's suites on the engine path ---------------
+
+def test_sendfile_fallback_while_protocol_is_paused(loop, certs, tmp_path):
+    # loop.sendfile() over TLS takes asyncio's fallback, whose protocol
+    # inherits the paused state and waits for resume_writing(): a transport
+    # that forgot the pause on set_protocol() left it waiting for ever.
+    data = os.urandom(256 * 1024 + 1)
+    path = tmp_path / "payload"
+    path.write_bytes(data)
+
+    async def main():
+        lp = loop.loop
+        got = bytearray()
+        done = lp.create_future()
+
+        class Sink(asyncio.Protocol):
+            def data_received(self, chunk):
+                got.extend(chunk)
+
+            def connection_lost(self, exc):
+                if not done.done():
+                    done.set_result(exc)
+
+        srv = await lp.create_server(Sink, "127.0.0.1", 0, ssl=certs.server_context())
+        port = srv.sockets[0].getsockname()[1]
+        tr, _ = await lp.create_connection(asyncio.Protocol, "127.0.0.1", port,
+                                           ssl=certs.client_context(),
+                                           server_hostname="localhost")
+        engine_path(loop, tr)
+        tr.set_write_buffer_limits(high=4096)
+        tr.write(b"p" * 7000)  # above the high mark
+        with open(path, "rb") as f:
+            sent = await asyncio.wait_for(lp.sendfile(tr, f), 20)
+        tr.write(b"s" * 10)
+        tr.close()
+        assert await asyncio.wait_for(done, 20) is None
+        srv.close()
+        await srv.wait_closed()
+        return sent, bytes(got)
+
+    sent, got = loop.run(main())
+    assert sent == len(data)
+    assert got == b"p" * 7000 + data + b"s" * 10
+
+
+def test_protocol_keeping_its_transport_is_freed_without_gc(loop, certs):
+    # A protocol that stores its TLS transport forms a cycle until
+    # connection_lost(); after it, plain reference counting must free both,
+    # as CPython's test_create_connection_memory_leak checks. (Not asked of
+    # plain transports: asyncio's own keep a bound method of themselves.)
+    tls = True
+    import gc
+    import weakref
+
+    async def main():
+        lp = loop.loop
+        srv, port, _ = await echo_server(lp, certs.server_context() if tls else None)
+
+        class Keeper(asyncio.Protocol):
+            def __init__(self):
+                self.lost = lp.create_future()
+                self.got = b""
+
+            def connection_made(self, tr):
+                self.tr = tr
+
+            def data_received(self, data):
+                self.got += data
+
+            def connection_lost(self, exc):
+                self.lost.set_result(exc)
+
+        tr, pr = await lp.create_connection(
+            Keeper, "127.0.0.1", port, ssl=certs.client_context() if tls else None,
+            server_hostname="localhost" if tls else None)
+        if tls:
+            engine_path(loop, tr)
+        tr.write(b"ping")
+        while pr.got != b"ping":
+            await asyncio.sleep(0.005)
+        tr.close()
+        await pr.lost
+        refs = weakref.ref(tr), weakref.ref(pr)
+        del tr, pr
+        srv.close()
+        await srv.wait_closed()
+        return refs
+
+    gc.disable()
+    try:
+        refs = loop.run(main())
+        assert [r() for r in refs] == [None, None]
+    finally:
+        gc.enable()
+
+
+def _read_all_tls(sock, obj, incoming, want):
+    """Read plaintext through a memory-BIO SSLObject until `want` bytes or
+    the peer's close_notify; returns (bytes read, close_notify seen)."""
+    n = 0
+    while n < want:
+        try:
+            n += len(obj.read(65536))
+        except ssl.SSLWantReadError:
+            data = sock.recv(65536)
+            if not data:
+                return n, False
+            incoming.write(data)
+        except ssl.SSLZeroReturnError:
+            return n, True
+    return n, False
+
+
+def test_close_flushes_queued_data_before_close_notify(loop, certs):
+    # What CPython's test_flush_before_shutdown checks through SSLProtocol's
+    # private pause_writing(): data queued when close() is called all goes
+    # out before close_notify.
+    size = 4 << 20
+
+    def serve(sock):
+        ctx = certs.server_context()
+        inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        obj = ctx.wrap_bio(inc, out, server_side=True)
+        while True:
+            try:
+                obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                if out.pending:
+                    sock.sendall(out.read())
+                inc.write(sock.recv(65536))
+        if out.pending:
+            sock.sendall(out.read())
+        time.sleep(0.2)  # let the client queue everything and close
+        got, _ = _read_all_tls(sock, obj, inc, size)
+        extra, notified = 0, True
+        try:
+            obj.unwrap()  # our close_notify; done at once if the client's came
+        except ssl.SSLWantReadError:
+            sock.sendall(out.read())
+            extra, notified = _read_all_tls(sock, obj, inc, 1)  # the client's
+        return got, extra, notified
+
+    peer = Peer(serve)
+
+    async def main():
+        lp = loop.loop
+        tr, pr = await lp.create_connection(lambda: RecordingProtocol(lp), "127.0.0.1",
+                                            peer.port, ssl=certs.client_context(),
+                                            server_hostname="localhost")
+        engine_path(loop, tr)
+        tr.write(b"q" * size)
+        tr.close()
+        await asyncio.wait_for(pr.lost, 30)
+
+    loop.run(main())
+    result = peer.join()
+    assert peer.error is None, repr(peer.error)
+    got, extra, notified = result
+    assert (got, extra, notified) == (size, 0, True)
+
+
+@pytest.mark.parametrize("how", ["close_notify", "fin"])
+def test_trailing_data_reaches_a_peer_that_already_closed(loop, certs, how):
+    # What CPython's test_remote_shutdown_receives_trailing_data checks
+    # through a test hook of SSLProtocol: the peer ends its side while data
+    # is queued here; that data still arrives (before our close_notify, or
+    # with none when the peer closed the connection).
+    size = 1 << 20
+
+    def serve(sock):
+        ctx = certs.server_context()
+        inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        obj = ctx.wrap_bio(inc, out, server_side=True)
+        while True:
+            try:
+                obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                if out.pending:
+                    sock.sendall(out.read())
+                inc.write(sock.recv(65536))
+        got, _ = _read_all_tls(sock, obj, inc, 4)
+        obj.write(b"pong")
+        sock.sendall(out.read())
+        time.sleep(0.2)  # the client queues its data meanwhile
+        if how == "close_notify":
+            with pytest.raises(ssl.SSLWantReadError):
+                obj.unwrap()
+            sock.sendall(out.read())
+        else:
+            sock.shutdown(socket.SHUT_WR)
+        return _read_all_tls(sock, obj, inc, size + 1)
+
+    peer = Peer(serve)
+
+    async def main():
+        reader, writer = await asyncio.open_connection("127.0.0.1", peer.port,
+                                                       ssl=certs.client_context(),
+                                                       server_hostname="localhost")
+        engine_path(loop, writer.transport)
+        writer.write(b"ping")
+        assert await reader.readexactly(4) == b"pong"
+        writer.write(b"t" * size)
+        try:
+            assert await asyncio.wait_for(reader.read(), 30) == b""
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        writer.close()
+        try:
+            await asyncio.wait_for(writer.wait_closed(), 30)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    loop.run(main())
+    result = peer.join()
+    assert peer.error is None, repr(peer.error)
+    got, notified = result
+    assert got == size
+    assert notified == (how == "close_notify")
