@@ -110,6 +110,52 @@ void copy_text(char *dst, size_t cap, const char *src) {
 
 }  // namespace
 
+bool RecordQueue::push(uint8_t type, const void *payload, uint32_t len) {
+  // A TLS record's plaintext is at most 2^14 bytes (RFC 8446 5.1); the
+  // header's length field has 16 bits.
+  if (len > 16384 || (len && !payload)) return false;
+  const uint8_t head[5] = {type, 3, 3, static_cast<uint8_t>(len >> 8),
+                           static_cast<uint8_t>(len & 0xff)};
+  if (!lens_.reserve(lens_.size() + 1)) return false;
+  size_t before = bytes_.size();
+  if (!bytes_.append(head, sizeof head) || (len && !bytes_.append(payload, len))) {
+    // A header without its payload would corrupt the stream: nothing of
+    // this record may stay (the queue only grows at its end; start over).
+    if (bytes_.size() != before) clear();
+    return false;
+  }
+  lens_.push_back(len + sizeof head);
+  return true;
+}
+
+size_t RecordQueue::read(char *out, size_t len) {
+  if (lens_.empty() || len == 0) return 0;
+  uint32_t &left = lens_.front();
+  size_t want = len < left ? len : left;
+  iovec iov[kMaxIov];
+  int n = bytes_.fill_iov(iov, kMaxIov, want);
+  size_t done = 0;
+  for (int i = 0; i < n; ++i) {
+    memcpy(out + done, iov[i].iov_base, iov[i].iov_len);
+    done += iov[i].iov_len;
+  }
+  bytes_.consume(done);
+  left -= static_cast<uint32_t>(done);
+  if (left == 0) lens_.pop_front();
+  return done;
+}
+
+uint8_t record_type_of(const msghdr *m) {
+  uint8_t type = 23;
+  if (!m || !m->msg_control || m->msg_controllen < sizeof(cmsghdr)) return type;
+  auto *mm = const_cast<msghdr *>(m);
+  for (cmsghdr *c = CMSG_FIRSTHDR(mm); c; c = CMSG_NXTHDR(mm, c)) {
+    if (c->cmsg_len < CMSG_LEN(1)) break;  // malformed: stop here
+    if (c->cmsg_level == SOL_TLS && c->cmsg_type == TLS_GET_RECORD_TYPE) type = *CMSG_DATA(c);
+  }
+  return type;
+}
+
 void delete_stream(Stream *s) {
   TlsState *t = s->tls;
   if (t) {
@@ -129,20 +175,7 @@ int Engine::tls_bio_read(TlsState *t, char *out, size_t len) {
   if (t->rx_offload) {
     // One framed record (or the rest of one) per read, as OpenSSL's own
     // kTLS socket BIO gives them.
-    if (t->rx_ctl_lens.empty()) return 0;
-    uint32_t &left = t->rx_ctl_lens.front();
-    size_t want = len < left ? len : left;
-    iovec iov[kMaxIov];
-    int n = t->rx_ctl.fill_iov(iov, kMaxIov, want);
-    size_t done = 0;
-    for (int i = 0; i < n; ++i) {
-      memcpy(out + done, iov[i].iov_base, iov[i].iov_len);
-      done += iov[i].iov_len;
-    }
-    t->rx_ctl.consume(done);
-    left -= static_cast<uint32_t>(done);
-    if (left == 0) t->rx_ctl_lens.pop_front();
-    return static_cast<int>(done);
+    return static_cast<int>(t->rx_ctl.read(out, len));
   }
   size_t done = 0;
   while (done < len && !t->in.empty()) {
@@ -362,24 +395,18 @@ bool Engine::tls_recv_cqe(Stream *s, Op *op, int res, uint32_t cflags) {
   if (res > 0 && exact) {
     tls_input(s, bid, 0, static_cast<uint32_t>(res));
   } else if (res > 0) {
-    unsigned char type = 23;  // application data unless the kernel says otherwise
-    auto *m = &op->msg;
-    for (cmsghdr *c = CMSG_FIRSTHDR(m); c; c = CMSG_NXTHDR(m, c))
-      if (c->cmsg_level == SOL_TLS && c->cmsg_type == TLS_GET_RECORD_TYPE) type = *CMSG_DATA(c);
+    uint8_t type = record_type_of(&op->msg);
     if (type == 23) {
       emit(s->token, res, KLOOP_COMPLETION_MORE,
            reinterpret_cast<uint64_t>(buf_addr(static_cast<uint32_t>(bid))), KLOOP_EVENT_DATA, 0,
            bid, s);
     } else {
-      // For OpenSSL: the record with the header its kTLS reader expects.
-      unsigned char head[5] = {type, 3, 3, static_cast<unsigned char>(res >> 8),
-                               static_cast<unsigned char>(res & 0xff)};
-      bool ok = t->rx_ctl.append(head, sizeof head) &&
-                t->rx_ctl.append(buf_addr(static_cast<uint32_t>(bid)), static_cast<size_t>(res)) &&
-                t->rx_ctl_lens.push_back(static_cast<uint32_t>(res) + sizeof head);
+      // For OpenSSL, framed as its kernel TLS record reader expects.
+      bool ok =
+          t->rx_ctl.push(type, buf_addr(static_cast<uint32_t>(bid)), static_cast<uint32_t>(res));
       recycle(static_cast<uint32_t>(bid));
       if (!ok)
-        tls_fail(s, -ENOMEM, 0, t->handshaking, KLOOP_ERROR_READ);
+        tls_fail(s, -EPROTO, 0, t->handshaking, KLOOP_ERROR_READ);
       else
         tls_pump(s);
     }
@@ -652,7 +679,7 @@ void Engine::tls_pump(Stream *s) {
   if (t->peer_closed || (s->paused && !s->closing)) return;
   // Receiving offloaded: data went out as DATA already; OpenSSL only sees
   // the other records, and the end of the stream.
-  if (t->rx_offload && t->rx_ctl_lens.empty() && !t->in_eof) return;
+  if (t->rx_offload && t->rx_ctl.empty() && !t->in_eof) return;
   // Closing: read on until the peer's close_notify, dropping the plaintext.
   bool drop = s->closing;
   for (;;) {
@@ -738,7 +765,6 @@ void Engine::tls_release(Stream *s) {
   }
   t->pt.clear();
   t->rx_ctl.clear();
-  t->rx_ctl_lens.clear();
   if (t->starved) {
     for (Stream **pp = &tls_starved_; *pp; pp = &((*pp)->tls->next_starved))
       if (*pp == s) {

@@ -6,10 +6,37 @@
 #pragma once
 
 #include <openssl/ssl.h>
+#include <sys/socket.h>
 
 #include "engine.h"
 
 namespace kl {
+
+// Records the kernel received and decrypted that OpenSSL must see (alerts,
+// handshake messages), each framed with the 5-byte TLS record header that
+// OpenSSL's kernel-TLS record reader expects, and read back one record (or
+// the rest of one) per read.
+class RecordQueue {
+ public:
+  // false: no memory, or a payload no TLS record can carry
+  bool push(uint8_t type, const void *payload, uint32_t len);
+  // copies at most `len` bytes of the first record; 0 when empty
+  size_t read(char *out, size_t len);
+  bool empty() const { return lens_.empty(); }
+  void clear() {
+    bytes_.clear();
+    lens_.clear();
+  }
+
+ private:
+  ByteQueue bytes_;
+  Fifo<uint32_t> lens_;  // bytes left of each record
+};
+
+// The TLS record type of what a kernel TLS recvmsg returned: the
+// SOL_TLS/TLS_GET_RECORD_TYPE control message, application data (23)
+// when there is none.
+uint8_t record_type_of(const msghdr *m);
 
 // Ciphertext received and not yet read by OpenSSL: a piece of a receive
 // buffer, which is recycled once OpenSSL has read all of it.
@@ -55,8 +82,7 @@ struct TlsState {
   bool rx_offload = false;  // the kernel has the receive key
   uint32_t want = 0;        // bytes OpenSSL asked for and did not get
   char *hsbuf = nullptr;    // exact-read buffer while rx_capable and handshaking
-  ByteQueue rx_ctl;         // framed non-data records for OpenSSL
-  Fifo<uint32_t> rx_ctl_lens;
+  RecordQueue rx_ctl;       // non-data records for OpenSSL
   alignas(8) unsigned char rx_cmsg[64] = {};
   // kernel TLS (send side)
   bool ktls_ok = false;     // SSL_OP_ENABLE_KTLS set: OpenSSL may offer keys
