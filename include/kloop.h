@@ -220,6 +220,10 @@ KLOOP_API int kloop_ring_fd(kloop_t *loop);
   4u /* with READ or WRITE: TLS failed (alert, bad record); \
         kloop_stream_tls_error() says how */
 
+/* kloop_completion.aux of KLOOP_EVENT_HANDSHAKE (result 0): what kernel TLS took over */
+#define KLOOP_HANDSHAKE_KTLS_TX 1u /* the kernel encrypts what the stream sends */
+#define KLOOP_HANDSHAKE_KTLS_RX 2u /* the kernel decrypts what the stream receives */
+
 /* kloop_completion.aux of KLOOP_EVENT_EOF on a TLS stream */
 #define KLOOP_EOF_UNCLEAN 1u /* the connection ended without the peer's close_notify */
 
@@ -558,7 +562,8 @@ KLOOP_API int kloop_stream_abort(kloop_t *loop, uint64_t token);
  *   paused) are taken as the start of the TLS stream.
  * While the handshake runs the engine reads even if the stream is paused;
  *   writes are queued and encrypted once it is over. Then:
- *   - KLOOP_EVENT_HANDSHAKE comes once: result 0, or -EPROTO (TLS failed:
+ *   - KLOOP_EVENT_HANDSHAKE comes once: result 0 (aux: KLOOP_HANDSHAKE_KTLS_*
+ *     bits of the directions kernel TLS took over), or -EPROTO (TLS failed:
  *     kloop_stream_tls_error() says how), -ECONNRESET (the peer closed),
  *     or the -errno of the socket. After a failed handshake the stream
  *     neither reads nor writes; close or abort it.

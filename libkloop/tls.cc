@@ -661,7 +661,9 @@ void Engine::tls_pump(Stream *s) {
       return;
     }
     t->handshaking = false;
-    emit(s->token, 0, KLOOP_COMPLETION_MORE, 0, KLOOP_EVENT_HANDSHAKE, 0);
+    uint32_t offload = (t->tx_offload ? KLOOP_HANDSHAKE_KTLS_TX : 0u) |
+                       (t->rx_offload ? KLOOP_HANDSHAKE_KTLS_RX : 0u);
+    emit(s->token, 0, KLOOP_COMPLETION_MORE, 0, KLOOP_EVENT_HANDSHAKE, offload);
     if (t->pt.size()) {
       // Plaintext written during the handshake, in order.
       while (t->pt.size()) {

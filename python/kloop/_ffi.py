@@ -187,6 +187,10 @@ CAP_BIND_LISTEN = 1 << 15
 CAP_PIDFD = 1 << 16
 CAP_KTLS = 1 << 17
 
+# aux of a successful HANDSHAKE record: directions kernel TLS took over
+HANDSHAKE_KTLS_TX = 1
+HANDSHAKE_KTLS_RX = 2
+
 CAP_NAMES = {
     CAP_SINGLE_ISSUER: "single_issuer",
     CAP_DEFER_TASKRUN: "defer_taskrun",

@@ -1284,7 +1284,7 @@ class IouringProactor:
                     elif ev == 6:                        # KLOOP_EVENT_WRITE_DONE
                         t._on_write_done(res)
                     elif ev == 7:                        # KLOOP_EVENT_HANDSHAKE
-                        t._on_handshake(res)
+                        t._on_handshake(res, aux)
 
     # -- shutdown ------------------------------------------------------------
 

@@ -776,6 +776,7 @@ class SSLEngineTransport(SocketTransport):
     _waiter = None
     _dropped_writes = 0
     _eof_unclean = False
+    _ktls = 0  # KLOOP_HANDSHAKE_KTLS_* bits of the handshake
     _eof_called = False
 
     def __init__(self, loop, sock, protocol, sslobj, ssl_ptr, sslcontext, waiter=None, *,
@@ -841,7 +842,7 @@ class SSLEngineTransport(SocketTransport):
 
     # -- handshake ------------------------------------------------------------
 
-    def _on_handshake(self, res):
+    def _on_handshake(self, res, aux=0):
         if self._tls_state != _HS:
             return
         self._cancel_timer("_hs_handle")
@@ -867,6 +868,12 @@ class SSLEngineTransport(SocketTransport):
                          (loop.time() - self._hs_start) * 1e3)
         self._extra.update(peercert=peercert, cipher=sslobj.cipher(),
                            compression=sslobj.compression(), ssl_object=sslobj)
+        if aux & _ffi.HANDSHAKE_KTLS_TX:
+            # The kernel encrypts what this socket sends: loop.sendfile()
+            # can splice the file into it (after the queue is flushed) like
+            # on a plain socket, instead of reading it through Python.
+            self._sendfile_compatible = constants._SendfileMode.TRY_NATIVE
+        self._ktls = aux & (_ffi.HANDSHAKE_KTLS_TX | _ffi.HANDSHAKE_KTLS_RX)
         self._protocol_connected = True
         if self._call_made:
             try:

@@ -208,6 +208,51 @@ TEST_P(EngineKtls, StandardOpenSslPeerReadsWhatTheKernelEncrypted) {
   EXPECT_TRUE(got == out) << "plaintext differs";
 }
 
+// loop.sendfile() on a kTLS transport: once the stream's queue is empty,
+// splice(2) file -> pipe -> socket on the ring; the kernel encrypts what
+// arrives from the pipe like any plaintext.
+TEST_P(EngineKtls, SpliceIntoOffloadedSocketArrivesDecrypted) {
+  REQUIRE_ENGINE_KTLS(d);
+  CtxPtr cctx = ClientFor(GetParam().version);
+  SslPtr c = Client(cctx.get()), s = Server(sctx.get());
+  Pair(1, c.get(), s.get());
+  Event hs = d.Of(1, KLOOP_EVENT_HANDSHAKE).at(0);
+  ASSERT_TRUE(hs.aux & KLOOP_HANDSHAKE_KTLS_TX) << Describe(hs);
+  EXPECT_EQ((hs.aux & KLOOP_HANDSHAKE_KTLS_RX) != 0, GetParam().version == TLS1_2_VERSION);
+  ASSERT_GE(kloop_stream_write(d, 1, "head:", 5), 0);
+  ASSERT_TRUE(d.RunUntil([&] { return kloop_stream_write_size(d, 1) == 0; }));
+  std::string body(300 * 1024, '\0');
+  for (size_t i = 0; i < body.size(); ++i) body[i] = static_cast<char>(PatternByte(i));
+  Fd file = TempFile(body);
+  auto [pr, pw] = Pipe();
+  uint64_t off = 0;
+  uint64_t tok = 100;
+  while (off < body.size()) {
+    uint32_t n = static_cast<uint32_t>(std::min<uint64_t>(65536, body.size() - off));
+    ASSERT_EQ(kloop_submit_splice(d, tok, file, off, pw, KLOOP_OFFSET_CURRENT, n, 0), 0);
+    Event in = d.WaitFinal(tok++);
+    ASSERT_GT(in.result, 0) << Describe(in);
+    int32_t left = in.result;
+    while (left > 0) {
+      ASSERT_EQ(kloop_submit_splice(d, tok, pr, KLOOP_OFFSET_CURRENT, cli_fd, KLOOP_OFFSET_CURRENT,
+                                    static_cast<uint32_t>(left), 0),
+                0);
+      Event out = d.WaitFinal(tok++);
+      ASSERT_GT(out.result, 0) << Describe(out);
+      left -= out.result;
+    }
+    off += static_cast<uint64_t>(in.result);
+  }
+  ASSERT_GE(kloop_stream_write(d, 1, ":tail", 5), 0);
+  std::string want = "head:" + body + ":tail";
+  ASSERT_TRUE(d.RunUntil([&] { return d.DataSizeOf(2) >= want.size(); }, 30s));
+  EXPECT_TRUE(d.DataOf(2) == want) << "spliced plaintext differs";
+  kloop_stream_abort(d, 1);
+  kloop_stream_abort(d, 2);
+  d.WaitFinal(1);
+  d.WaitFinal(2);
+}
+
 INSTANTIATE_TEST_SUITE_P(Versions, EngineKtls,
                          ::testing::Values(Version{"TLS12", TLS1_2_VERSION},
                                            Version{"TLS13", TLS1_3_VERSION}),
