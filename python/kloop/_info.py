@@ -54,6 +54,9 @@ CAPABILITIES = {
     "bind_listen": ("6.11", "IORING_OP_BIND/LISTEN", None),
     "pidfd": ("5.3", "child exit where waitid is missing (pidfd_open)",
               "with neither waitid nor pidfd, child exit (subprocesses) fails with ENOSYS"),
+    "ktls": ("4.13", "engine TLS: the kernel encrypts (and, TLS 1.2, decrypts) after the "
+                     "handshake (TCP ULP tls)",
+             "the engine does the TLS crypto in user space (OpenSSL)"),
 }
 
 # A loop drops a capability whose prerequisite it lacks (include/kloop.h).
