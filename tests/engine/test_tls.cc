@@ -3,8 +3,10 @@
 // place, pausing. Both ends are usually engine streams of one loop on a
 // loopback TCP pair; a few tests put a plain socket on the other end to
 // play a misbehaving peer.
+#include <atomic>
 #include <memory>
 #include <string>
+#include <thread>
 
 #include "tls_util.h"
 
@@ -284,6 +286,41 @@ TEST_F(Tls, CorruptRecordIsATlsReadError) {
   EXPECT_EQ(e.reason, SSL_R_DECRYPTION_FAILED_OR_BAD_RECORD_MAC);
   kloop_stream_abort(d, 2);
   d.WaitFinal(2);
+}
+
+// A TLS 1.2 client asking to renegotiate is refused (OpenSSL's server
+// default, which the engine keeps): the client's renegotiation fails, what
+// came before it arrived intact, and the stream ends with a TLS error or
+// EOF, nothing else.
+TEST_F(Tls, ClientRenegotiationIsRefused) {
+  SslPtr s = Server(sctx.get());
+  auto [mine, peer] = TcpPair();
+  ASSERT_EQ(kloop_stream_attach(d, 2, mine, 0), 0);
+  ASSERT_EQ(kloop_stream_start_tls(d, 2, s.get()), 0);
+  CtxPtr c12 = ClientCtx();
+  SSL_CTX_set_max_proto_version(c12.get(), TLS1_2_VERSION);
+  std::atomic<int> reneg{-2}, hs{-2};
+  std::thread th([&, fd = peer.get()] {
+    SslPtr c = Client(c12.get());
+    SSL_set_fd(c.get(), fd);
+    if (SSL_connect(c.get()) != 1) return;
+    SSL_write(c.get(), "before", 6);
+    reneg = SSL_renegotiate(c.get());
+    hs = SSL_do_handshake(c.get());
+    ::shutdown(fd, SHUT_RDWR);
+  });
+  ASSERT_EQ(d.WaitEvent(2, KLOOP_EVENT_HANDSHAKE).result, 0);
+  ASSERT_TRUE(d.RunUntil([&] { return d.DataOf(2) == "before"; }));
+  ASSERT_TRUE(d.RunUntil(
+      [&] { return !d.Of(2, KLOOP_EVENT_ERROR).empty() || !d.Of(2, KLOOP_EVENT_EOF).empty(); }));
+  th.join();
+  EXPECT_EQ(reneg.load(), 1) << "the client asked";
+  EXPECT_LE(hs.load(), 0) << "and was refused";
+  EXPECT_EQ(d.DataOf(2), "before");
+  EXPECT_EQ(d.Of(2, KLOOP_EVENT_HANDSHAKE).size(), 1u);
+  kloop_stream_abort(d, 2);
+  d.WaitFinal(2);
+  EXPECT_EQ(GetStats(d).buffers_in_use, 0u);
 }
 
 TEST_F(Tls, PausedStreamHandshakesButHoldsPlaintextUntilResume) {
