@@ -47,9 +47,12 @@ struct Fixture {
   SSL_CTX *server = nullptr;
   SSL_CTX *client = nullptr;
   SSL_CTX *client_verify = nullptr;
+};
 
-  Fixture() {
-    if (kloop_create(nullptr, &loop) != 0) Fail("kloop_create failed");
+Fixture MakeFixture() {
+  Fixture f;
+  {
+    if (kloop_create(nullptr, &f.loop) != 0) Fail("kloop_create failed");
     EVP_PKEY *key = EVP_PKEY_Q_keygen(nullptr, nullptr, "EC", "P-256");
     X509 *cert = X509_new();
     if (!key || !cert) Fail("cannot make a key and a certificate");
@@ -64,67 +67,80 @@ struct Fixture {
     X509_set_issuer_name(cert, name);
     if (X509_sign(cert, key, EVP_sha256()) <= 0) Fail("cannot sign the certificate");
 
-    server = SSL_CTX_new(TLS_server_method());
-    if (!server || SSL_CTX_use_certificate(server, cert) != 1 ||
-        SSL_CTX_use_PrivateKey(server, key) != 1)
+    f.server = SSL_CTX_new(TLS_server_method());
+    if (!f.server || SSL_CTX_use_certificate(f.server, cert) != 1 ||
+        SSL_CTX_use_PrivateKey(f.server, key) != 1)
       Fail("cannot make the server context");
     // Older versions too, so that TLS 1.2 parsing is reachable.
-    SSL_CTX_set_min_proto_version(server, TLS1_2_VERSION);
+    SSL_CTX_set_min_proto_version(f.server, TLS1_2_VERSION);
 
-    client = SSL_CTX_new(TLS_client_method());
-    client_verify = SSL_CTX_new(TLS_client_method());
-    if (!client || !client_verify) Fail("cannot make the client contexts");
-    SSL_CTX_set_verify(client, SSL_VERIFY_NONE, nullptr);
-    SSL_CTX_set_verify(client_verify, SSL_VERIFY_PEER, nullptr);
-    X509_STORE_add_cert(SSL_CTX_get_cert_store(client_verify), cert);
+    f.client = SSL_CTX_new(TLS_client_method());
+    f.client_verify = SSL_CTX_new(TLS_client_method());
+    if (!f.client || !f.client_verify) Fail("cannot make the client contexts");
+    SSL_CTX_set_verify(f.client, SSL_VERIFY_NONE, nullptr);
+    SSL_CTX_set_verify(f.client_verify, SSL_VERIFY_PEER, nullptr);
+    X509_STORE_add_cert(SSL_CTX_get_cert_store(f.client_verify), cert);
     X509_free(cert);
     EVP_PKEY_free(key);
   }
-};
+  return f;
+}
 
-Fixture &Fix() {
-  static Fixture f;
+const Fixture &Fix() {
+  static const Fixture f = MakeFixture();
   return f;
 }
 
 // What the input's peer end and the stream did so far.
-struct Run {
-  Run(kloop_t *l, uint64_t t) : loop(l), tok(t) {}
-  kloop_t *loop;
-  uint64_t tok;
-  int handshakes = 0;
-  int hs_result = 1;   // 1: none yet
-  bool ended = false;  // EOF or ERROR seen
-  bool aborted = false;
-  bool closing = false;  // kloop_stream_close() was called
-  bool closed = false;
-  kloop_completion out[32] = {};
+class Run {
+ public:
+  Run(kloop_t *l, uint64_t t) : loop_(l), tok_(t) {}
+  uint64_t tok() const { return tok_; }
+  int handshakes() const { return handshakes_; }
+  int hs_result() const { return hs_result_; }
+  bool ended() const { return ended_; }
+  bool aborted() const { return aborted_; }
+  bool closing() const { return closing_; }
+  bool closed() const { return closed_; }
 
   // One kloop_poll(), each record checked.
   void Poll(int64_t timeout_ns) {
-    int n = kloop_poll(loop, out, 32, timeout_ns);
+    int n = kloop_poll(loop_, out_, 32, timeout_ns);
     if (n == -EINTR) return;
     if (n < 0) Fail("kloop_poll returned %d", n);
-    for (int i = 0; i < n; ++i) Record(out[i]);
+    for (int i = 0; i < n; ++i) Record(out_[i]);
   }
 
+  void Abort() {
+    int rc = kloop_stream_abort(loop_, tok_);
+    if (rc != 0 && rc != -EALREADY) Fail("kloop_stream_abort returned %d", rc);
+    aborted_ = true;
+  }
+
+  void Close() {
+    int rc = kloop_stream_close(loop_, tok_);
+    if (rc != 0 && rc != -EALREADY) Fail("kloop_stream_close returned %d", rc);
+    closing_ = true;
+  }
+
+ private:
   void Record(const kloop_completion &c) {
     kfuzz::Trace("record event %u result %d aux %#x flags %#x", c.event, c.result, c.aux, c.flags);
-    if (c.token != tok)
-      Fail("record for token %llu, not the stream's", (unsigned long long)c.token);
-    if (closed) Fail("record (event %u) after CLOSED", c.event);
+    if (c.token != tok_)
+      Fail("record for token %llu, not the stream's", static_cast<unsigned long long>(c.token));
+    if (closed_) Fail("record (event %u) after CLOSED", c.event);
     bool more = (c.flags & KLOOP_COMPLETION_MORE) != 0;
     if ((c.event == KLOOP_EVENT_CLOSED) == more) Fail("event %u with flags %#x", c.event, c.flags);
     switch (c.event) {
       case KLOOP_EVENT_HANDSHAKE:
-        if (++handshakes > 1) Fail("a second HANDSHAKE record (result %d)", c.result);
-        if (aborted) Fail("HANDSHAKE (result %d) after abort", c.result);
+        if (++handshakes_ > 1) Fail("a second HANDSHAKE record (result %d)", c.result);
+        if (aborted_) Fail("HANDSHAKE (result %d) after abort", c.result);
         if (c.result > 0) Fail("HANDSHAKE with result %d", c.result);
-        hs_result = c.result;
+        hs_result_ = c.result;
         if (c.result < 0) CheckTlsError();
         break;
       case KLOOP_EVENT_DATA: {
-        if (hs_result != 0) Fail("DATA (%d bytes) without a successful HANDSHAKE", c.result);
+        if (hs_result_ != 0) Fail("DATA (%d bytes) without a successful HANDSHAKE", c.result);
         if (c.result <= 0) Fail("DATA with result %d", c.result);
         const volatile unsigned char *p = reinterpret_cast<const unsigned char *>(c.data);
         unsigned sum = 0;
@@ -133,20 +149,20 @@ struct Run {
         break;
       }
       case KLOOP_EVENT_EOF:
-        if (hs_result != 0) Fail("EOF (aux %u) without a successful HANDSHAKE", c.aux);
-        ended = true;
+        if (hs_result_ != 0) Fail("EOF (aux %u) without a successful HANDSHAKE", c.aux);
+        ended_ = true;
         break;
       case KLOOP_EVENT_ERROR:
         // A failed send during the handshake (the peer went away while the
         // engine's flight was queued) comes as a write ERROR; a read or TLS
         // failure then is the HANDSHAKE's result instead.
-        if (hs_result != 0 && c.aux != KLOOP_ERROR_WRITE)
+        if (hs_result_ != 0 && c.aux != KLOOP_ERROR_WRITE)
           Fail("ERROR (result %d, aux %#x) without a successful HANDSHAKE", c.result, c.aux);
         if (c.result >= 0) Fail("ERROR with result %d", c.result);
-        if (hs_result == 0) ended = true;
+        if (hs_result_ == 0) ended_ = true;
         break;
       case KLOOP_EVENT_CLOSED:
-        closed = true;
+        closed_ = true;
         break;
       case KLOOP_EVENT_WRITE_LOW:
       case KLOOP_EVENT_WRITE_DONE:
@@ -156,25 +172,31 @@ struct Run {
     }
   }
 
-  void CheckTlsError() {
+  void CheckTlsError() const {
     kloop_tls_error e;
     std::memset(&e, 0x5a, sizeof e);
     e.size = sizeof e;
-    int rc = kloop_stream_tls_error(loop, tok, &e);
+    int rc = kloop_stream_tls_error(loop_, tok_, &e);
     if (rc != 0) Fail("kloop_stream_tls_error after a failed handshake returned %d", rc);
     if (!std::memchr(e.message, 0, sizeof e.message) ||
         !std::memchr(e.verify_message, 0, sizeof e.verify_message))
       Fail("kloop_stream_tls_error texts not NUL-terminated");
   }
 
-  void Abort() {
-    int rc = kloop_stream_abort(loop, tok);
-    if (rc != 0 && rc != -EALREADY) Fail("kloop_stream_abort returned %d", rc);
-    aborted = true;
-  }
+  kloop_t *loop_;
+  uint64_t tok_;
+  int handshakes_ = 0;
+  int hs_result_ = 1;   // 1: none yet
+  bool ended_ = false;  // EOF or ERROR seen after a successful handshake
+  bool aborted_ = false;
+  bool closing_ = false;  // kloop_stream_close() was called
+  bool closed_ = false;
+  kloop_completion out_[32] = {};
 };
 
 // Write all of p[0..n) to the peer end, letting the engine run meanwhile.
+// Once the handshake failed (or the stream was aborted) the engine stops
+// reading, so what no longer fits into the socket is dropped then.
 void PeerWrite(Run &r, int fd, const uint8_t *p, size_t n) {
   int64_t end = NowNs() + 2'000'000'000LL;
   while (n > 0) {
@@ -185,6 +207,7 @@ void PeerWrite(Run &r, int fd, const uint8_t *p, size_t n) {
       continue;
     }
     if (w < 0 && errno != EAGAIN && errno != EWOULDBLOCK) return;  // engine side gone
+    if (r.aborted() || r.hs_result() < 0) return;
     if (NowNs() > end) Fail("peer cannot write: the engine does not read");
     r.Poll(100'000);
   }
@@ -193,7 +216,7 @@ void PeerWrite(Run &r, int fd, const uint8_t *p, size_t n) {
 uint64_t g_token = 0;
 
 void RunOne(Reader &in, const uint8_t *data, size_t size) {
-  Fixture &f = Fix();
+  const Fixture &f = Fix();
   uint8_t opt = in.u8();
   bool server = opt & 1;
   uint8_t k = in.u8() % 8;
@@ -208,7 +231,7 @@ void RunOne(Reader &in, const uint8_t *data, size_t size) {
     Fail("socketpair: %s", std::strerror(errno));
   Run r(f.loop, ++g_token);
   uint32_t flags = KLOOP_STREAM_CLOSE_FD | ((opt & 2) ? KLOOP_STREAM_PAUSED : 0);
-  int rc = kloop_stream_attach(f.loop, r.tok, sv[0], flags);
+  int rc = kloop_stream_attach(f.loop, r.tok(), sv[0], flags);
   if (rc != 0) Fail("kloop_stream_attach returned %d", rc);
 
   SSL *ssl = SSL_new(server ? f.server : ((opt & 0x80) ? f.client_verify : f.client));
@@ -220,18 +243,19 @@ void RunOne(Reader &in, const uint8_t *data, size_t size) {
     SSL_set_tlsext_host_name(ssl, "localhost");
     SSL_set1_host(ssl, "localhost");
   }
-  rc = kloop_stream_start_tls(f.loop, r.tok, ssl);
+  rc = kloop_stream_start_tls(f.loop, r.tok(), ssl);
   SSL_free(ssl);  // the engine holds its own reference
   if (rc != 0) Fail("kloop_stream_start_tls returned %d", rc);
   if (opt & 4) {
     static const char kEarly[] = "plaintext queued before the handshake ends";
-    int64_t w = kloop_stream_write(f.loop, r.tok, kEarly, sizeof kEarly - 1);
-    if (w < 0) Fail("kloop_stream_write during the handshake returned %lld", (long long)w);
+    int64_t w = kloop_stream_write(f.loop, r.tok(), kEarly, sizeof kEarly - 1);
+    if (w < 0)
+      Fail("kloop_stream_write during the handshake returned %lld", static_cast<long long>(w));
   }
 
   int abort_after = (opt & 0x10) ? ((opt >> 5) & 3) : -1;
   int piece = 0;
-  while (left > 0 && !r.aborted) {
+  while (left > 0 && !r.aborted()) {
     size_t n = left;
     if (k) {
       n = sizes[piece % k] ? sizes[piece % k] : 256;
@@ -244,30 +268,28 @@ void RunOne(Reader &in, const uint8_t *data, size_t size) {
     r.Poll(0);
     if (piece++ == abort_after) r.Abort();
   }
-  if (abort_after >= 0 && !r.aborted) r.Abort();
+  if (abort_after >= 0 && !r.aborted()) r.Abort();
   ::close(sv[1]);
 
   // The peer is gone: the handshake ends (or has ended) and, after a
   // successful one, reading ends too.
   int64_t end = NowNs() + 3'000'000'000LL;
-  while (!r.aborted && (r.handshakes == 0 || (r.hs_result == 0 && !r.ended))) {
+  while (!r.aborted() && (r.handshakes() == 0 || (r.hs_result() == 0 && !r.ended()))) {
     if (NowNs() > end)
-      Fail("no %s within 3 s after the peer closed", r.handshakes ? "EOF/ERROR" : "HANDSHAKE");
+      Fail("no %s within 3 s after the peer closed", r.handshakes() ? "EOF/ERROR" : "HANDSHAKE");
     r.Poll(1'000'000);
   }
-  if (!r.aborted && r.handshakes != 1) Fail("%d HANDSHAKE records", r.handshakes);
-  if (!r.aborted) {
+  if (!r.aborted() && r.handshakes() != 1) Fail("%d HANDSHAKE records", r.handshakes());
+  if (!r.aborted()) {
     if (opt & 8) {
-      rc = kloop_stream_close(f.loop, r.tok);
-      if (rc != 0 && rc != -EALREADY) Fail("kloop_stream_close returned %d", rc);
-      r.closing = true;
+      r.Close();
     } else {
       r.Abort();
     }
   }
   end = NowNs() + 3'000'000'000LL;
-  while (!r.closed) {
-    if (NowNs() > end) Fail("no CLOSED within 3 s after %s", r.closing ? "close" : "abort");
+  while (!r.closed()) {
+    if (NowNs() > end) Fail("no CLOSED within 3 s after %s", r.closing() ? "close" : "abort");
     r.Poll(1'000'000);
   }
   // Returns the buffers of the last poll; nothing may come now.
@@ -275,9 +297,11 @@ void RunOne(Reader &in, const uint8_t *data, size_t size) {
   kloop_stats st{};
   st.size = sizeof st;
   if (kloop_get_stats(f.loop, &st) != 0) Fail("kloop_get_stats failed");
-  if (st.streams != 0) Fail("%llu stream(s) left after CLOSED", (unsigned long long)st.streams);
+  if (st.streams != 0)
+    Fail("%llu stream(s) left after CLOSED", static_cast<unsigned long long>(st.streams));
   if (st.buffers_in_use != 0)
-    Fail("%llu buffer(s) in use after the stream closed", (unsigned long long)st.buffers_in_use);
+    Fail("%llu buffer(s) in use after the stream closed",
+         static_cast<unsigned long long>(st.buffers_in_use));
   ERR_clear_error();
 }
 

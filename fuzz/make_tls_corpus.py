@@ -203,6 +203,8 @@ def frame_seeds():
     # a header announcing one data byte in a control buffer that ends with
     # the header (msg_controllen 16)
     s['cmsg_len_past_controllen'] = c(raw(17), cut=2 | (16 << 2))
+    # the same for a second message whose header ends the buffer
+    s['cmsg_second_len_past_controllen'] = c(tls(22), raw(17))
     s['cmsg_other_len_long'] = c(raw(200, tls_level=False, level_idx=1, data=bytes(8)), tls(21))
     return s
 
