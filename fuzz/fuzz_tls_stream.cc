@@ -153,9 +153,12 @@ class Run {
         ended_ = true;
         break;
       case KLOOP_EVENT_ERROR:
-        // A failed send during the handshake (the peer went away while the
-        // engine's flight was queued) comes as a write ERROR; a read or TLS
-        // failure then is the HANDSHAKE's result instead.
+        // A failed send while the handshake runs (the peer went away while
+        // the engine's flight was queued) comes as a write ERROR; a read or
+        // TLS failure is the HANDSHAKE's result instead, and after a failed
+        // HANDSHAKE nothing is reported (kloop.h).
+        if (hs_result_ < 0)
+          Fail("ERROR (result %d, aux %#x) after a failed HANDSHAKE", c.result, c.aux);
         if (hs_result_ != 0 && c.aux != KLOOP_ERROR_WRITE)
           Fail("ERROR (result %d, aux %#x) without a successful HANDSHAKE", c.result, c.aux);
         if (c.result >= 0) Fail("ERROR with result %d", c.result);

@@ -566,7 +566,7 @@ KLOOP_API int kloop_stream_abort(kloop_t *loop, uint64_t token);
  *     bits of the directions kernel TLS took over), or -EPROTO (TLS failed:
  *     kloop_stream_tls_error() says how), -ECONNRESET (the peer closed),
  *     or the -errno of the socket. After a failed handshake the stream
- *     neither reads nor writes; close or abort it.
+ *     neither reads nor writes (nor reports a write error); close or abort it.
  *   - DATA records carry plaintext (in engine buffers, as for plain streams);
  *     kloop_stream_write() takes plaintext; kloop_stream_write_size() counts
  *     plaintext not yet encrypted plus encrypted bytes not yet sent.

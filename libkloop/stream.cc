@@ -322,7 +322,7 @@ void Engine::handle_stream_cqe(Op *op, int res, uint32_t cflags) {
             s->wq.clear();
             if (s->closing)
               s->close_err = res;
-            else if (!s->aborting)
+            else if (!s->aborting && !(s->tls && s->tls->failed))  // TLS: reported already
               emit(s->token, res, KLOOP_COMPLETION_MORE, 0, KLOOP_EVENT_ERROR, KLOOP_ERROR_WRITE);
           }
           progress(s);
@@ -356,7 +356,7 @@ void Engine::handle_stream_cqe(Op *op, int res, uint32_t cflags) {
         s->wq.clear();
         if (s->closing)
           s->close_err = res;
-        else if (!s->aborting)
+        else if (!s->aborting && !(s->tls && s->tls->failed))  // TLS: reported already
           emit(s->token, res, KLOOP_COMPLETION_MORE, 0, KLOOP_EVENT_ERROR, KLOOP_ERROR_WRITE);
       }
       progress(s);

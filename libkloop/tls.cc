@@ -149,8 +149,13 @@ uint8_t record_type_of(const msghdr *m) {
   uint8_t type = 23;
   if (!m || !m->msg_control || m->msg_controllen < sizeof(cmsghdr)) return type;
   auto *mm = const_cast<msghdr *>(m);
+  const char *end = static_cast<const char *>(m->msg_control) + m->msg_controllen;
   for (cmsghdr *c = CMSG_FIRSTHDR(mm); c; c = CMSG_NXTHDR(mm, c)) {
-    if (c->cmsg_len < CMSG_LEN(1)) break;  // malformed: stop here
+    // Malformed (shorter than a header and a byte, or longer than what
+    // is left of the buffer): stop here.
+    if (c->cmsg_len < CMSG_LEN(1) ||
+        c->cmsg_len > static_cast<size_t>(end - reinterpret_cast<const char *>(c)))
+      break;
     if (c->cmsg_level == SOL_TLS && c->cmsg_type == TLS_GET_RECORD_TYPE) type = *CMSG_DATA(c);
   }
   return type;
