@@ -1342,6 +1342,9 @@ def main(argv=None):
     p.add_argument("--allow-stale", action="store_true",
                    help="measure even if sources are newer than the build")
     args = p.parse_args(argv)
+    # SIGTERM ends a run like Ctrl-C: servers are stopped and the temporary
+    # snapshot and test certificate are removed on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     global NICE
     NICE = args.nice
