@@ -4,7 +4,14 @@
 # exits with the program's exit status.
 #
 #   bash scripts/ktls-vm.sh path/to/static-binary [args...]
+#   bash scripts/ktls-vm.sh --host-root [--cwd DIR] /host/path/program [args...]
 #   bash scripts/ktls-vm.sh --fetch      only download and cache the kernel
+#
+# --host-root: the guest mounts this machine's root file system read-only
+# over 9p (virtio) and runs the program chrooted into it (dynamically
+# linked programs, e.g. /usr/bin/python3 with Debian's packages), with
+# fresh /proc, /sys, /dev and a tmpfs on /run (TMPDIR and HOME point
+# there), in DIR (default: the current directory). Nothing it writes stays.
 #
 # Why: this host's kernel has no CONFIG_TLS, so kTLS can only be exercised in
 # a guest. The guest is emulated (TCG; /dev/kvm is not usable here), boots in
@@ -43,6 +50,9 @@ CPUS=${KLOOP_KTLS_VM_CPUS:-1}
 # -F depends), and the AEAD the tls module asks the crypto API for (gcm(aes))
 # must be available without a modprobe in the guest.
 MODULES=(gf128mul ghash-generic gcm ctr cryptd crypto_simd aesni-intel tls)
+# With --host-root: virtio and 9p, to mount the host's root read-only.
+HOST_MODULES=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
+  9pnet 9pnet_virtio netfs fscache 9p)
 
 die() {
   local code=$1
@@ -110,7 +120,7 @@ fetch_kernel() {
     rm -rf "$tmp" "$dir.new"
     die 3 "$pkg has no boot/vmlinuz-$release"
   }
-  for m in "${MODULES[@]}"; do
+  for m in "${MODULES[@]}" "${HOST_MODULES[@]}"; do
     path=$(find "$tmp/x/lib/modules/$release" -name "$m.ko*" | head -n1)
     if [ -z "$path" ]; then
       rm -rf "$tmp" "$dir.new"
@@ -124,19 +134,29 @@ fetch_kernel() {
   log "cached $pkg ($release) in $dir"
 }
 
+# Whether a cached kernel has every module this script loads (a cache made
+# by an older version of it may lack some: fetched again then).
+cache_complete() {
+  local m
+  for m in "${MODULES[@]}" "${HOST_MODULES[@]}"; do
+    compgen -G "$1/modules/$m.ko*" >/dev/null || return 1
+  done
+}
+
 # The cached kernel: the one named in $CACHE/current, or a new download.
 ensure_kernel() {
   local pkg
   mkdir -p "$CACHE" || die 3 "cannot create $CACHE"
   if [ -z "${KLOOP_KTLS_VM_KERNEL:-}" ] && [ -s "$CACHE/current" ] &&
-    [ -f "$CACHE/$(cat "$CACHE/current")/release" ]; then
+    [ -f "$CACHE/$(cat "$CACHE/current")/release" ] &&
+    cache_complete "$CACHE/$(cat "$CACHE/current")"; then
     KDIR=$CACHE/$(cat "$CACHE/current")
     return
   fi
   pkg=$(kernel_package)
   [ -n "$pkg" ] ||
     die 3 "no Debian kernel package found (apt-cache depends linux-image-amd64 is empty: run apt-get update)"
-  if [ ! -f "$CACHE/$pkg/release" ]; then
+  if [ ! -f "$CACHE/$pkg/release" ] || ! cache_complete "$CACHE/$pkg"; then
     log "downloading $pkg (once)"
     fetch_kernel "$pkg" "$CACHE/$pkg"
   fi
@@ -147,11 +167,23 @@ ensure_kernel() {
 ensure_kernel
 [ "$1" = --fetch ] && exit 0
 
+HOST_ROOT=0
+GUEST_CWD=$PWD
+if [ "$1" = --host-root ]; then
+  HOST_ROOT=1
+  shift
+  if [ "${1:-}" = --cwd ]; then
+    [ $# -ge 2 ] || usage
+    GUEST_CWD=$2
+    shift 2
+  fi
+  [ $# -ge 1 ] || usage
+fi
 PROGRAM=$1
 shift
 [ -f "$PROGRAM" ] && [ -x "$PROGRAM" ] || die 2 "$PROGRAM is not an executable file"
-if LC_ALL=C readelf -l "$PROGRAM" 2>/dev/null | grep -q 'INTERP'; then
-  die 2 "$PROGRAM is dynamically linked; the guest has no libraries: link it with -static"
+if [ "$HOST_ROOT" = 0 ] && LC_ALL=C readelf -l "$PROGRAM" 2>/dev/null | grep -q 'INTERP'; then
+  die 2 "$PROGRAM is dynamically linked; the guest has no libraries: link it with -static (or use --host-root)"
 fi
 
 WORK=$(mktemp -d) || die 3 "mktemp failed"
@@ -165,10 +197,28 @@ TOKEN=kloop-ktls-vm-$RANDOM$RANDOM
 ROOTFS=$WORK/root
 mkdir -p "$ROOTFS"/{bin,dev,proc,sys,tmp,run,lib/modules} || die 3 "cannot build the initramfs"
 cp "$BUSYBOX" "$ROOTFS/bin/busybox"
-for m in "${MODULES[@]}"; do
+LOAD=("${MODULES[@]}")
+[ "$HOST_ROOT" = 1 ] && LOAD+=("${HOST_MODULES[@]}")
+for m in "${LOAD[@]}"; do
   cp "$KDIR"/modules/"$m".ko* "$ROOTFS/lib/modules/"
 done
-cp "$PROGRAM" "$ROOTFS/bin/program"
+if [ "$HOST_ROOT" = 1 ]; then
+  # Run on the host's root: a small wrapper mounts it and chroots.
+  cat >"$ROOTFS/bin/program" <<WRAPPER
+#!/bin/busybox sh
+mkdir -p /host
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose hostroot /host || exit 125
+# /tmp stays the host's (read-only: the program may live there); the
+# writable scratch space is a tmpfs on /run, named by TMPDIR and HOME.
+mount -t proc proc /host/proc && mount -t sysfs sysfs /host/sys &&
+  mount -t devtmpfs devtmpfs /host/dev && mount -t tmpfs tmpfs /host/run || exit 125
+export TMPDIR=/run HOME=/run
+exec chroot /host /bin/sh -c 'cd "\$0" && exec "\$@"' '$GUEST_CWD' '$PROGRAM' "\$@"
+WRAPPER
+  chmod 0755 "$ROOTFS/bin/program"
+else
+  cp "$PROGRAM" "$ROOTFS/bin/program"
+fi
 {
   # The program's arguments, each quoted for the guest's sh.
   printf 'set --'
@@ -181,12 +231,12 @@ cat >"$ROOTFS/init" <<EOF
 #!/bin/busybox sh
 /bin/busybox --install -s /bin
 # TERM=dumb: no colour codes in the output a caller may parse.
-export PATH=/bin HOME=/tmp TMPDIR=/tmp TERM=dumb KLOOP_REQUIRE_KTLS=1
+export PATH=/bin HOME=/tmp TMPDIR=/tmp TERM=dumb KLOOP_REQUIRE_KTLS=1 PYTHONDONTWRITEBYTECODE=1
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 mount -t tmpfs tmpfs /tmp
-for m in ${MODULES[*]}; do
+for m in ${LOAD[*]}; do
   insmod /lib/modules/\$m.ko* || echo "$TOKEN: insmod \$m failed"
 done
 ip link set lo up
@@ -202,6 +252,10 @@ chmod 0755 "$ROOTFS/init"
 (cd "$ROOTFS" && find . | cpio -o -H newc --quiet | gzip -1 >"$WORK/initrd.gz") ||
   die 3 "cpio of the initramfs failed"
 
+VIRTFS=()
+[ "$HOST_ROOT" = 1 ] &&
+  VIRTFS=(-virtfs "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap")
+
 # The guest. Console on the first serial port only; the kernel's own messages
 # are kept to errors. panic=-1 with -no-reboot makes a panic end qemu.
 CONSOLE=$WORK/console.log
@@ -209,7 +263,7 @@ STATUS=$WORK/status
 timeout --kill-after=10 "$TIMEOUT" \
   qemu-system-x86_64 -machine q35,accel=tcg -cpu max -smp "$CPUS" -m "$MEMORY" \
   -nodefaults -no-user-config -display none -serial stdio -no-reboot \
-  -kernel "$KDIR/vmlinuz" -initrd "$WORK/initrd.gz" \
+  -kernel "$KDIR/vmlinuz" -initrd "$WORK/initrd.gz" "${VIRTFS[@]}" \
   -append "console=ttyS0 quiet loglevel=3 panic=-1 rdinit=/init" \
   </dev/null 2>"$WORK/qemu.err" |
   tee "$CONSOLE" |

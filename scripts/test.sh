@@ -25,6 +25,9 @@
 #            scripts/ktls-vm.sh; counted from GoogleTest's summary. Skipped
 #            (one skip) when qemu-system-x86_64 is not installed. The first
 #            run downloads the kernel package with apt-get (then cached).
+#   ktls-py  tests/ktls/test_python_ktls.py with pytest in the same guest,
+#            on this machine's root file system shared read-only (9p):
+#            kloop's TLS transports over kernel TLS, sendfile spliced
 # A stage that cannot run (configure or build error, no tests collected,
 # missing directory) counts as one failure. Environment:
 #   JOBS          parallel build/test jobs (default: number of cores)
@@ -34,7 +37,7 @@ set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 ROOT=$PWD
 JOBS=${JOBS:-$(nproc)}
-STAGES=${KLOOP_STAGES:-meson examples asan python conform integ package ktls}
+STAGES=${KLOOP_STAGES:-meson examples asan python conform integ package ktls ktls-py}
 PY=/usr/bin/python3
 RESULTS=$(mktemp -d)
 trap 'rm -rf "$RESULTS"' EXIT
@@ -230,6 +233,49 @@ stage_ktls() {
   fi
 }
 
+# Counts from pytest's last summary line ("3 passed, 1 skipped in 2.3s"):
+# passed failed skipped (errors count as failed); -1 -1 -1 without one.
+pytest_line_counts() {
+  "$PY" - "$1" <<'EOF'
+import re, sys
+text = open(sys.argv[1], errors="replace").read()
+lines = [l for l in text.splitlines() if re.search(r"\d+ (passed|failed|skipped|errors?)\b.* in [\d.]+s", l)]
+if not lines:
+    print(-1, -1, -1)
+    raise SystemExit
+last = lines[-1]
+def n(word):
+    m = re.search(r"(\d+) " + word, last)
+    return int(m.group(1)) if m else 0
+print(n("passed"), n("failed") + n("errors?"), n("skipped"))
+EOF
+}
+
+# kloop's Python loop in the same guest: the host's root over 9p, pytest.
+stage_ktls_python() {
+  local log=$RESULTS/ktls-py.log rc passed failed skipped
+  say "ktls-py: tests/ktls/test_python_ktls.py in the qemu guest (kloop over kernel TLS)"
+  if ! command -v qemu-system-x86_64 >/dev/null; then
+    record ktls-py 0 0 1 "qemu-system-x86_64 is not installed: run scripts/setup.sh"
+    return
+  fi
+  if [ ! -f build/libkloop/libkloop.so ] && ! ninja -C build -j "$JOBS"; then
+    record ktls-py 0 1 0 "build/ does not build: run scripts/setup.sh"
+    return
+  fi
+  bash scripts/ktls-vm.sh --host-root --cwd "$ROOT" "$PY" -m pytest -q -p no:cacheprovider -rs \
+    tests/ktls/test_python_ktls.py 2>&1 | tee "$log"
+  rc=${PIPESTATUS[0]}
+  read -r passed failed skipped < <(pytest_line_counts "$log")
+  if [ "$passed" -lt 0 ]; then
+    record ktls-py 0 1 0 "no pytest summary: scripts/ktls-vm.sh exited $rc"
+  elif [ "$rc" -ne 0 ] && [ "$failed" -eq 0 ]; then
+    record ktls-py "$passed" 1 "$skipped" "pytest in the guest exited $rc"
+  else
+    record ktls-py "$passed" "$failed" "$skipped"
+  fi
+}
+
 for stage in $STAGES; do
   STAGE_START=$SECONDS
   case $stage in
@@ -241,6 +287,7 @@ for stage in $STAGES; do
     integ) pytest_stage integ tests/integration ;;
     package) pytest_stage package tests/packaging ;;
     ktls) stage_ktls ;;
+    ktls-py) stage_ktls_python ;;
     *) echo "test.sh: unknown stage $stage" >&2; record "$stage" 0 1 0 "unknown stage" ;;
   esac
 done
