@@ -377,22 +377,30 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
         if not keep_open:
             self.close()
 
+    _read_error_message = "Fatal read error on socket transport"
+
     def _on_error(self, res, aux=0):
         # A read or a write error. Read errors stay behind data held while
         # paused (the engine holds the ones it has not handed out yet); with
         # nothing held the error is reported at once, so that a write error
         # ends a connection whose reading is paused, as in asyncio.
-        exc = make_error(res)
+        exc = self._event_error(res, aux)
+        if exc is None:
+            return
         if self._held and not self._closing:
             self._hold(_H_ERROR, exc)
             return
         self._read_error(exc)
 
+    def _event_error(self, res, aux):
+        """The exception for an ERROR record, None to ignore it."""
+        return make_error(res)
+
     def _read_error(self, exc):
         self._read_done = True
         if self._conn_lost:
             return
-        self._fatal_error(exc, "Fatal read error on socket transport")
+        self._fatal_error(exc, self._read_error_message)
 
     # -- writing ------------------------------------------------------------
 
@@ -408,6 +416,10 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
                 elif size < 0:
                     self._write_failed(size)
             return
+        self._write_slow(data)
+
+    def _write_slow(self, data):
+        # Any bytes-like object, and the cases the fast path leaves out.
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"data argument must be a bytes-like object, "
                             f"not {type(data).__name__!r}")
@@ -423,6 +435,9 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
             self._conn_lost += 1
             self._update_wok()
             return
+        self._write_buffer(data)
+
+    def _write_buffer(self, data):
         buf = _ffi.ffi.from_buffer(data)
         try:
             size = self._kwrite(self._kptr, self._token, buf, len(buf))
@@ -966,20 +981,12 @@ class SSLEngineTransport(SocketTransport):
             logger.warning("returning true from eof_received() has no effect when using ssl")
         self.close()
 
-    def _on_error(self, res, aux=0):
-        if self._tls_state == _HS:
-            return  # the HANDSHAKE record says how the handshake ended
-        exc = self._tls_error() if aux & _ERROR_TLS else make_error(res)
-        if self._held and not self._closing:
-            self._hold(_H_ERROR, exc)
-            return
-        self._read_error(exc)
+    _read_error_message = "Fatal error on SSL protocol"
 
-    def _read_error(self, exc):
-        self._read_done = True
-        if self._conn_lost:
-            return
-        self._fatal_error(exc, "Fatal error on SSL protocol")
+    def _event_error(self, res, aux):
+        if self._tls_state == _HS:
+            return None  # the HANDSHAKE record says how the handshake ended
+        return self._tls_error() if aux & _ERROR_TLS else make_error(res)
 
     def set_read_buffer_limits(self, high=None, low=None):
         # The engine decrypts into its receive buffers and hands the bytes
@@ -1000,16 +1007,9 @@ class SSLEngineTransport(SocketTransport):
     def _update_wok(self):
         self._wok = not (self._conn_lost or self._closing or self._empty_waiter is not None)
 
-    def write(self, data):
-        if self._wok and type(data) is bytes:
-            if data:
-                size = self._kwrite(self._kptr, self._token, data, len(data))
-                if size > self._high_water:
-                    if not self._protocol_paused:
-                        self._pause_protocol()
-                elif size < 0:
-                    self._write_failed(size)
-            return
+    # write() is SocketTransport's (its fast path); the rest as sslproto's
+    # transport has it.
+    def _write_slow(self, data):
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"data: expecting a bytes-like instance, "
                             f"got {type(data).__name__}")
@@ -1021,16 +1021,7 @@ class SSLEngineTransport(SocketTransport):
                 logger.warning("SSL connection is closed")
             self._dropped_writes += 1
             return
-        buf = _ffi.ffi.from_buffer(data)
-        try:
-            size = self._kwrite(self._kptr, self._token, buf, len(buf))
-        finally:
-            _ffi.ffi.release(buf)
-        if size > self._high_water:
-            if not self._protocol_paused:
-                self._pause_protocol()
-        elif size < 0:
-            self._write_failed(size)
+        self._write_buffer(data)
 
     def _write_failed(self, rc):
         if rc == -_EPIPE:

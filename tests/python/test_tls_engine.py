@@ -205,8 +205,9 @@ def drain_until_eof(sock):
         pass
 
 
-async def echo_server(loop, ctx, **kw):
-    """An echo server on the loop; returns (server, port, list of transports)."""
+async def echo_server(loop, ctx, unix_path=None, **kw):
+    """An echo server on the loop (TCP on 127.0.0.1, or Unix at unix_path);
+    returns (server, port or None, list of transports)."""
     made = []
 
     class Echo(asyncio.Protocol):
@@ -217,6 +218,9 @@ async def echo_server(loop, ctx, **kw):
         def data_received(self, data):
             self.tr.write(data)
 
+    if unix_path is not None:
+        srv = await loop.create_unix_server(Echo, unix_path, ssl=ctx, **kw)
+        return srv, None, made
     srv = await loop.create_server(Echo, "127.0.0.1", 0, ssl=ctx, **kw)
     return srv, srv.sockets[0].getsockname()[1], made
 
@@ -1011,6 +1015,24 @@ def test_protocol_keeping_its_transport_is_freed_without_gc(loop, certs):
         gc.enable()
 
 
+def _bio_accept(sock, ctx):
+    """The server side of a handshake through memory BIOs on a blocking
+    socket; returns (sslobj, incoming BIO, outgoing BIO)."""
+    inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(inc, out, server_side=True)
+    while True:
+        try:
+            obj.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            if out.pending:
+                sock.sendall(out.read())
+            inc.write(sock.recv(65536))
+    if out.pending:
+        sock.sendall(out.read())
+    return obj, inc, out
+
+
 def _read_all_tls(sock, obj, incoming, want):
     """Read plaintext through a memory-BIO SSLObject until `want` bytes or
     the peer's close_notify; returns (bytes read, close_notify seen)."""
@@ -1035,19 +1057,7 @@ def test_close_flushes_queued_data_before_close_notify(loop, certs):
     size = 4 << 20
 
     def serve(sock):
-        ctx = certs.server_context()
-        inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
-        obj = ctx.wrap_bio(inc, out, server_side=True)
-        while True:
-            try:
-                obj.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                if out.pending:
-                    sock.sendall(out.read())
-                inc.write(sock.recv(65536))
-        if out.pending:
-            sock.sendall(out.read())
+        obj, inc, out = _bio_accept(sock, certs.server_context())
         time.sleep(0.2)  # let the client queue everything and close
         got, _ = _read_all_tls(sock, obj, inc, size)
         extra, notified = 0, True
@@ -1086,17 +1096,7 @@ def test_trailing_data_reaches_a_peer_that_already_closed(loop, certs, how):
     size = 1 << 20
 
     def serve(sock):
-        ctx = certs.server_context()
-        inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
-        obj = ctx.wrap_bio(inc, out, server_side=True)
-        while True:
-            try:
-                obj.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                if out.pending:
-                    sock.sendall(out.read())
-                inc.write(sock.recv(65536))
+        obj, inc, out = _bio_accept(sock, certs.server_context())
         got, _ = _read_all_tls(sock, obj, inc, 4)
         obj.write(b"pong")
         sock.sendall(out.read())
