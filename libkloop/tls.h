@@ -81,7 +81,6 @@ struct TlsState {
   bool rx_capable = false;  // may offload receiving: read exactly meanwhile
   bool rx_offload = false;  // the kernel has the receive key
   uint32_t want = 0;        // bytes OpenSSL asked for and did not get
-  char *hsbuf = nullptr;    // exact-read buffer while rx_capable and handshaking
   RecordQueue rx_ctl;       // non-data records for OpenSSL
   alignas(8) unsigned char rx_cmsg[64] = {};
   // kernel TLS (send side)
@@ -98,11 +97,13 @@ struct TlsState {
   alignas(8) unsigned char cmsg[32] = {};
 };
 
+// The most an exact read asks for: one TLS record (header, 2^14 bytes,
+// the largest expansion OpenSSL allows).
+inline constexpr uint32_t kTlsHsBuf = 16384 + 2048 + 5;
+
 // Whether the stream must keep reading although the caller paused it or
 // asked to close: the handshake needs the peer's messages, and a graceful
 // close waits for the peer's close_notify.
-inline constexpr uint32_t kTlsHsBuf = 16384 + 2048 + 5;
-
 inline bool tls_must_read(const Stream *s) {
   const TlsState *t = s->tls;
   if (!t || t->failed || s->read_done) return false;

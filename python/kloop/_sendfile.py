@@ -125,15 +125,21 @@ def _pipes_of(loop):
     return pipes
 
 
-async def sock_sendfile(loop, sock, file, offset, count):
+def regular_file(file):
+    """(fileno, size) of a file native sendfile can read, else
+    SendfileNotAvailableError (asyncio then falls back)."""
     try:
         fileno = file.fileno()
     except (AttributeError, io.UnsupportedOperation):
         raise exceptions.SendfileNotAvailableError("not a regular file")
     try:
-        fsize = os.fstat(fileno).st_size
+        return fileno, os.fstat(fileno).st_size
     except OSError:
         raise exceptions.SendfileNotAvailableError("not a regular file")
+
+
+async def sock_sendfile(loop, sock, file, offset, count):
+    fileno, fsize = regular_file(file)
     if not (count if count else fsize):
         return 0  # empty file
 

@@ -17,7 +17,6 @@ mode are the stock code. kloop supplies:
 
 import contextvars
 import errno
-import io
 import ipaddress
 import logging
 import os
@@ -725,14 +724,8 @@ class IouringProactorEventLoop(proactor_events.BaseProactorEventLoop):
     async def _sock_sendfile_os(self, sock, file, offset, count):
         # os.sendfile(2) with the waits for writability on the ring; errors,
         # fallback and file position as asyncio's Unix loop has them.
-        try:
-            fileno = file.fileno()
-        except (AttributeError, io.UnsupportedOperation):
-            raise exceptions.SendfileNotAvailableError("not a regular file")
-        try:
-            fsize = os.fstat(fileno).st_size
-        except OSError:
-            raise exceptions.SendfileNotAvailableError("not a regular file")
+        from . import _sendfile
+        fileno, fsize = _sendfile.regular_file(file)
         blocksize = count if count else fsize
         if not blocksize:
             return 0  # empty file
