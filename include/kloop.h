@@ -212,6 +212,9 @@ KLOOP_API int kloop_ring_fd(kloop_t *loop);
 #define KLOOP_EVENT_CLOSED 5u     /* stream: final completion; result 0 or -errno */
 #define KLOOP_EVENT_WRITE_DONE 6u /* stream: write_eof shutdown done (result 0/-errno) */
 #define KLOOP_EVENT_HANDSHAKE 7u  /* TLS stream: handshake over; result 0 or -errno */
+#define KLOOP_EVENT_WRITE_RELEASE                             \
+  8u /* stream: bytes of kloop_stream_write_ref() no longer \
+        read; `data` is its ref */
 
 /* kloop_completion.aux of KLOOP_EVENT_ERROR: which side of the stream failed */
 #define KLOOP_ERROR_READ 1u  /* receiving failed; reading stops */
@@ -501,6 +504,25 @@ KLOOP_API int kloop_stream_resume(kloop_t *loop, uint64_t token);
  * below. Since: 0.1
  */
 KLOOP_API int64_t kloop_stream_write(kloop_t *loop, uint64_t token, const void *buf, size_t len);
+
+/*
+ * kloop_stream_write_ref - queue len bytes at buf without copying them (for
+ *   large writes, where the copy of kloop_stream_write() costs more than a
+ *   record). The caller keeps the bytes alive and unchanged until a
+ *   KLOOP_EVENT_WRITE_RELEASE record of this stream with data == ref
+ *   (flags KLOOP_COMPLETION_MORE, result 0) says the engine is done with
+ *   them: once the kernel has taken the last of them, or when the queue is
+ *   dropped (write error, abort, close). Every call that returns >= 0 gets
+ *   exactly one such record, before the stream's CLOSED. kloop_destroy()
+ *   sends no records: once it returns the engine reads none of the bytes.
+ *   Ordering, flow control and errors are those of kloop_stream_write().
+ * Returns: as kloop_stream_write(); also -EINVAL (len 0: nothing to lend),
+ *   -EOPNOTSUPP (a TLS stream: use kloop_stream_write()). On < 0 nothing is
+ *   queued and no record comes.
+ * Since: 0.1
+ */
+KLOOP_API int64_t kloop_stream_write_ref(kloop_t *loop, uint64_t token, const void *buf, size_t len,
+                                         uint64_t ref);
 
 /*
  * kloop_stream_set_limits - high/low water marks of the write queue in bytes

@@ -422,6 +422,14 @@ int64_t kloop_stream_write(kloop_t *loop, uint64_t token, const void *buf, size_
   return eng->stream_write(token, buf, len);
 }
 
+int64_t kloop_stream_write_ref(kloop_t *loop, uint64_t token, const void *buf, size_t len,
+                               uint64_t ref) {
+  KLOOP_RESOLVE();
+  if (!buf || !len) return -EINVAL;
+  if (len > (static_cast<size_t>(1) << 40)) return -EINVAL;
+  return eng->stream_write_ref(token, buf, len, ref);
+}
+
 int kloop_stream_set_limits(kloop_t *loop, uint64_t token, uint64_t high, uint64_t low) {
   KLOOP_RESOLVE();
   return eng->stream_set_limits(token, high, low);

@@ -37,6 +37,7 @@ bool is_stream_kind(OpKind k) {
 // ---------------------------------------------------------------------------
 // ByteQueue
 
+// Borrowed blocks are the caller's: kloop_destroy() only stops reading them.
 ByteQueue::~ByteQueue() { clear(); }
 
 bool ByteQueue::append(const void *p, size_t n) {
@@ -74,7 +75,17 @@ bool ByteQueue::append(const void *p, size_t n) {
   return true;
 }
 
-void ByteQueue::consume(size_t n) {
+bool ByteQueue::append_borrowed(const void *p, size_t n, uint64_t ref) {
+  // cap == end: append() never copies into a borrowed block.
+  Block b{static_cast<char *>(const_cast<void *>(p)), n, 0, n};
+  b.ref = ref;
+  b.borrowed = true;
+  if (!blocks_.push_back(b)) return false;
+  bytes_ += n;
+  return true;
+}
+
+void ByteQueue::consume(size_t n, ReleaseFn release, void *ctx) {
   while (n && !blocks_.empty()) {
     Block &b = blocks_.front();
     size_t avail = b.end - b.begin;
@@ -85,14 +96,23 @@ void ByteQueue::consume(size_t n) {
     if (b.begin == b.end) {
       // An idle stream keeps no write memory: with thousands of mostly idle
       // connections a cached block each costs more than malloc saves.
-      ::operator delete(b.data);
+      if (!b.borrowed)
+        ::operator delete(b.data);
+      else if (release)
+        release(ctx, b.ref);
       blocks_.pop_front();
     }
   }
 }
 
-void ByteQueue::clear() {
-  for (size_t i = 0; i < blocks_.size(); ++i) ::operator delete(blocks_.at(i).data);
+void ByteQueue::clear(ReleaseFn release, void *ctx) {
+  for (size_t i = 0; i < blocks_.size(); ++i) {
+    Block &b = blocks_.at(i);
+    if (!b.borrowed)
+      ::operator delete(b.data);
+    else if (release)
+      release(ctx, b.ref);
+  }
   blocks_.clear();
   bytes_ = 0;
 }
@@ -988,9 +1008,10 @@ int Engine::poll(kloop_completion *out, uint32_t max, int64_t timeout_ns) {
   }
   // Work queued by API calls since the last poll (gathered sends, re-arms).
   // Room for every record this call can produce: what is queued, up to 4
-  // records per CQE reaped (reap() takes at most `max` CQEs), and what
-  // stream progress below emits. Failing here loses nothing.
-  size_t room = pending_.size() + 4 * static_cast<size_t>(max) + 16;
+  // records per CQE reaped (reap() takes at most `max` CQEs), what
+  // stream progress below emits, and a WRITE_RELEASE per borrowed block
+  // still queued. Failing here loses nothing.
+  size_t room = pending_.size() + 4 * static_cast<size_t>(max) + 16 + borrowed_;
   if (!pending_.reserve(room) || !handed_out_.reserve(room) ||
       !retire_ops_.reserve(retire_ops_.size() + max) ||
       !retire_streams_.reserve(retire_streams_.size() + max))

@@ -82,11 +82,17 @@ struct Op {
   Op *next_free = nullptr;
 };
 
-// A contiguous block of the write queue.
+// A contiguous block of the write queue: the queue's own copy, or bytes the
+// caller lent (kloop_stream_write_ref), which the queue never frees or fills.
 struct Block {
   char *data;
   size_t cap, begin, end;
+  uint64_t ref = 0;  // borrowed blocks: the caller's reference
+  bool borrowed = false;
 };
+
+// Called for each borrowed block the queue lets go of (sent or dropped).
+using ReleaseFn = void (*)(void *ctx, uint64_t ref);
 
 // Chunked byte queue: append copies, consume frees. Blocks never move, so a
 // send in flight can point into them while more bytes are appended.
@@ -97,8 +103,11 @@ class ByteQueue {
   ByteQueue &operator=(const ByteQueue &) = delete;
   ~ByteQueue();
   bool append(const void *p, size_t n);  // false on ENOMEM, nothing appended
-  void consume(size_t n);
-  void clear();
+  // Queues n bytes at p without copying them; false on ENOMEM.
+  bool append_borrowed(const void *p, size_t n, uint64_t ref);
+  // Both report each borrowed block they let go of to `release`, if given.
+  void consume(size_t n, ReleaseFn release = nullptr, void *ctx = nullptr);
+  void clear(ReleaseFn release = nullptr, void *ctx = nullptr);
   size_t size() const { return bytes_; }
   // iovecs for the first `limit` bytes (all by default)
   int fill_iov(iovec *iov, int max, size_t limit = SIZE_MAX) const;
@@ -191,6 +200,7 @@ class Engine {
   int stream_attach(uint64_t token, int fd, uint32_t flags);
   int stream_pause(uint64_t token, bool pause);
   int64_t stream_write(uint64_t token, const void *buf, size_t len);
+  int64_t stream_write_ref(uint64_t token, const void *buf, size_t len, uint64_t ref);
   int stream_set_limits(uint64_t token, uint64_t high, uint64_t low);
   int64_t stream_write_size(uint64_t token);
   int stream_shutdown(uint64_t token);
@@ -234,6 +244,11 @@ class Engine {
   bool reserve_records(size_t n) { return pending_.reserve(pending_.size() + n); }
   void add_starved(Stream *s);
   void unlink(Stream *s);
+  // The stream's write queue: consume sent bytes / drop all, with a
+  // WRITE_RELEASE record for each borrowed block let go of.
+  void wq_consume(Stream *s, size_t n);
+  void wq_clear(Stream *s);
+  static void released(void *ctx, uint64_t ref);
   void fd_unref(int fd);
 
   // buffers
@@ -310,6 +325,7 @@ class Engine {
   Stream *dirty_ = nullptr;    // intrusive: work to queue at next poll
   Stream *starved_ = nullptr;  // intrusive: waiting for receive buffers
   Fifo<Pending> pending_;      // records not yet returned
+  uint64_t borrowed_ = 0;      // borrowed write blocks not yet released
   Vec<Op *> retire_ops_;       // free at the next poll
   Vec<Stream *> retire_streams_;
   Op *free_ops_ = nullptr;

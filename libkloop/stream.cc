@@ -67,6 +67,31 @@ void Engine::unlink(Stream *s) {
   }
 }
 
+namespace {
+struct ReleaseCtx {
+  Engine *eng;
+  Stream *s;
+};
+}  // namespace
+
+void Engine::wq_consume(Stream *s, size_t n) {
+  ReleaseCtx ctx{this, s};
+  s->wq.consume(n, &Engine::released, &ctx);
+}
+
+void Engine::wq_clear(Stream *s) {
+  ReleaseCtx ctx{this, s};
+  s->wq.clear(&Engine::released, &ctx);
+}
+
+// Room for this record was reserved: poll() reserves one per borrowed block
+// still queued, stream_abort() likewise.
+void Engine::released(void *ctx, uint64_t ref) {
+  auto *c = static_cast<ReleaseCtx *>(ctx);
+  --c->eng->borrowed_;
+  c->eng->emit(c->s->token, 0, KLOOP_COMPLETION_MORE, ref, KLOOP_EVENT_WRITE_RELEASE, 0);
+}
+
 int Engine::stream_attach(uint64_t token, int fd, uint32_t flags) {
   if (token_in_use(token)) return -EEXIST;
   auto *s = new (std::nothrow) Stream;
@@ -141,7 +166,7 @@ void Engine::stream_finish(Stream *s, int err) {
   s->finished = true;
   drop_held(s);
   tls_release(s);
-  s->wq.clear();
+  wq_clear(s);
   // The token stays taken until CLOSED is returned (Engine::poll).
   // The Stream is freed after its CLOSED record is returned: no list may
   // keep pointing at it by then.
@@ -319,7 +344,7 @@ void Engine::handle_stream_cqe(Op *op, int res, uint32_t cflags) {
           s->send_inflight = false;
           if (res < 0 && res != -ECANCELED) {
             s->write_failed = true;
-            s->wq.clear();
+            wq_clear(s);
             if (s->closing)
               s->close_err = res;
             else if (!s->aborting && !(s->tls && s->tls->failed))  // TLS: reported already
@@ -340,12 +365,12 @@ void Engine::handle_stream_cqe(Op *op, int res, uint32_t cflags) {
       s->send_inflight = false;
       s->send_cancel = false;
       if (s->aborting) {
-        s->wq.clear();
+        wq_clear(s);
         progress(s);
         return;
       }
       if (res > 0) {
-        s->wq.consume(static_cast<size_t>(res));
+        wq_consume(s, static_cast<size_t>(res));
         if (s->tls) tls_sent(s, static_cast<size_t>(res));
         if (s->over_high && s->wq.size() <= s->low && !s->aborting) {
           s->over_high = false;
@@ -353,7 +378,7 @@ void Engine::handle_stream_cqe(Op *op, int res, uint32_t cflags) {
         }
       } else if (res < 0 && !(res == -ECANCELED && s->aborting)) {
         s->write_failed = true;
-        s->wq.clear();
+        wq_clear(s);
         if (s->closing)
           s->close_err = res;
         else if (!s->aborting && !(s->tls && s->tls->failed))  // TLS: reported already
@@ -444,6 +469,21 @@ int64_t Engine::stream_write(uint64_t token, const void *buf, size_t len) {
   return static_cast<int64_t>(size);
 }
 
+int64_t Engine::stream_write_ref(uint64_t token, const void *buf, size_t len, uint64_t ref) {
+  Stream *s = find_stream(token);
+  if (!s) return -ENOENT;
+  if (s->shut_req || s->aborting || s->write_failed || s->finished) return -EPIPE;
+  // TLS encrypts into the queue (a copy anyway) and kernel TLS is fed at
+  // record boundaries the engine tracks by its own blocks: copy there.
+  if (s->tls) return -EOPNOTSUPP;
+  if (!s->wq.append_borrowed(buf, len, ref)) return -ENOMEM;
+  ++borrowed_;
+  if (!s->send_inflight) mark_dirty(s);
+  uint64_t size = s->wq.size();
+  if (size > s->high) s->over_high = true;
+  return static_cast<int64_t>(size);
+}
+
 int Engine::stream_set_limits(uint64_t token, uint64_t high, uint64_t low) {
   Stream *s = find_stream(token);
   if (!s) return -ENOENT;
@@ -487,11 +527,12 @@ int Engine::stream_abort(uint64_t token) {
   if (!s) return -ENOENT;
   if (s->aborting) return -EALREADY;
   if (s->finished) return 0;  // a close already finished; its CLOSED is on the way
-  if (!reserve_records(2)) return -ENOMEM;
+  // CLOSED, an ERROR, and a WRITE_RELEASE per borrowed block dropped here.
+  if (!reserve_records(2 + borrowed_)) return -ENOMEM;
   s->aborting = true;
   // A send may be prepared or in flight: its iovecs point into the queue,
   // which is freed when that send completes (or when the stream finishes).
-  if (!s->send_inflight) s->wq.clear();
+  if (!s->send_inflight) wq_clear(s);
   drop_held(s);
   progress(s);
   return 0;

@@ -300,7 +300,7 @@ bool Engine::tls_apply_tx_key(Stream *s) {
       tls_fail(s, -e, 0, t->handshaking, KLOOP_ERROR_WRITE);
       copy_text(t->err.message, sizeof t->err.message, "setsockopt(SOL_TLS, TLS_TX) failed");
       s->write_failed = true;
-      s->wq.clear();
+      wq_clear(s);
       return false;
     }
     t->tx_applied = true;
@@ -725,7 +725,7 @@ void Engine::tls_pump(Stream *s) {
       tls_fail(s, -EPROTO, 0, false, KLOOP_ERROR_WRITE);
       copy_text(t->err.message, sizeof t->err.message, kKeyUpdateText);
       s->write_failed = true;
-      s->wq.clear();
+      wq_clear(s);
       return;
     }
     if (e == SSL_ERROR_NONE) continue;  // the buffer filled up: there may be more

@@ -114,6 +114,8 @@ int kloop_stream_attach(kloop_t *loop, uint64_t token, int fd, uint32_t flags);
 int kloop_stream_pause(kloop_t *loop, uint64_t token);
 int kloop_stream_resume(kloop_t *loop, uint64_t token);
 int64_t kloop_stream_write(kloop_t *loop, uint64_t token, const void *buf, size_t len);
+int64_t kloop_stream_write_ref(kloop_t *loop, uint64_t token, const void *buf, size_t len,
+                               uint64_t ref);
 int kloop_stream_set_limits(kloop_t *loop, uint64_t token, uint64_t high,
                             uint64_t low);
 int64_t kloop_stream_write_size(kloop_t *loop, uint64_t token);
@@ -225,6 +227,7 @@ EVENT_WRITE_LOW = 4
 EVENT_CLOSED = 5
 EVENT_WRITE_DONE = 6
 EVENT_HANDSHAKE = 7
+EVENT_WRITE_RELEASE = 8
 
 # kloop_completion.aux of EVENT_ERROR: which side of the stream failed
 ERROR_READ = 1

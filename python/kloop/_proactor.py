@@ -75,7 +75,8 @@ _POLLOUT = 0x004
 # The dispatch loop compares event numbers as literals (no global lookups
 # per record); they must stay equal to kloop.h's.
 assert (_ffi.EVENT_OP, _ffi.EVENT_DATA, _ffi.EVENT_EOF, _ffi.EVENT_ERROR, _ffi.EVENT_WRITE_LOW,
-        _ffi.EVENT_CLOSED, _ffi.EVENT_WRITE_DONE, _ffi.EVENT_HANDSHAKE) == (0, 1, 2, 3, 4, 5, 6, 7)
+        _ffi.EVENT_CLOSED, _ffi.EVENT_WRITE_DONE, _ffi.EVENT_HANDSHAKE,
+        _ffi.EVENT_WRITE_RELEASE) == (0, 1, 2, 3, 4, 5, 6, 7, 8)
 _MORE = _ffi.COMPLETION_MORE
 _OFFSET_CURRENT = _ffi.OFFSET_CURRENT
 
@@ -338,6 +339,11 @@ class IouringProactor:
         caps.size = ffi.sizeof("struct kloop_caps")
         self._single_issuer = (lib.kloop_get_caps(self._ptr, caps) == 0 and
                                bool(caps.enabled & _ffi.CAP_SINGLE_ISSUER))
+
+        # bytes lent to the engine by transport.write() (kloop_stream_write_ref),
+        # by ref, until its WRITE_RELEASE record
+        self._lent = {}
+        self._lend_seq = 0
 
         self._cq_len = CQ_BATCH
         self._cq = ffi.new("struct kloop_completion[]", CQ_BATCH)
@@ -1249,6 +1255,7 @@ class IouringProactor:
         get = self._streams.get
         base = self._arena_base
         arena = self._arena
+        lent = self._lent
         for tok, res, flags, data, ev, aux in it:
             if ev == 1:                                  # KLOOP_EVENT_DATA
                 t = get(tok)
@@ -1272,6 +1279,8 @@ class IouringProactor:
                 t = self._streams.pop(tok, None)
                 if t is not None:
                     t._on_closed(res)
+            elif ev == 8:                                # KLOOP_EVENT_WRITE_RELEASE
+                lent.pop(data, None)
             else:
                 t = get(tok)
                 if t is not None:
@@ -1300,6 +1309,7 @@ class IouringProactor:
             with self._wake_lock:
                 self._ptr = None
             self._cache.clear()
+            self._lent.clear()
             self._streams.clear()
             return
 
@@ -1372,6 +1382,8 @@ class IouringProactor:
             ptr = self._ptr
             self._ptr = None
         self._lib.kloop_destroy(ptr)
+        # The engine reads no lent bytes any more (no release records come).
+        self._lent.clear()
         # Streams finished without their CLOSED event: the engine has let go
         # of their fds now.
         streams, self._destroy_first = self._destroy_first, ()

@@ -25,6 +25,7 @@ import errno
 import functools
 import os
 import ssl
+import sys
 import warnings
 
 from asyncio import base_events
@@ -57,6 +58,11 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
 
     _start_tls_compatible = True
     _sendfile_compatible = constants._SendfileMode.TRY_NATIVE
+
+    # bytes objects this large are lent to the engine, not copied
+    # (kloop_stream_write_ref): 16 KiB is where the copy costs more than
+    # the release record and the bookkeeping.
+    _lend_min = 16384
 
     def __init__(self, loop, sock, protocol, waiter=None, extra=None, server=None,
                  context=None):
@@ -408,8 +414,12 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
         # Fast path: bytes, on a transport that takes writes (_wok is false
         # after write_eof(), during sendfile and once the connection is lost).
         if self._wok and type(data) is bytes:
-            if data:
-                size = self._kwrite(self._kptr, self._token, data, len(data))
+            n = len(data)
+            if n:
+                if n < self._lend_min:
+                    size = self._kwrite(self._kptr, self._token, data, n)
+                else:
+                    size = self._lend(data, n)
                 if size > self._high_water:
                     if not self._protocol_paused:
                         self._pause_protocol()
@@ -417,6 +427,18 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
                     self._write_failed(size)
             return
         self._write_slow(data)
+
+    def _lend(self, data, n):
+        # A large bytes object: the engine sends from it instead of copying
+        # it (bytes cannot change). The proactor keeps it alive until the
+        # engine's WRITE_RELEASE record for `ref`.
+        proactor = self._loop._proactor
+        ref = proactor._lend_seq = proactor._lend_seq + 1
+        buf = _ffi.ffi.from_buffer(data)
+        size = self._klib.kloop_stream_write_ref(self._kptr, self._token, buf, n, ref)
+        if size >= 0:
+            proactor._lent[ref] = buf   # the cdata keeps `data` alive
+        return size
 
     def _write_slow(self, data):
         # Any bytes-like object, and the cases the fast path leaves out.
@@ -793,6 +815,9 @@ class SSLEngineTransport(SocketTransport):
     _eof_unclean = False
     _ktls = 0  # KLOOP_HANDSHAKE_KTLS_* bits of the handshake
     _eof_called = False
+
+    # TLS encrypts into the engine's queue, a copy anyway: never lend.
+    _lend_min = sys.maxsize
 
     def __init__(self, loop, sock, protocol, sslobj, ssl_ptr, sslcontext, waiter=None, *,
                  server_side=False, extra=None, server=None, ssl_handshake_timeout=None,

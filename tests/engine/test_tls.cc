@@ -53,6 +53,8 @@ TEST_F(Tls, HandshakeThenDataBothWays) {
   Handshake();
   EXPECT_EQ(SSL_get_verify_result(c.get()), X509_V_OK);
   ASSERT_GE(kloop_stream_write(d, 1, "ping", 4), 0);
+  // TLS encrypts into the queue: lending bytes is refused, nothing queued.
+  EXPECT_EQ(kloop_stream_write_ref(d, 1, "lent", 4, 1), -EOPNOTSUPP);
   ASSERT_TRUE(d.RunUntil([&] { return d.DataOf(2) == "ping"; })) << d.DataOf(2);
   ASSERT_GE(kloop_stream_write(d, 2, "pong!", 5), 0);
   ASSERT_TRUE(d.RunUntil([&] { return d.DataOf(1) == "pong!"; })) << d.DataOf(1);

@@ -1,0 +1,136 @@
+"""Large bytes writes: kloop lends the bytes object to the engine instead of
+copying it (kloop_stream_write_ref) and keeps it alive until the engine's
+release record. The data must arrive as on every other loop; on kloop the
+lent objects must be let go of once sent, aborted or the loop closed."""
+
+import asyncio
+import socket
+import sys
+
+import pytest
+
+from conftest import harness_for
+from util import RecordingProtocol, connect_pair, pattern, read_all
+
+FAMILIES = [socket.AF_INET, socket.AF_UNIX]
+FAMILY_IDS = ["tcp", "unix"]
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=FAMILY_IDS)
+def test_large_and_small_writes_interleave_in_order(loop, family):
+    # Sizes on both sides of the lending threshold, in one stream.
+    sizes = [1, 16383, 16384, 16385, 100, 65536, 7, 300000, 20000, 5] * 8
+    chunks = [pattern(n, seed=i) for i, n in enumerate(sizes)]
+    expected = b"".join(chunks)
+
+    async def main():
+        tr, pr, peer = await connect_pair(
+            loop.loop, lambda: RecordingProtocol(loop.loop), family=family,
+            rcvbuf=32768, sndbuf=32768)
+        try:
+            for i, c in enumerate(chunks):
+                tr.write(c if i % 4 else bytearray(c))   # bytes and not bytes
+                if i % 7 == 0:
+                    await asyncio.sleep(0)
+            tr.close()
+            data, err = await loop.loop.run_in_executor(None, read_all, peer)
+        finally:
+            peer.close()
+        assert err is None
+        assert len(data) == len(expected)
+        assert data == expected
+        assert await pr.lost is None
+
+    loop.run(main())
+
+
+def _kloop():
+    h = harness_for("kloop")
+    return h, h.loop._proactor
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=FAMILY_IDS)
+def test_lent_bytes_are_kept_until_sent_then_released(family):
+    h, proactor = _kloop()
+    payload = pattern(1 << 20, seed=7)
+    small = b"x" * 100
+
+    async def main():
+        tr, pr, peer = await connect_pair(
+            h.loop, lambda: RecordingProtocol(h.loop), family=family,
+            rcvbuf=32768, sndbuf=32768)
+        try:
+            refs = sys.getrefcount(payload)
+            tr.write(payload)
+            tr.write(small)
+            assert len(proactor._lent) == 1, "a 1 MiB bytes write was not lent"
+            assert sys.getrefcount(payload) == refs + 1, "the lent object is not kept alive"
+            got, err = await h.loop.run_in_executor(
+                None, read_all, peer, len(payload) + len(small))
+            assert err is None and got == payload + small
+            for _ in range(100):
+                if not proactor._lent:
+                    break
+                await asyncio.sleep(0.01)
+            assert not proactor._lent, "sent bytes were never released"
+            assert sys.getrefcount(payload) == refs
+            assert tr.get_write_buffer_size() == 0
+            tr.close()
+            assert await pr.lost is None
+        finally:
+            peer.close()
+
+    try:
+        h.run(main())
+    finally:
+        h.close()
+
+
+def test_aborted_lent_bytes_are_released():
+    h, proactor = _kloop()
+    payloads = [pattern(1 << 20, seed=i) for i in range(4)]
+
+    async def main():
+        tr, pr, peer = await connect_pair(
+            h.loop, lambda: RecordingProtocol(h.loop), rcvbuf=32768, sndbuf=32768)
+        try:
+            refs = [sys.getrefcount(p) for p in payloads]
+            for i in range(len(payloads)):
+                tr.write(payloads[i])
+            assert len(proactor._lent) == 4
+            await asyncio.sleep(0.01)
+            assert tr.get_write_buffer_size() > 0, "test needs data still queued"
+            tr.abort()
+            assert await pr.lost is None
+            assert not proactor._lent, "abort kept lent bytes"
+            assert [sys.getrefcount(p) for p in payloads] == refs
+        finally:
+            peer.close()
+
+    try:
+        h.run(main())
+    finally:
+        h.close()
+
+
+def test_loop_close_lets_go_of_lent_bytes():
+    h, proactor = _kloop()
+    payload = pattern(4 << 20, seed=9)
+    state = {}
+
+    async def main():
+        tr, pr, peer = await connect_pair(
+            h.loop, lambda: RecordingProtocol(h.loop), rcvbuf=32768, sndbuf=32768)
+        state["peer"] = peer
+        state["refs"] = sys.getrefcount(payload)
+        tr.write(payload)
+        await asyncio.sleep(0.01)
+        assert proactor._lent, "test needs lent bytes queued when the loop closes"
+
+    try:
+        h.run(main())
+    finally:
+        h.close()      # closes the transport with its queue still full
+        state["peer"].close()
+    assert not proactor._lent
+    assert sys.getrefcount(payload) == state["refs"]
