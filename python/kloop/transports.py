@@ -56,6 +56,18 @@ _H_ERROR = 2
 class SocketTransport(transports._FlowControlMixin, transports.Transport):
     """A connected stream socket driven by a kloop engine stream."""
 
+    # Slots: a plain instance of 3.11 keeps its attributes in a shared-key
+    # dict only up to 30 of them; past that every transport gets a dict of
+    # its own (~1.5 KiB per connection). `__dict__` stays for subclasses and
+    # for code that sets attributes of its own on a transport.
+    __slots__ = (
+        "_arena", "_arena_view", "_buffered", "_called_connection_lost",
+        "_close_pending", "_closing", "_conn_lost", "_context_run", "_drain_limits",
+        "_empty_waiter", "_engine_closed", "_eof", "_fast", "_held", "_klib", "_kptr",
+        "_kwrite", "_loop_closing", "_paused", "_protocol", "_protocol_connected",
+        "_protocol_data_received", "_rblock_", "_read_done", "_server", "_sink",
+        "_sock", "_sock_fd", "_started", "_token", "_wok", "__dict__", "__weakref__")
+
     _start_tls_compatible = True
     _sendfile_compatible = constants._SendfileMode.TRY_NATIVE
 
