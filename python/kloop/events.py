@@ -17,6 +17,7 @@ mode are the stock code. kloop supplies:
 
 import contextvars
 import errno
+import heapq
 import ipaddress
 import logging
 import os
@@ -34,6 +35,7 @@ from asyncio import base_events
 from asyncio import constants
 from asyncio import events
 from asyncio import exceptions
+from asyncio import format_helpers
 from asyncio import proactor_events
 from asyncio import trsock
 from asyncio import unix_events
@@ -299,6 +301,10 @@ def _install_slow_callback_stats():
         logger.addFilter(_slow_filter)
 
 
+_Handle = events.Handle
+_TimerHandle = events.TimerHandle
+
+
 class IouringProactorEventLoop(proactor_events.BaseProactorEventLoop):
     """asyncio event loop doing its I/O through io_uring (libkloop)."""
 
@@ -330,6 +336,89 @@ class IouringProactorEventLoop(proactor_events.BaseProactorEventLoop):
     def __repr__(self):
         return (f"<{self.__class__.__name__} running={self.is_running()} "
                 f"closed={self.is_closed()} debug={self.get_debug()}>")
+
+    # -- the iteration --------------------------------------------------------
+    #
+    # asyncio's call_soon() and _run_once() with less Python in between: no
+    # _call_soon() frame, no Handle._run() frame per callback. The order of
+    # work, the timer purge rules and what reaches the exception handler are
+    # the stock loop's; debug mode (checks, source tracebacks, slow-callback
+    # warnings) and a closed loop take asyncio's own code.
+
+    def call_soon(self, callback, *args, context=None):
+        if self._debug or self._closed:
+            return super().call_soon(callback, *args, context=context)
+        handle = _Handle(callback, args, self, context)
+        self._ready.append(handle)
+        return handle
+
+    def _run_once(self):
+        if self._debug:
+            return super()._run_once()
+        scheduled = self._scheduled
+        if scheduled:
+            n = len(scheduled)
+            if (n > base_events._MIN_SCHEDULED_TIMER_HANDLES and
+                    self._timer_cancelled_count / n >
+                    base_events._MIN_CANCELLED_TIMER_HANDLES_FRACTION):
+                kept = []
+                for h in scheduled:
+                    if h._cancelled:
+                        h._scheduled = False
+                    else:
+                        kept.append(h)
+                heapq.heapify(kept)
+                self._scheduled = scheduled = kept
+                self._timer_cancelled_count = 0
+            else:
+                while scheduled and scheduled[0]._cancelled:
+                    self._timer_cancelled_count -= 1
+                    heapq.heappop(scheduled)._scheduled = False
+        ready = self._ready
+        if ready or self._stopping:
+            timeout = 0
+        elif scheduled:
+            timeout = min(max(0, scheduled[0]._when - self.time()),
+                          base_events.MAXIMUM_SELECT_TIMEOUT)
+        else:
+            timeout = None
+        # The proactor runs its completions itself (_process_events is a
+        # no-op on proactor loops).
+        self._selector.select(timeout)
+        if scheduled:
+            end = self.time() + self._clock_resolution
+            while scheduled and scheduled[0]._when < end:
+                h = heapq.heappop(scheduled)
+                h._scheduled = False
+                ready.append(h)
+        popleft = ready.popleft
+        for _ in range(len(ready)):
+            h = popleft()
+            if h._cancelled:
+                continue
+            cls = type(h)
+            if cls is not _Handle and cls is not _TimerHandle:
+                h._run()
+                continue
+            try:
+                h._context.run(h._callback, *h._args)
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                self._callback_failed(h, exc)
+        h = None  # no cycle through a traceback
+
+    def _callback_failed(self, h, exc):
+        # What Handle._run() reports.
+        cb = format_helpers._format_callback_source(h._callback, h._args)
+        context = {
+            "message": f"Exception in callback {cb}",
+            "exception": exc,
+            "handle": h,
+        }
+        if h._source_traceback:
+            context["source_traceback"] = h._source_traceback
+        self.call_exception_handler(context)
 
     # -- running and closing ------------------------------------------------
 

@@ -252,6 +252,43 @@ def test_exception_in_callback_reaches_handler(loop):
         assert "handle" in c
 
 
+def test_callbacks_run_in_order_and_report_as_asyncio_does(loop):
+    # kloop runs ready callbacks without asyncio's Handle._run(): the order,
+    # cancellation, and the exception handler's context must not change.
+    from asyncio import format_helpers
+    loop.known_failure("uvloop", "uvloop 0.17's call_soon()/call_later() return its own "
+                       "Handle/TimerHandle types, not asyncio.Handle (seen here)")
+    errors = loop.expect_errors()
+    boom = ValueError("boom")
+    order = []
+
+    def bad(x):
+        order.append(("bad", x))
+        raise boom
+
+    async def main():
+        lp = loop.loop
+        h1 = lp.call_soon(order.append, 1)
+        hb = lp.call_soon(bad, 2)
+        hc = lp.call_soon(order.append, "cancelled")
+        lp.call_soon(order.append, 3)
+        hc.cancel()
+        th = lp.call_later(0.001, order.append, 4)
+        lp.call_later(0.001, order.append, "timer cancelled").cancel()
+        await asyncio.sleep(0.02)
+        return h1, hb, th
+
+    h1, hb, th = loop.run(main())
+    assert order == [1, ("bad", 2), 3, 4]
+    assert isinstance(h1, asyncio.Handle) and isinstance(th, asyncio.TimerHandle)
+    assert len(errors) == 1, errors
+    ctx = errors[0]
+    assert ctx["exception"] is boom
+    assert ctx["handle"] is hb
+    assert ctx["message"] == ("Exception in callback "
+                              + format_helpers._format_callback_source(bad, (2,)))
+
+
 def test_exception_in_connection_made_reaches_handler(loop):
     errors = loop.expect_errors()
     boom = RuntimeError("boom in connection_made")
