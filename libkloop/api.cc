@@ -263,7 +263,7 @@ int kloop_submit_connect(kloop_t *loop, uint64_t token, int fd, const void *addr
   if (fd < 0 || !addr || addrlen == 0 || addrlen > sizeof(sockaddr_storage)) return -EINVAL;
   kl::Op a;
   a.fd = fd;
-  memcpy(&a.addr, addr, addrlen);
+  memcpy(&a.net.addr, addr, addrlen);
   a.addrlen = addrlen;
   return eng->submit_op(kl::OpKind::Connect, token, a);
 }
@@ -296,7 +296,7 @@ int kloop_submit_sendmsg(kloop_t *loop, uint64_t token, int fd, const void *buf,
   a.buf = const_cast<void *>(buf);
   a.len = len;
   a.flags = msg_flags;
-  if (addrlen) memcpy(&a.addr, addr, addrlen);
+  if (addrlen) memcpy(&a.net.addr, addr, addrlen);
   a.addrlen = addrlen;
   return eng->submit_op(kl::OpKind::SendMsg, token, a);
 }

@@ -113,6 +113,12 @@ class Fifo {
     head_ = 0;
     size_ = 0;
   }
+  // Empty it and give its storage back.
+  void release() {
+    free(data_);
+    data_ = nullptr;
+    head_ = size_ = cap_ = 0;
+  }
   size_t size() const { return size_; }
   bool empty() const { return size_ == 0; }
   T &at(size_t i) { return data_[(head_ + i) & (cap_ - 1)]; }

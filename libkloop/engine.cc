@@ -103,6 +103,7 @@ void ByteQueue::consume(size_t n, ReleaseFn release, void *ctx) {
       blocks_.pop_front();
     }
   }
+  if (blocks_.empty()) blocks_.release();  // nor the block list's array
 }
 
 void ByteQueue::clear(ReleaseFn release, void *ctx) {
@@ -113,7 +114,7 @@ void ByteQueue::clear(ReleaseFn release, void *ctx) {
     else if (release)
       release(ctx, b.ref);
   }
-  blocks_.clear();
+  blocks_.release();
   bytes_ = 0;
 }
 
@@ -311,14 +312,15 @@ void Engine::destroy() {
           uint64_t ud = cqes[i]->user_data;
           if (ud == kIgnoreUdata || ud == LIBURING_UDATA_TIMEOUT) continue;
           if (cqes[i]->flags & IORING_CQE_F_MORE) continue;
-          Op *op = reinterpret_cast<Op *>(ud);
-          if (op->state & kOpInKernel) {
-            op->state &= static_cast<uint16_t>(~kOpInKernel);
+          auto *h = reinterpret_cast<OpHead *>(ud);
+          if (h->state & kOpInKernel) {
+            h->state &= static_cast<uint16_t>(~kOpInKernel);
             --in_flight_;
           }
           // An accepted fd nobody will see must not leak.
-          if (op->kind == OpKind::Accept && cqes[i]->res >= 0) close(cqes[i]->res);
-          if (op->kind == OpKind::Timer) {
+          if (h->kind == OpKind::Accept && cqes[i]->res >= 0) close(cqes[i]->res);
+          if (h->kind == OpKind::Timer) {
+            Op *op = op_of(h);
             if (timer_ == op) timer_ = nullptr;
             free_op(op);
           }
@@ -368,6 +370,12 @@ void Engine::destroy() {
     delete free_ops_;
     free_ops_ = n;
   }
+  while (free_slots_) {
+    SendSlot *n = free_slots_->next_free;
+    delete free_slots_;
+    free_slots_ = n;
+  }
+  free_slot_count_ = 0;
   if (wake_fd_ >= 0) close(wake_fd_);
   wake_fd_ = -1;
   if (br_) munmap(br_, br_size_);
@@ -434,7 +442,7 @@ io_uring_sqe *Engine::get_sqe() {
   return sqe;
 }
 
-void Engine::queue_cancel(const Op *target) {
+void Engine::queue_cancel(const OpHead *target) {
   io_uring_sqe *sqe = get_sqe();
   if (!sqe) return;
   io_uring_prep_cancel64(sqe, reinterpret_cast<uint64_t>(target), 0);
@@ -442,7 +450,14 @@ void Engine::queue_cancel(const Op *target) {
   ++st_.sqes;
 }
 
-void Engine::prep(io_uring_sqe *sqe, Op *op) {
+void Engine::prep(io_uring_sqe *sqe, OpHead *h) {
+  if (h->stream)
+    prep_stream(sqe, h);
+  else
+    prep_op(sqe, op_of(h));
+}
+
+void Engine::prep_op(io_uring_sqe *sqe, Op *op) {
   if (op->state & kOpPollRetry) {
     io_uring_prep_poll_add(sqe, op->fd, op->off2 /* events stored for retry */);
     return;
@@ -455,13 +470,13 @@ void Engine::prep(io_uring_sqe *sqe, Op *op) {
       if (op->state & kOpKernelMulti) {
         io_uring_prep_multishot_accept(sqe, op->fd, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
       } else {
-        op->addrlen = sizeof(op->addr);
-        io_uring_prep_accept(sqe, op->fd, reinterpret_cast<sockaddr *>(&op->addr), &op->addrlen,
+        op->addrlen = sizeof(op->net.addr);
+        io_uring_prep_accept(sqe, op->fd, reinterpret_cast<sockaddr *>(&op->net.addr), &op->addrlen,
                              SOCK_CLOEXEC | SOCK_NONBLOCK);
       }
       break;
     case OpKind::Connect:
-      io_uring_prep_connect(sqe, op->fd, reinterpret_cast<sockaddr *>(&op->addr), op->addrlen);
+      io_uring_prep_connect(sqe, op->fd, reinterpret_cast<sockaddr *>(&op->net.addr), op->addrlen);
       break;
     case OpKind::Recv:
       io_uring_prep_recv(sqe, op->fd, op->buf, op->len, static_cast<int>(op->flags));
@@ -469,24 +484,28 @@ void Engine::prep(io_uring_sqe *sqe, Op *op) {
     case OpKind::Send:
       io_uring_prep_send(sqe, op->fd, op->buf, op->len, static_cast<int>(op->flags | MSG_NOSIGNAL));
       break;
-    case OpKind::RecvMsg:
-      op->iov = {op->buf, op->len};
-      op->msg = {};
-      op->msg.msg_name = &op->addr;
-      op->msg.msg_namelen = sizeof(op->addr);
-      op->msg.msg_iov = &op->iov;
-      op->msg.msg_iovlen = 1;
-      io_uring_prep_recvmsg(sqe, op->fd, &op->msg, op->flags);
+    case OpKind::RecvMsg: {
+      OpNet &n = op->net;
+      n.iov = {op->buf, op->len};
+      n.msg = {};
+      n.msg.msg_name = &n.addr;
+      n.msg.msg_namelen = sizeof(n.addr);
+      n.msg.msg_iov = &n.iov;
+      n.msg.msg_iovlen = 1;
+      io_uring_prep_recvmsg(sqe, op->fd, &n.msg, op->flags);
       break;
-    case OpKind::SendMsg:
-      op->iov = {op->buf, op->len};
-      op->msg = {};
-      op->msg.msg_name = op->addrlen ? &op->addr : nullptr;
-      op->msg.msg_namelen = op->addrlen;
-      op->msg.msg_iov = &op->iov;
-      op->msg.msg_iovlen = 1;
-      io_uring_prep_sendmsg(sqe, op->fd, &op->msg, op->flags | MSG_NOSIGNAL);
+    }
+    case OpKind::SendMsg: {
+      OpNet &n = op->net;
+      n.iov = {op->buf, op->len};
+      n.msg = {};
+      n.msg.msg_name = op->addrlen ? &n.addr : nullptr;
+      n.msg.msg_namelen = op->addrlen;
+      n.msg.msg_iov = &n.iov;
+      n.msg.msg_iovlen = 1;
+      io_uring_prep_sendmsg(sqe, op->fd, &n.msg, op->flags | MSG_NOSIGNAL);
       break;
+    }
     case OpKind::Read:
       io_uring_prep_read(sqe, op->fd, op->buf, op->len, op->off);
       break;
@@ -522,8 +541,19 @@ void Engine::prep(io_uring_sqe *sqe, Op *op) {
     case OpKind::Wake:
       io_uring_prep_read(sqe, op->fd, op->buf, op->len, 0);
       break;
+    default:  // a stream's own operations: prep_stream()
+      break;
+  }
+}
+
+void Engine::prep_stream(io_uring_sqe *sqe, OpHead *op) {
+  Stream *s = op->stream;
+  if (op->state & kOpPollRetry) {
+    io_uring_prep_poll_add(sqe, s->fd, op->kind == OpKind::StreamRecv ? POLLIN : POLLOUT);
+    return;
+  }
+  switch (op->kind) {
     case OpKind::StreamRecv: {
-      Stream *s = op->stream;
       if (s->tls && tls_prep_recv(s, sqe)) break;  // exact reads, kernel TLS records
       bool file = s->flags & KLOOP_STREAM_FILE;
       if (enabled_ & KLOOP_CAP_BUF_RING) {
@@ -536,7 +566,7 @@ void Engine::prep(io_uring_sqe *sqe, Op *op) {
         sqe->flags |= IOSQE_BUFFER_SELECT;
         sqe->buf_group = 0;
       } else {
-        char *b = buf_addr(static_cast<uint32_t>(op->off));
+        char *b = buf_addr(op->bid);
         if (file)
           io_uring_prep_read(sqe, s->fd, b, buf_size_, KLOOP_OFFSET_CURRENT);
         else
@@ -545,34 +575,45 @@ void Engine::prep(io_uring_sqe *sqe, Op *op) {
       break;
     }
     case OpKind::StreamSend: {
-      Stream *s = op->stream;
       if (s->tls && tls_prep_send(s, sqe)) break;  // kTLS: bounded by record marks
-      int n = s->wq.fill_iov(s->iov, kMaxIov);
-      if (s->flags & KLOOP_STREAM_FILE) {
-        io_uring_prep_writev(sqe, s->fd, s->iov, static_cast<unsigned>(n), KLOOP_OFFSET_CURRENT);
+      iovec *iov = nullptr;
+      int n = send_iov(s, SIZE_MAX, &iov);
+      bool file = s->flags & KLOOP_STREAM_FILE;
+      if (iov == &s->iov1) {
+        // One block: no iovec array or msghdr for the kernel to read.
+        if (file)
+          io_uring_prep_write(sqe, s->fd, iov->iov_base, static_cast<unsigned>(iov->iov_len),
+                              KLOOP_OFFSET_CURRENT);
+        else
+          io_uring_prep_send(sqe, s->fd, iov->iov_base, iov->iov_len, MSG_NOSIGNAL);
+      } else if (file) {
+        io_uring_prep_writev(sqe, s->fd, iov, static_cast<unsigned>(n), KLOOP_OFFSET_CURRENT);
       } else {
-        op->msg = {};
-        op->msg.msg_iov = s->iov;
-        op->msg.msg_iovlen = static_cast<size_t>(n);
-        io_uring_prep_sendmsg(sqe, s->fd, &op->msg, MSG_NOSIGNAL);
+        msghdr &m = s->slot->msg;
+        m = {};
+        m.msg_iov = iov;
+        m.msg_iovlen = static_cast<size_t>(n);
+        io_uring_prep_sendmsg(sqe, s->fd, &m, MSG_NOSIGNAL);
       }
       break;
     }
     case OpKind::StreamShutdown:
-      io_uring_prep_shutdown(sqe, op->stream->fd, SHUT_WR);
+      io_uring_prep_shutdown(sqe, s->fd, SHUT_WR);
       break;
     case OpKind::StreamClose:
-      io_uring_prep_close(sqe, op->stream->fd);
+      io_uring_prep_close(sqe, s->fd);
+      break;
+    default:
       break;
   }
 }
 
-void Engine::arm(Op *op) {
+void Engine::arm(OpHead *op) {
   io_uring_sqe *sqe = get_sqe();
   if (!sqe) {
     // Cannot happen once the ring is enabled (submit frees SQ space); if
     // the kernel refuses, fail the operation rather than lose it.
-    if (!is_stream_kind(op->kind) && op->kind != OpKind::Wake) finish_op(op, -EAGAIN);
+    if (!is_stream_kind(op->kind) && op->kind != OpKind::Wake) finish_op(op_of(op), -EAGAIN);
     return;
   }
   prep(sqe, op);
@@ -608,6 +649,27 @@ void Engine::free_op(Op *op) {
   op->next_free = free_ops_;
   free_ops_ = op;
   ++free_op_count_;
+}
+
+// Slots for gathered sends: as many as sends of several blocks are in
+// flight at once, a few kept for the next ones.
+SendSlot *Engine::take_slot() {
+  if (SendSlot *slot = free_slots_) {
+    free_slots_ = slot->next_free;
+    --free_slot_count_;
+    return slot;
+  }
+  return new (std::nothrow) SendSlot;
+}
+
+void Engine::give_slot(SendSlot *slot) {
+  if (free_slot_count_ >= 16) {
+    delete slot;
+    return;
+  }
+  slot->next_free = free_slots_;
+  free_slots_ = slot;
+  ++free_slot_count_;
 }
 
 bool Engine::token_in_use(uint64_t token) const {
@@ -668,8 +730,11 @@ int Engine::submit_op(OpKind kind, uint64_t token, const Op &args) {
   op->buf = args.buf;
   op->pid = args.pid;
   op->addrlen = args.addrlen;
-  if (args.addrlen) memcpy(&op->addr, &args.addr, args.addrlen);
-  op->ts = args.ts;
+  // Only the member of the union this kind uses.
+  if (kind == OpKind::Timeout)
+    op->ts = args.ts;
+  else if (args.addrlen)
+    memcpy(&op->net.addr, &args.net.addr, args.addrlen);
   op->state = static_cast<uint16_t>(args.state & (kOpMultishot | kOpEdge));
   if (op->state & kOpMultishot) {
     if (kind == OpKind::Accept && (op->state & kOpEdge) && (enabled_ & KLOOP_CAP_MULTISHOT_ACCEPT))
@@ -789,12 +854,17 @@ void Engine::handle_cqe(const io_uring_cqe *cqe) {
     return;
   }
   ++st_.cqes;
-  Op *op = reinterpret_cast<Op *>(ud);
+  auto *h = reinterpret_cast<OpHead *>(ud);
   bool more = cqe->flags & IORING_CQE_F_MORE;
-  if (!more && (op->state & kOpInKernel)) {
-    op->state &= static_cast<uint16_t>(~kOpInKernel);
+  if (!more && (h->state & kOpInKernel)) {
+    h->state &= static_cast<uint16_t>(~kOpInKernel);
     --in_flight_;
   }
+  if (h->stream) {
+    handle_stream_cqe(h, cqe->res, cqe->flags);
+    return;
+  }
+  Op *op = op_of(h);
   if (op->kind == OpKind::Timer) {
     // The wait's own timer: it carries no record.
     --st_.cqes;
@@ -806,10 +876,6 @@ void Engine::handle_cqe(const io_uring_cqe *cqe) {
   if (op->kind == OpKind::Wake) {
     wake_pending_.store(false, std::memory_order_release);
     if (!in_destroy_) arm(op);
-    return;
-  }
-  if (op->stream) {
-    handle_stream_cqe(op, cqe->res, cqe->flags);
     return;
   }
   handle_op_cqe(op, cqe->res, cqe->flags);
@@ -846,9 +912,9 @@ void Engine::handle_op_cqe(Op *op, int res, uint32_t cflags) {
         return;
       }
       if (op->kind == OpKind::RecvMsg && res >= 0) {
-        uint32_t aux = (static_cast<uint32_t>(op->msg.msg_flags & 0xffff) << 16) |
-                       (op->msg.msg_namelen & 0xffff);
-        finish_op(op, res, reinterpret_cast<uint64_t>(&op->addr), aux);
+        uint32_t aux = (static_cast<uint32_t>(op->net.msg.msg_flags & 0xffff) << 16) |
+                       (op->net.msg.msg_namelen & 0xffff);
+        finish_op(op, res, reinterpret_cast<uint64_t>(&op->net.addr), aux);
       } else {
         finish_op(op, res);
       }
@@ -869,7 +935,7 @@ void Engine::handle_op_cqe(Op *op, int res, uint32_t cflags) {
         return;
       }
       if (res >= 0)
-        finish_op(op, res, reinterpret_cast<uint64_t>(&op->addr), op->addrlen);
+        finish_op(op, res, reinterpret_cast<uint64_t>(&op->net.addr), op->addrlen);
       else
         finish_op(op, res);
       return;

@@ -57,14 +57,32 @@ enum : uint16_t {
   kOpTlsRecvmsg = 1u << 9,   // TLS stream recvmsg with the record type (kernel TLS)
 };
 
-// One submitted operation. Its address is the SQE's user_data, so it lives
-// until the kernel's final CQE and, when that CQE hands out memory inside
-// the Op (addresses), until the record has been returned by kloop_poll.
-struct Op {
-  uint64_t token = 0;
-  Stream *stream = nullptr;
+// What completion dispatch needs of every operation; its address is the
+// SQE's user_data. A stream's own operations (receive, send, shutdown,
+// close) are just this, embedded in the Stream: their fd and token are the
+// stream's, and an idle stream must stay small.
+struct OpHead {
+  Stream *stream = nullptr;  // set for a stream's own operations
   OpKind kind = OpKind::Nop;
   uint16_t state = 0;
+  uint32_t bid = 0;  // stream receive: the own or TLS buffer it reads into
+};
+
+// The kernel-facing memory of socket operations with an address.
+struct OpNet {
+  sockaddr_storage addr;
+  msghdr msg;
+  iovec iov;
+};
+
+// One submitted operation (not a stream's own). Its address is the SQE's
+// user_data, so it lives until the kernel's final CQE and, when that CQE
+// hands out memory inside the Op (addresses), until the record has been
+// returned by kloop_poll. What the kernel reads or writes depends on the
+// kind, so those parts share storage: accept, connect, recvmsg and sendmsg
+// use `net`; timeouts and the poll call's timer `ts`; waitid `si`.
+struct Op : OpHead {
+  uint64_t token = 0;
   int fd = -1;
   int fd2 = -1;
   uint32_t len = 0;
@@ -74,13 +92,19 @@ struct Op {
   void *buf = nullptr;
   int pid = 0;
   socklen_t addrlen = 0;
-  sockaddr_storage addr{};
-  msghdr msg{};
-  iovec iov{};
-  __kernel_timespec ts{};
-  siginfo_t si{};
   Op *next_free = nullptr;
+  union {
+    OpNet net{};
+    __kernel_timespec ts;
+    siginfo_t si;
+  };
 };
+
+// The Op a head belongs to: only for heads that are not a stream's own
+// (stream == nullptr). The engine has no RTTI; the head says what it is.
+inline Op *op_of(OpHead *h) {
+  return static_cast<Op *>(h);  // NOLINT(cppcoreguidelines-pro-type-static-cast-downcast)
+}
 
 // A contiguous block of the write queue: the queue's own copy, or bytes the
 // caller lent (kloop_stream_write_ref), which the queue never frees or fills.
@@ -119,6 +143,15 @@ class ByteQueue {
 
 inline constexpr int kMaxIov = 64;
 
+// What a gathered send of more than one block hands the kernel. Taken from
+// the engine's pool when the send is prepared, given back when it completes:
+// idle streams hold none. Without one (no memory) a send takes one block.
+struct SendSlot {
+  msghdr msg;
+  iovec iov[kMaxIov];
+  SendSlot *next_free;
+};
+
 // A completion record waiting to be returned, with what must happen when it
 // is: a receive buffer to recycle after the next poll, an Op or a Stream to
 // free after the next poll.
@@ -132,42 +165,54 @@ struct Pending {
 
 struct TlsState;  // tls.cc
 
+// An engine-owned stream. Idle, it is this struct and nothing else: write
+// memory (queue blocks, a SendSlot) exists while bytes wait to be sent,
+// receive buffers while a record holds them.
 struct Stream {
   uint64_t token = 0;
   int fd = -1;
   uint32_t flags = 0;
   // read side
-  Op recv;
+  OpHead recv;
   bool recv_armed = false;
   bool recv_cancel = false;
   bool recv_nobufs = false;  // waiting for buffers (ENOBUFS or no own buffer)
   bool paused = false;
   bool read_done = false;  // EOF or error delivered/queued
   // write side
-  Op send;
   bool send_inflight = false;
   bool send_cancel = false;
   bool write_failed = false;
   bool over_high = false;
   bool dirty = false;    // on Engine::dirty_ list
   bool starved = false;  // on Engine::starved_ list
+  OpHead send;
   Stream *next_dirty = nullptr;
   Stream *next_starved = nullptr;
   ByteQueue wq;
-  iovec iov[kMaxIov];
+  // the send in flight: one block in iov1 (sent with send/write), or a
+  // gathered sendmsg/writev through slot
+  SendSlot *slot = nullptr;
+  iovec iov1{};
   uint64_t high = 65536, low = 16384;
   // shutdown / close
-  Op shut;
+  OpHead shut;
   bool shut_req = false, shut_inflight = false, shut_done = false;
-  Op close_op;
   bool close_inflight = false;
   bool closing = false, aborting = false, finished = false;
+  OpHead close_op;
   int close_err = 0;
   // read records kept while paused, delivered in order on resume
   Fifo<Pending> held;
   // TLS (kloop_stream_start_tls), else null; freed by delete_stream()
   TlsState *tls = nullptr;
 };
+
+// Thousands of idle connections are thousands of these: a guard against
+// growing it by accident (tests/engine/test_memory.cc measures the whole
+// heap share of an idle stream).
+static_assert(sizeof(OpHead) == 16);
+static_assert(sizeof(Stream) <= 320, "an idle stream must stay small");
 
 // Frees a Stream and its TLS state (tls.cc). Every Stream goes this way.
 void delete_stream(Stream *s);
@@ -225,12 +270,14 @@ class Engine {
   int wait_once(int64_t timeout_ns);
   static int64_t now_ns();
   bool kernel_has_work() const;
-  void queue_cancel(const Op *target);
-  void prep(io_uring_sqe *sqe, Op *op);
-  void arm(Op *op);
+  void queue_cancel(const OpHead *target);
+  void prep(io_uring_sqe *sqe, OpHead *h);
+  static void prep_op(io_uring_sqe *sqe, Op *op);
+  void prep_stream(io_uring_sqe *sqe, OpHead *op);
+  void arm(OpHead *op);
   void handle_cqe(const io_uring_cqe *cqe);
   void handle_op_cqe(Op *op, int res, uint32_t cflags);
-  void handle_stream_cqe(Op *op, int res, uint32_t cflags);
+  void handle_stream_cqe(OpHead *op, int res, uint32_t cflags);
   void emit(uint64_t token, int32_t res, uint32_t flags, uint64_t data, uint32_t event,
             uint32_t aux, int32_t bid = -1, Stream *s = nullptr);
   void finish_op(Op *op, int32_t res, uint64_t data = 0, uint32_t aux = 0);
@@ -239,6 +286,8 @@ class Engine {
   // ops
   Op *alloc_op();
   void free_op(Op *op);
+  SendSlot *take_slot();
+  void give_slot(SendSlot *slot);
   bool token_in_use(uint64_t token) const;
   bool fd_ref(int fd);
   bool reserve_records(size_t n) { return pending_.reserve(pending_.size() + n); }
@@ -265,6 +314,8 @@ class Engine {
   void mark_dirty(Stream *s);
   void arm_recv(Stream *s);
   void submit_send(Stream *s);
+  int send_iov(Stream *s, size_t limit, iovec **iov);
+  void send_ended(Stream *s);
   void stream_finish(Stream *s, int err);
   void drop_held(Stream *s);
 
@@ -278,11 +329,11 @@ class Engine {
   void tls_release(Stream *s);
   int take_tls_buffer();
   void tls_unstarve();
-  static bool tls_prep_send(Stream *s, io_uring_sqe *sqe);
+  bool tls_prep_send(Stream *s, io_uring_sqe *sqe);
   static void tls_sent(Stream *s, size_t n);
   bool tls_apply_tx_key(Stream *s);
   bool tls_prep_recv(Stream *s, io_uring_sqe *sqe);
-  bool tls_recv_cqe(Stream *s, Op *op, int res, uint32_t cflags);
+  bool tls_recv_cqe(Stream *s, OpHead *op, int res, uint32_t cflags);
   static uint16_t tls_recv_mode(const Stream *s);
   bool is_tls_buffer(uint32_t bid) const { return bid >= buf_count_; }
 
@@ -330,6 +381,8 @@ class Engine {
   Vec<Stream *> retire_streams_;
   Op *free_ops_ = nullptr;
   size_t free_op_count_ = 0;
+  SendSlot *free_slots_ = nullptr;  // kept for the next gathered sends
+  size_t free_slot_count_ = 0;
 
   // wake-up
   int wake_fd_ = -1;

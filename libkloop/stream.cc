@@ -100,12 +100,10 @@ int Engine::stream_attach(uint64_t token, int fd, uint32_t flags) {
   s->fd = fd;
   s->flags = flags;
   s->paused = flags & KLOOP_STREAM_PAUSED;
-  // The stream's own operations: their SQEs carry these Ops as user_data.
-  auto own = [s, fd, token](Op &op, OpKind kind) {
+  // The stream's own operations: their SQEs carry these as user_data.
+  auto own = [s](OpHead &op, OpKind kind) {
     op.kind = kind;
     op.stream = s;
-    op.fd = fd;
-    op.token = token;
   };
   own(s->recv, OpKind::StreamRecv);
   own(s->send, OpKind::StreamSend);
@@ -133,14 +131,14 @@ void Engine::arm_recv(Stream *s) {
       }
       return;
     }
-    s->recv.off = static_cast<uint64_t>(bid);
+    s->recv.bid = static_cast<uint32_t>(bid);
   } else if (!(enabled_ & KLOOP_CAP_BUF_RING) && !tls_mode) {
     int bid = take_own_buffer();
     if (bid < 0) {
       add_starved(s);
       return;
     }
-    s->recv.off = static_cast<uint64_t>(bid);
+    s->recv.bid = static_cast<uint32_t>(bid);
   }
   s->recv_armed = true;
   s->recv_cancel = false;
@@ -151,6 +149,33 @@ void Engine::submit_send(Stream *s) {
   s->send_inflight = true;
   s->send_cancel = false;
   arm(&s->send);
+}
+
+// The iovecs of the send being prepared (at most `limit` bytes): the first
+// block in s->iov1 when it is all there is to send, else up to kMaxIov
+// blocks in a SendSlot, held until the send ends. Without a slot (no
+// memory) the send takes the first block; the rest follows as after a
+// short send.
+int Engine::send_iov(Stream *s, size_t limit, iovec **iov) {
+  if (!s->slot) {
+    int n = s->wq.fill_iov(&s->iov1, 1, limit);
+    size_t want = s->wq.size() < limit ? s->wq.size() : limit;
+    if (n == 0 || s->iov1.iov_len >= want || !(s->slot = take_slot())) {
+      *iov = &s->iov1;
+      return n;
+    }
+  }
+  *iov = s->slot->iov;
+  return s->wq.fill_iov(s->slot->iov, kMaxIov, limit);
+}
+
+// The send in flight has ended (completed, failed or cancelled).
+void Engine::send_ended(Stream *s) {
+  s->send_inflight = false;
+  if (s->slot) {
+    give_slot(s->slot);
+    s->slot = nullptr;
+  }
 }
 
 void Engine::drop_held(Stream *s) {
@@ -258,7 +283,7 @@ void Engine::progress(Stream *s) {
   }
 }
 
-void Engine::handle_stream_cqe(Op *op, int res, uint32_t cflags) {
+void Engine::handle_stream_cqe(OpHead *op, int res, uint32_t cflags) {
   Stream *s = op->stream;
   bool more = cflags & IORING_CQE_F_MORE;
   switch (op->kind) {
@@ -268,7 +293,7 @@ void Engine::handle_stream_cqe(Op *op, int res, uint32_t cflags) {
         op->state &= static_cast<uint16_t>(~kOpPollRetry);
         if (res < 0 || s->recv_cancel || s->finished) {
           s->recv_armed = false;
-          if (!(enabled_ & KLOOP_CAP_BUF_RING)) recycle(static_cast<uint32_t>(op->off));
+          if (!(enabled_ & KLOOP_CAP_BUF_RING)) recycle(op->bid);
           if (res < 0 && res != -ECANCELED && !s->read_done && !s->closing && !s->aborting) {
             s->read_done = true;
             emit(s->token, res, KLOOP_COMPLETION_MORE, 0, KLOOP_EVENT_ERROR, KLOOP_ERROR_READ, -1,
@@ -285,7 +310,7 @@ void Engine::handle_stream_cqe(Op *op, int res, uint32_t cflags) {
         bid = static_cast<int32_t>(cflags >> IORING_CQE_BUFFER_SHIFT);
         ++buffers_in_use_;
       } else if (!(enabled_ & KLOOP_CAP_BUF_RING)) {
-        bid = static_cast<int32_t>(op->off);  // own buffer, counted when taken
+        bid = static_cast<int32_t>(op->bid);  // own buffer, counted when taken
       }
       if (res > 0 && s->tls) {
         tls_input(s, bid, 0, static_cast<uint32_t>(res));
@@ -309,15 +334,14 @@ void Engine::handle_stream_cqe(Op *op, int res, uint32_t cflags) {
           if (!(enabled_ & KLOOP_CAP_BUF_RING)) {
             // keep the own buffer reserved: recycle() above returned it, take it again
             int nb = take_own_buffer();
-            op->off = static_cast<uint64_t>(nb < 0 ? 0 : nb);
+            op->bid = static_cast<uint32_t>(nb < 0 ? 0 : nb);
             if (nb < 0) {
               s->recv_armed = false;
               add_starved(s);
               return;
             }
           }
-          op->off2 = POLLIN;
-          op->state |= kOpPollRetry;
+          op->state |= kOpPollRetry;  // prep_stream polls for POLLIN
           arm(op);
           return;
         } else if (res != -ECANCELED || !s->recv_cancel) {
@@ -341,7 +365,7 @@ void Engine::handle_stream_cqe(Op *op, int res, uint32_t cflags) {
       if (op->state & kOpPollRetry) {
         op->state &= static_cast<uint16_t>(~kOpPollRetry);
         if (res < 0 || s->send_cancel) {
-          s->send_inflight = false;
+          send_ended(s);
           if (res < 0 && res != -ECANCELED) {
             s->write_failed = true;
             wq_clear(s);
@@ -357,12 +381,11 @@ void Engine::handle_stream_cqe(Op *op, int res, uint32_t cflags) {
         return;
       }
       if (res == -EAGAIN && !s->send_cancel) {
-        op->off2 = POLLOUT;
-        op->state |= kOpPollRetry;
+        op->state |= kOpPollRetry;  // prep_stream polls for POLLOUT
         arm(op);
         return;
       }
-      s->send_inflight = false;
+      send_ended(s);
       s->send_cancel = false;
       if (s->aborting) {
         wq_clear(s);

@@ -170,6 +170,7 @@ void delete_stream(Stream *s) {
     }
     delete t;
   }
+  delete s->slot;  // a send still held it: the engine is being destroyed
   delete s;
 }
 
@@ -317,8 +318,8 @@ bool Engine::tls_prep_send(Stream *s, io_uring_sqe *sqe) {
     t->marks.pop_front();
   if (t->marks.empty()) return false;
   const TlsMark &m = t->marks.front();
-  Op *op = &s->send;
-  op->msg = {};
+  msghdr &msg = t->tx_msg;
+  msg = {};
   size_t limit = 0;
   if (t->consumed < m.at) {
     limit = m.at - t->consumed;
@@ -330,13 +331,14 @@ bool Engine::tls_prep_send(Stream *s, io_uring_sqe *sqe) {
     c->cmsg_type = TLS_SET_RECORD_TYPE;
     c->cmsg_len = CMSG_LEN(1);
     *CMSG_DATA(c) = static_cast<unsigned char>(m.type);
-    op->msg.msg_control = t->cmsg;
-    op->msg.msg_controllen = CMSG_SPACE(1);
+    msg.msg_control = t->cmsg;
+    msg.msg_controllen = CMSG_SPACE(1);
   }
-  int n = s->wq.fill_iov(s->iov, kMaxIov, limit);
-  op->msg.msg_iov = s->iov;
-  op->msg.msg_iovlen = static_cast<size_t>(n);
-  io_uring_prep_sendmsg(sqe, s->fd, &op->msg, MSG_NOSIGNAL);
+  iovec *iov = nullptr;
+  int n = send_iov(s, limit, &iov);
+  msg.msg_iov = iov;
+  msg.msg_iovlen = static_cast<size_t>(n);
+  io_uring_prep_sendmsg(sqe, s->fd, &msg, MSG_NOSIGNAL);
   return true;
 }
 
@@ -349,26 +351,26 @@ uint16_t Engine::tls_recv_mode(const Stream *s) {
 }
 
 // The receive SQE of a TLS stream in a special mode: an exact read into a
-// TLS buffer (taken by arm_recv, in op->off), or a recvmsg of one kernel
+// TLS buffer (taken by arm_recv, in recv.bid), or a recvmsg of one kernel
 // TLS record into a receive buffer with its type in a cmsg. False: the
 // ordinary receive applies.
 bool Engine::tls_prep_recv(Stream *s, io_uring_sqe *sqe) {
   TlsState *t = s->tls;
-  Op *op = &s->recv;
+  OpHead *op = &s->recv;
   op->state &= static_cast<uint16_t>(~(kOpTlsExact | kOpTlsRecvmsg));
   uint16_t mode = tls_recv_mode(s);
   if (mode == kOpTlsExact) {
     uint32_t len = t->want < buf_size_ ? t->want : buf_size_;
-    io_uring_prep_recv(sqe, s->fd, buf_addr(static_cast<uint32_t>(op->off)), len, 0);
+    io_uring_prep_recv(sqe, s->fd, buf_addr(op->bid), len, 0);
   } else if (mode == kOpTlsRecvmsg) {
-    op->iov = iovec{nullptr, buf_size_};
-    op->msg = {};
-    op->msg.msg_iov = &op->iov;
-    op->msg.msg_iovlen = 1;
+    t->rx_iov = iovec{nullptr, buf_size_};
+    t->rx_msg = {};
+    t->rx_msg.msg_iov = &t->rx_iov;
+    t->rx_msg.msg_iovlen = 1;
     memset(t->rx_cmsg, 0, sizeof t->rx_cmsg);
-    op->msg.msg_control = t->rx_cmsg;
-    op->msg.msg_controllen = sizeof t->rx_cmsg;
-    io_uring_prep_recvmsg(sqe, s->fd, &op->msg, 0);
+    t->rx_msg.msg_control = t->rx_cmsg;
+    t->rx_msg.msg_controllen = sizeof t->rx_cmsg;
+    io_uring_prep_recvmsg(sqe, s->fd, &t->rx_msg, 0);
     sqe->flags |= IOSQE_BUFFER_SELECT;
     sqe->buf_group = 0;
   } else {
@@ -379,7 +381,7 @@ bool Engine::tls_prep_recv(Stream *s, io_uring_sqe *sqe) {
 }
 
 // Completion of a receive armed by tls_prep_recv. Both kinds are one-shot.
-bool Engine::tls_recv_cqe(Stream *s, Op *op, int res, uint32_t cflags) {
+bool Engine::tls_recv_cqe(Stream *s, OpHead *op, int res, uint32_t cflags) {
   TlsState *t = s->tls;
   bool exact = op->state & kOpTlsExact;
   op->state &= static_cast<uint16_t>(~(kOpTlsExact | kOpTlsRecvmsg));
@@ -388,7 +390,7 @@ bool Engine::tls_recv_cqe(Stream *s, Op *op, int res, uint32_t cflags) {
   s->recv_cancel = false;
   int32_t bid = -1;
   if (exact) {
-    bid = static_cast<int32_t>(op->off);  // a TLS buffer
+    bid = static_cast<int32_t>(op->bid);  // a TLS buffer
   } else if (cflags & IORING_CQE_F_BUFFER) {
     bid = static_cast<int32_t>(cflags >> IORING_CQE_BUFFER_SHIFT);
     ++buffers_in_use_;
@@ -400,7 +402,7 @@ bool Engine::tls_recv_cqe(Stream *s, Op *op, int res, uint32_t cflags) {
   if (res > 0 && exact) {
     tls_input(s, bid, 0, static_cast<uint32_t>(res));
   } else if (res > 0) {
-    uint8_t type = record_type_of(&op->msg);
+    uint8_t type = record_type_of(&t->rx_msg);
     if (type == 23) {
       emit(s->token, res, KLOOP_COMPLETION_MORE,
            reinterpret_cast<uint64_t>(buf_addr(static_cast<uint32_t>(bid))), KLOOP_EVENT_DATA, 0,

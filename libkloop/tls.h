@@ -82,6 +82,8 @@ struct TlsState {
   bool rx_offload = false;  // the kernel has the receive key
   uint32_t want = 0;        // bytes OpenSSL asked for and did not get
   RecordQueue rx_ctl;       // non-data records for OpenSSL
+  msghdr rx_msg{};          // the recvmsg of one kernel TLS record
+  iovec rx_iov{};
   alignas(8) unsigned char rx_cmsg[64] = {};
   // kernel TLS (send side)
   bool ktls_ok = false;     // SSL_OP_ENABLE_KTLS set: OpenSSL may offer keys
@@ -95,6 +97,7 @@ struct TlsState {
   unsigned char tx_key[64] = {};
   uint32_t tx_key_len = 0;
   alignas(8) unsigned char cmsg[32] = {};
+  msghdr tx_msg{};  // the send in flight (a control record carries cmsg)
 };
 
 // The most an exact read asks for: one TLS record (header, 2^14 bytes,

@@ -291,6 +291,28 @@ TEST_F(Streams, ManyWritesAreGathered) {
       << "1000 queued writes were not gathered into few sends";
 }
 
+// Queued writes of more than a queue block each are gathered into one
+// send: eight blocks of 20 KiB fit the socket's buffer and go out in one
+// SQE, not one per block.
+TEST_F(Streams, SendGathersManyBlocksAtOnce) {
+  auto [s, peer] = UnixPair();
+  int sndbuf = 1 << 20;
+  ASSERT_EQ(setsockopt(s, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf), 0);
+  ASSERT_EQ(kloop_stream_attach(d, 1, s, KLOOP_STREAM_NO_READ), 0);
+  constexpr size_t kEach = 20 * 1024;
+  constexpr int kBlocks = 8;
+  std::string all = Pattern(0, kEach * kBlocks);
+  kloop_stats before = GetStats(d);
+  for (int i = 0; i < kBlocks; ++i)
+    ASSERT_GE(kloop_stream_write(d, 1, all.data() + i * kEach, kEach), 0);
+  ASSERT_TRUE(Flush(1));
+  kloop_stats after = GetStats(d);
+  EXPECT_EQ(after.sqes - before.sqes, 1u) << "the queued blocks were not sent in one SQE";
+  EXPECT_TRUE(ReadN(peer, all.size()) == all);
+  ASSERT_EQ(kloop_stream_close(d, 1), 0);
+  EXPECT_EQ(d.WaitFinal(1).event, KLOOP_EVENT_CLOSED);
+}
+
 TEST_F(Streams, SixtyFourMiBWithShortSendsArriveInOrder) {
   auto [s, peer] = TcpPair();
   ASSERT_EQ(kloop_stream_attach(d, 1, s, KLOOP_STREAM_NO_READ | KLOOP_STREAM_CLOSE_FD), 0);
