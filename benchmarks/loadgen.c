@@ -26,6 +26,20 @@
  * ciphertext is fed to it and encrypted output is sent with io_uring, so the
  * data path keeps one io_uring_enter per loop iteration. With the epoll
  * engine OpenSSL reads and writes the nonblocking socket itself.
+ *
+ * --udp: the same closed loop over connected UDP sockets, one datagram of S
+ * bytes per message (pipeline 1 only: a lost datagram would otherwise be
+ * indistinguishable from a late one).
+ *
+ * --lines L: every message is L lines (its bytes end in '\n' at L evenly
+ * spaced places), for servers that read requests with readline().
+ *
+ * --churn: connect/accept/close churn. Each of the N connection slots
+ * connects, sends one message, reads the echo until the server closes the
+ * connection, closes its socket and starts over (epoll, nonblocking
+ * connect). A "request" is one such connection; its latency runs from
+ * socket() to the server's FIN. The server closes first, so TIME_WAIT stays
+ * on the server's side and the client's ports are free for reuse at once.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -154,6 +168,9 @@ struct options {
   const char *tls_ciphers; /* TLS 1.2 cipher list */
   const char *tls_suites;  /* TLS 1.3 cipher suites */
   const char *tls_sni;
+  bool udp;       /* connected UDP sockets, one datagram per message */
+  unsigned lines; /* > 0: messages are this many '\n'-terminated lines */
+  bool churn;     /* one message per connection, server closes */
 };
 
 struct conn {
@@ -300,9 +317,9 @@ static void resolve_target(void) {
 }
 
 static int open_conn(bool nonblock) {
-  int fd = socket(target.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  int fd = socket(target.ss_family, (opt.udp ? SOCK_DGRAM : SOCK_STREAM) | SOCK_CLOEXEC, 0);
   if (fd < 0) die("socket: %s", strerror(errno));
-  if (target.ss_family != AF_UNIX) {
+  if (target.ss_family != AF_UNIX && !opt.udp) {
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
   }
@@ -464,6 +481,24 @@ static void verify_chunk(const struct conn *c, const char *data, size_t n) {
   }
 }
 
+/* One response completed: its latency (sent at t0), the request counter,
+ * and the end of a run of -n requests. */
+static void count_response(uint64_t t0, uint64_t now) {
+  last_progress = now;
+  if (phase == PHASE_MEASURE) {
+    hist_record(&hist, now - t0);
+    measured++;
+    if (opt.requests && measured >= opt.requests) {
+      phase = PHASE_DRAIN;
+      t_measure_end = now;
+      srv1 = sample_proc(opt.server_pid);
+      getrusage(RUSAGE_SELF, &ru1);
+    }
+  } else if (phase == PHASE_WARMUP) {
+    warm_requests++;
+  }
+}
+
 /* Account n received bytes; completes messages, queues the next ones. */
 static void on_received(struct conn *c, const char *data, size_t n, uint64_t now) {
   if (opt.verify) verify_chunk(c, data, n);
@@ -477,21 +512,9 @@ static void on_received(struct conn *c, const char *data, size_t n, uint64_t now
       return;
     }
     uint64_t t0 = c->ts[c->ts_head];
-    last_progress = now;
     c->ts_head = (c->ts_head + 1) % opt.depth;
     c->ts_count--;
-    if (phase == PHASE_MEASURE) {
-      hist_record(&hist, now - t0);
-      measured++;
-      if (opt.requests && measured >= opt.requests) {
-        phase = PHASE_DRAIN;
-        t_measure_end = now;
-        srv1 = sample_proc(opt.server_pid);
-        getrusage(RUSAGE_SELF, &ru1);
-      }
-    } else if (phase == PHASE_WARMUP) {
-      warm_requests++;
-    }
+    count_response(t0, now);
     if (phase == PHASE_WARMUP || phase == PHASE_MEASURE) queue_message(c, now);
   }
 }
@@ -597,6 +620,7 @@ static void uring_send(struct conn *c, unsigned idx) {
   uint64_t len = c->to_send;
   if (len > sendbuf_len - pos) len = sendbuf_len - pos;
   if (len > (1u << 30)) len = 1u << 30;
+  if (opt.udp) len = opt.size; /* one datagram per message */
   struct io_uring_sqe *sqe = get_sqe();
   io_uring_prep_send(sqe, c->fd, sendbuf + pos, (size_t)len, MSG_NOSIGNAL);
   io_uring_sqe_set_data64(sqe, ((uint64_t)idx << 8) | OP_SEND);
@@ -792,6 +816,7 @@ static void epoll_flush(struct conn *c) {
       continue;
     }
 #endif
+    if (opt.udp) len = opt.size; /* one datagram per message */
     ssize_t n = send(c->fd, sendbuf + pos, (size_t)len, MSG_NOSIGNAL);
     if (n < 0) {
       if (errno == EINTR) continue;
@@ -859,6 +884,128 @@ static void run_epoll(void) {
 }
 
 /* ------------------------------------------------------------------------ */
+/* Connection churn                                                         */
+/* ------------------------------------------------------------------------ */
+
+/* Start a new connection in slot c: nonblocking connect, EPOLLOUT when it
+ * is established. c->ts[0] is the time the connection was begun. */
+static void churn_open(struct conn *c, uint64_t now) {
+  int fd = socket(target.ss_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+  if (fd < 0) {
+    conn_fail(c, errno);
+    return;
+  }
+  if (target.ss_family != AF_UNIX) {
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+  }
+  if (connect(fd, (struct sockaddr *)&target, target_len) < 0 && errno != EINPROGRESS) {
+    conn_fail(c, errno);
+    close(fd);
+    return;
+  }
+  c->fd = fd;
+  c->ts[0] = now;
+  c->ts_head = 0;
+  c->ts_count = 1;
+  c->to_send = opt.size;
+  c->sent_total = 0;
+  c->rx_total = 0;
+  c->want_out = true;
+  struct epoll_event ev = {.events = EPOLLOUT, .data.ptr = c};
+  if (epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev) < 0) die("epoll_ctl: %s", strerror(errno));
+}
+
+static void churn_fail(struct conn *c, int err) {
+  conn_fail(c, err);
+  close(c->fd);
+  c->fd = -1;
+  c->ts_count = 0;
+}
+
+/* Connected (or failed to): send the message, then wait for the echo. */
+static void churn_writable(struct conn *c) {
+  if (c->sent_total == 0) {
+    int err = 0;
+    socklen_t len = sizeof(err);
+    getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &len);
+    if (err) {
+      churn_fail(c, err);
+      return;
+    }
+  }
+  while (c->to_send > 0) {
+    ssize_t n = send(c->fd, sendbuf + c->sent_total, (size_t)c->to_send, MSG_NOSIGNAL);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN) return; /* EPOLLOUT again */
+      churn_fail(c, errno);
+      return;
+    }
+    c->to_send -= (uint64_t)n;
+    c->sent_total += (uint64_t)n;
+  }
+  struct epoll_event ev = {.events = EPOLLIN, .data.ptr = c};
+  epoll_ctl(ep, EPOLL_CTL_MOD, c->fd, &ev);
+  c->want_out = false;
+}
+
+/* Read the echo; at the server's FIN the connection is complete. */
+static void churn_readable(struct conn *c, char *rbuf, size_t rlen, uint64_t now) {
+  for (;;) {
+    ssize_t r = recv(c->fd, rbuf, rlen, 0);
+    if (r > 0) {
+      if (opt.verify) verify_chunk(c, rbuf, (size_t)r);
+      c->rx_total += (uint64_t)r;
+      continue;
+    }
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0 && errno == EAGAIN) return;
+    if (r < 0) {
+      churn_fail(c, errno);
+      return;
+    }
+    break; /* EOF */
+  }
+  if (c->rx_total != opt.size) { /* the server closed before (or after) a whole echo */
+    verify_errors++;
+    churn_fail(c, EPROTO);
+    return;
+  }
+  close(c->fd);
+  c->fd = -1;
+  c->ts_count = 0;
+  count_response(c->ts[0], now);
+  if (phase == PHASE_WARMUP || phase == PHASE_MEASURE) churn_open(c, now);
+}
+
+static void run_churn(void) {
+  ep = epoll_create1(EPOLL_CLOEXEC);
+  if (ep < 0) die("epoll_create1: %s", strerror(errno));
+  size_t rlen = opt.buf_size;
+  char *rbuf = malloc(rlen);
+  if (!rbuf) die("out of memory");
+  uint64_t now = now_ns();
+  for (unsigned i = 0; i < opt.conns; i++) churn_open(&conns[i], now);
+  struct epoll_event evs[256];
+  while (phase != PHASE_DONE) {
+    int n = epoll_wait(ep, evs, 256, 100);
+    if (n < 0 && errno != EINTR) die("epoll_wait: %s", strerror(errno));
+    now = now_ns();
+    for (int i = 0; i < n; i++) {
+      struct conn *c = evs[i].data.ptr;
+      if (c->dead || c->fd < 0) continue;
+      if (c->want_out)
+        churn_writable(c);
+      else
+        churn_readable(c, rbuf, rlen, now);
+    }
+    tick(now);
+  }
+  free(rbuf);
+}
+
+/* ------------------------------------------------------------------------ */
 /* Idle-connection memory                                                   */
 /* ------------------------------------------------------------------------ */
 
@@ -915,13 +1062,17 @@ static void report(void) {
   bool srv = srv0.ok && srv1.ok;
   double su = srv ? srv1.user_s - srv0.user_s : 0, ss = srv ? srv1.sys_s - srv0.sys_s : 0;
   double per = measured ? 1e6 / (double)measured : 0;
-  const char *engine = opt.engine == ENGINE_URING ? "uring" : "epoll";
-  const char *recv = opt.engine == ENGINE_EPOLL ? "recv" : opt.multishot ? "multishot" : "single";
+  const char *engine = opt.engine == ENGINE_URING && !opt.churn ? "uring" : "epoll";
+  const char *recv = opt.engine == ENGINE_EPOLL || opt.churn ? "recv"
+                     : opt.multishot                         ? "multishot"
+                                                             : "single";
 
   if (opt.json) {
     printf("{\"tool\": \"loadgen\", \"format\": 1");
     if (opt.label) printf(", \"label\": \"%s\"", opt.label);
     printf(", \"engine\": \"%s\", \"recv\": \"%s\", \"target\": \"%s\"", engine, recv, target_name);
+    if (opt.churn || opt.udp) printf(", \"mode\": \"%s\"", opt.churn ? "churn" : "udp");
+    if (opt.lines) printf(", \"lines\": %u", opt.lines);
     printf(", \"conns\": %u, \"size\": %llu, \"pipeline\": %u", opt.conns,
            (unsigned long long)opt.size, opt.depth);
     printf(", \"warmup_s\": %.3f, \"duration_s\": %.6f", opt.warmup, secs);
@@ -1011,6 +1162,12 @@ static void usage(FILE *f) {
       "      --tls-ciphers L    TLS 1.2 cipher list (OpenSSL syntax)\n"
       "      --tls-suites L     TLS 1.3 cipher suites (OpenSSL syntax)\n"
       "      --tls-sni NAME     server name sent in the handshake (default localhost)\n"
+      "      --udp              echo over connected UDP sockets, one datagram per\n"
+      "                         message (size <= buf-size, pipeline 1)\n"
+      "      --lines L          make every message L lines ('\\n' at L evenly spaced ends)\n"
+      "      --churn            connection churn: each of the N slots connects, sends\n"
+      "                         one message, reads the echo until the server closes,\n"
+      "                         closes and starts over; a request = a connection\n"
       "  -j, --json             print one JSON object instead of text\n",
       f);
 }
@@ -1056,7 +1213,10 @@ int main(int argc, char **argv) {
     O_TLSVER,
     O_TLSCIPH,
     O_TLSSUITE,
-    O_TLSSNI
+    O_TLSSNI,
+    O_UDP,
+    O_LINES,
+    O_CHURN
   };
   static const struct option longopts[] = {{"host", required_argument, 0, 'H'},
                                            {"port", required_argument, 0, 'P'},
@@ -1082,6 +1242,9 @@ int main(int argc, char **argv) {
                                            {"tls-ciphers", required_argument, 0, O_TLSCIPH},
                                            {"tls-suites", required_argument, 0, O_TLSSUITE},
                                            {"tls-sni", required_argument, 0, O_TLSSNI},
+                                           {"udp", no_argument, 0, O_UDP},
+                                           {"lines", required_argument, 0, O_LINES},
+                                           {"churn", no_argument, 0, O_CHURN},
                                            {"help", no_argument, 0, 'h'},
                                            {0, 0, 0, 0}};
   int ch;
@@ -1161,6 +1324,15 @@ int main(int argc, char **argv) {
       case O_TLSSNI:
         opt.tls_sni = optarg;
         break;
+      case O_UDP:
+        opt.udp = true;
+        break;
+      case O_LINES:
+        opt.lines = (unsigned)strtoul(optarg, NULL, 10);
+        break;
+      case O_CHURN:
+        opt.churn = true;
+        break;
       case 'j':
         opt.json = true;
         break;
@@ -1184,6 +1356,14 @@ int main(int argc, char **argv) {
 #else
   if (opt.tls) die("--tls: this load generator was built without OpenSSL");
 #endif
+  if (opt.udp && (opt.tls || opt.churn || opt.idle >= 0 || opt.unix_path))
+    die("--udp does not combine with --tls, --churn, --idle or --unix");
+  if (opt.udp && opt.depth != 1) die("--udp needs pipeline 1");
+  if (opt.udp && (opt.size > 65507 || opt.size > opt.buf_size))
+    die("--udp: size must fit one datagram and one receive buffer (<= 65507, <= buf-size)");
+  if (opt.churn && (opt.tls || opt.idle >= 0 || opt.depth != 1))
+    die("--churn does not combine with --tls, --idle or a pipeline");
+  if (opt.lines > opt.size) die("--lines: more lines than bytes in a message");
 
   if (opt.cpu >= 0) {
     cpu_set_t set;
@@ -1207,6 +1387,9 @@ int main(int argc, char **argv) {
   sendbuf = malloc(sendbuf_len);
   if (!sendbuf) die("out of memory for %zu-byte send buffer", sendbuf_len);
   for (size_t i = 0; i < sendbuf_len; i++) sendbuf[i] = (char)('a' + (i % opt.size) % 26);
+  for (size_t m = 0; opt.lines && m <= opt.depth; m++) /* line k ends at (k+1)*S/L - 1 */
+    for (unsigned k = 0; k < opt.lines; k++)
+      sendbuf[m * opt.size + (k + 1u) * opt.size / opt.lines - 1u] = '\n';
 
   resolve_target();
   if (opt.idle >= 0) return run_idle();
@@ -1217,8 +1400,8 @@ int main(int argc, char **argv) {
   if (opt.tls) tls_setup();
 #endif
   for (unsigned i = 0; i < opt.conns; i++) {
-    conns[i].fd = open_conn(opt.engine == ENGINE_EPOLL && !opt.tls);
     conns[i].ts = ts + (size_t)i * opt.depth;
+    conns[i].fd = opt.churn ? -1 : open_conn(opt.engine == ENGINE_EPOLL && !opt.tls);
 #ifdef LOADGEN_TLS
     if (opt.tls) tls_connect(&conns[i]);
 #endif
@@ -1232,15 +1415,19 @@ int main(int argc, char **argv) {
     srv0 = sample_proc(opt.server_pid);
     getrusage(RUSAGE_SELF, &ru0);
   }
-  if (opt.engine == ENGINE_URING)
+  if (opt.churn)
+    run_churn();
+  else if (opt.engine == ENGINE_URING)
     run_uring();
   else
     run_epoll();
 
-  for (unsigned i = 0; i < opt.conns; i++) shutdown(conns[i].fd, SHUT_RDWR);
+  for (unsigned i = 0; i < opt.conns; i++)
+    if (conns[i].fd >= 0 && !opt.udp) shutdown(conns[i].fd, SHUT_RDWR);
   report();
-  if (opt.engine == ENGINE_URING) io_uring_queue_exit(&ring);
-  for (unsigned i = 0; i < opt.conns; i++) close(conns[i].fd);
+  if (opt.engine == ENGINE_URING && !opt.churn) io_uring_queue_exit(&ring);
+  for (unsigned i = 0; i < opt.conns; i++)
+    if (conns[i].fd >= 0) close(conns[i].fd);
   if (verify_errors) return 3;
   if (stalled) return 4;
   if (dead_conns == opt.conns) return 1;

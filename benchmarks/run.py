@@ -17,7 +17,8 @@ How a measurement is made (see docs/performance.md for the reasons):
 
 Tiers:
   quick     the 4 cells of the brief's target table (< 5 minutes)
-  full      4 API styles x 64 B..100 KiB x 1..1000 connections
+  full      6 server kinds x 64 B..100 KiB x 1..1000 connections (udp: up to
+            10 KiB, one datagram per message)
   native    echo_epoll vs echo_kloop at 10/100/1000 conns, 1 KiB and 100 KiB
   syscalls  untimed: strace -c -f on each server for a fixed number of
             requests; syscalls and io_uring_enter calls per request
@@ -26,11 +27,32 @@ Tiers:
             certificate is made at run time in a temporary directory. Runs
             kloop twice: as it chooses (engine TLS where safe) and as
             kloop-sslproto (KLOOP_TLS=sslproto: asyncio's sslproto)
+  churn     connect/accept/close churn: each of N client slots (loadgen
+            --churn) connects, sends 64 B, reads the echo until the server
+            (a Protocol that echoes, then closes) closes, and starts over;
+            connections per second at 10 and 100 slots
+  micro     scheduling micro-benchmarks run inside one process per loop
+            and round (benchmarks/servers/micro.py, pinned to CPU 0):
+            call_soon chain, call_later + cancel, sleep(0) in a task,
+            future ping-pong between two tasks, create_task + await; ns per
+            operation, ratios of times (below 1.00x kloop is faster)
+  spawn     subprocess spawn rate, in-process like micro:
+            create_subprocess_exec('/bin/true') + wait(), one at a time and
+            8 at a time; spawns per second
+  custom    the cells given by --kinds, --sizes, --conns
+
+Server kinds (--kinds): protocol, streams, buffered, sock (echo in four API
+styles), udp (DatagramProtocol echo, loadgen --udp over connected UDP
+sockets), readline (streams server reading 5 lines per request with
+StreamReader.readline, loadgen --lines 5), churn (as the churn tier).
 
 Examples:
   /usr/bin/python3 benchmarks/run.py quick
   /usr/bin/python3 benchmarks/run.py native --rounds 5 --doc
   /usr/bin/python3 benchmarks/run.py tls --doc
+  /usr/bin/python3 benchmarks/run.py micro --rounds 3 --nice -20 --doc
+  /usr/bin/python3 benchmarks/run.py custom --kinds udp,readline --sizes 1k \
+      --conns 10,100 --doc --section udp-readline
   /usr/bin/python3 benchmarks/run.py custom --loops uvloop,kloop \
       --kinds protocol --sizes 1024 --conns 10,100 --rounds 3
 """
@@ -62,14 +84,27 @@ CLIENT_CPU = 1
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 PY_LOOPS = ("asyncio", "uvloop", "kloop")
+READLINE_LINES = 5
+UDP_MAX = 65507  # the largest UDP payload over IPv4
+
+# Kinds whose load generator needs arguments of its own (the server kind has
+# the same name in echo_server.py): one datagram per message; messages of
+# READLINE_LINES lines; one message per connection, which the server closes.
+KIND_LOADGEN = {"udp": ["--udp"], "readline": ["--lines", str(READLINE_LINES)],
+                "churn": ["--churn"]}
+CHURN_CELLS = [("churn", 64, 10), ("churn", 64, 100)]
+MICRO_RUNNER = ROOT / "benchmarks" / "servers" / "micro.py"
 # Python servers that are one of PY_LOOPS run with extra environment:
 # kloop with KLOOP_TLS=sslproto keeps every TLS connection on asyncio's
 # sslproto, which puts kloop's two TLS paths side by side in one run.
 LOOP_VARIANTS = {"kloop-sslproto": ("kloop", {"KLOOP_TLS": "sslproto"})}
 NATIVE = ("epoll", "libkloop")
-KINDS = ("protocol", "streams", "buffered", "sock")
+KINDS = ("protocol", "streams", "buffered", "sock", "udp", "readline")
 KIND_TITLE = {"protocol": "Protocol", "streams": "streams", "buffered": "BufferedProtocol",
               "sock": "sock_recv/sendall", "native": "C echo",
+              "udp": "UDP echo (DatagramProtocol)",
+              "readline": f"streams readline ({READLINE_LINES} lines/request)",
+              "churn": "churn (connect, echo, close)",
               "tls13": "TLS 1.3 echo", "tls12": "TLS 1.2 echo (AES-128-GCM)",
               "https": "HTTPS keep-alive (wrk)"}
 
@@ -223,6 +258,9 @@ class Env:
             return [self.python, str(SERVER_PY), "--loop", loop, "--kind", TLS_KINDS[kind][0],
                     "--port", "0", "--certfile", self.tls_files[0],
                     "--keyfile", self.tls_files[1]]
+        if loop in PY_LOOPS and kind == "readline":
+            return [self.python, str(SERVER_PY), "--loop", loop, "--kind", kind, "--port", "0",
+                    "--lines", str(READLINE_LINES)]
         if loop in PY_LOOPS:
             return [self.python, str(SERVER_PY), "--loop", loop, "--kind", kind, "--port", "0"]
         return [str(self.native_exe(loop)), "--port", "0"]
@@ -382,6 +420,13 @@ class Server:
             self.proc.stdout.close()
 
 
+def kind_loadgen_args(kind):
+    """The load generator arguments a server kind needs (None: the client is wrk)."""
+    if kind in TLS_KINDS:
+        return None if TLS_KINDS[kind][1] is None else list(TLS_KINDS[kind][1])
+    return list(KIND_LOADGEN.get(kind, ()))
+
+
 def loadgen_cmd(env, port, size, conns, duration, warmup, pipeline=1, extra=(), server_pid=None,
                 requests=None):
     cmd = [str(env.loadgen), "-P", str(port), "-c", str(conns), "-s", str(size),
@@ -522,8 +567,7 @@ def run_one(env, loop, kind, size, conns, duration, warmup, pipeline=1, loadgen_
             return rec
         finally:
             server.stop()
-    if kind in TLS_KINDS:
-        loadgen_extra = list(TLS_KINDS[kind][1]) + list(loadgen_extra)
+    loadgen_extra = kind_loadgen_args(kind) + list(loadgen_extra)
     try:
         cmd = loadgen_cmd(env, server.port, size, conns, duration, warmup, pipeline,
                           loadgen_extra, server.pid)
@@ -579,6 +623,8 @@ def size_label(n):
 
 
 def cell_label(kind, size, conns):
+    if kind == "churn":
+        return f"churn: connect, echo {size_label(size)}, close; {conns} at a time"
     if kind == "https":
         return f"{KIND_TITLE[kind]}, {conns} conn{'s' * (conns != 1)}"
     return f"{KIND_TITLE.get(kind, kind)}, {size_label(size)}, {conns} conn{'s' * (conns != 1)}"
@@ -735,7 +781,7 @@ def syscall_run(env, loop, kind, size, conns, requests, log=None):
             errf.seek(0)
             rec["error"] = "strace failed: " + errf.read().strip()[-200:]
             return rec
-        extra = TLS_KINDS[kind][1] if kind in TLS_KINDS else ()
+        extra = kind_loadgen_args(kind)
         if extra is None:
             rec["error"] = "no syscall count for a wrk cell"
             return rec
@@ -821,7 +867,7 @@ def profile_run(env, loop, kind, size, conns, duration, log=None):
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(0.5)
             cmd = loadgen_cmd(env, server.port, size, conns, duration, 0.3,
-                              server_pid=server.pid)
+                              extra=kind_loadgen_args(kind) or (), server_pid=server.pid)
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60,
                                preexec_fn=_pin(CLIENT_CPU))
             if r.stdout.strip():
@@ -862,7 +908,8 @@ def profile_run(env, loop, kind, size, conns, duration, log=None):
                 line = proc.stdout.readline()
                 if line.startswith("READY"):
                     n = 20000
-                    cmd = loadgen_cmd(env, line.split()[1], size, conns, 0, 0, requests=n)
+                    cmd = loadgen_cmd(env, line.split()[1], size, conns, 0, 0,
+                                      extra=kind_loadgen_args(kind) or (), requests=n)
                     subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                                    preexec_fn=_pin(CLIENT_CPU))
             finally:
@@ -998,6 +1045,268 @@ def memory_markdown(recs):
 
 
 # ---------------------------------------------------------------------------
+# In-process suites: scheduling micro-benchmarks, subprocess spawn rate
+# ---------------------------------------------------------------------------
+
+# What a suite reports: the per-operation figure of its table, and whether a
+# ratio above 1 means kloop is faster (a rate) or slower (a time).
+INPROC = {
+    "micro": {"title": "ns per operation", "higher_is_better": False},
+    "spawn": {"title": "subprocesses per second", "higher_is_better": True},
+}
+INPROC_TITLE = {
+    "call_soon": "call_soon chain (one callback)",
+    "call_later": "call_later + cancel",
+    "sleep0": "`await asyncio.sleep(0)` in a task",
+    "future_pingpong": "future ping-pong between two tasks (one round trip)",
+    "create_task": "create_task + await of a trivial coroutine",
+    "sequential": "`create_subprocess_exec('/bin/true')` + `wait()`, one at a time",
+    "concurrent8": "the same, 8 at a time (`gather`)",
+}
+
+
+def inproc_run(env, loop, suite, scale, log=None):
+    """One process of benchmarks/servers/micro.py on `loop`, pinned to
+    SERVER_CPU; its results plus the CPU other processes used meanwhile."""
+    rec = {"loop": loop, "suite": suite, "scale": scale,
+           "time": datetime.datetime.now().isoformat(timespec="seconds")}
+    base = LOOP_VARIANTS[loop][0] if loop in LOOP_VARIANTS else loop
+    cmd = [env.python, str(MICRO_RUNNER), "--loop", base, "--suite", suite,
+           "--scale", f"{scale:g}"]
+    rec["cmd"] = " ".join(shlex.quote(c) for c in cmd)
+    busy0, steal0 = cpu_totals()
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.monotonic()
+    try:
+        r = subprocess.run(cmd, env=env.server_env(loop), capture_output=True, text=True,
+                           timeout=600, preexec_fn=_pin(SERVER_CPU))
+    except subprocess.TimeoutExpired:
+        rec["error"] = "timed out"
+        return rec
+    wall = time.monotonic() - t0
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    busy1, steal1 = cpu_totals()
+    if log is not None and r.stderr:
+        log.write(r.stderr)
+        log.flush()
+    try:
+        res = json.loads(r.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        rec["error"] = f"exit {r.returncode}: {r.stderr.strip()[-300:]}"
+        return rec
+    if "unavailable" in res:
+        rec["error"] = "n/a: " + res["unavailable"]
+        return rec
+    if r.returncode != 0:
+        rec["error"] = f"exit {r.returncode}: {r.stderr.strip()[-300:]}"
+        return rec
+    rec["results"] = res["results"]
+    # The runner and what it waited for (the spawned children) against the
+    # whole machine: the rest is other processes' share of a core.
+    own = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+    rec["wall_s"] = round(wall, 3)
+    rec["other_cpu"] = round(max(0.0, (busy1 - busy0) / CLK_TCK - own) / wall, 4)
+    rec["steal"] = round((steal1 - steal0) / CLK_TCK / wall, 4)
+    return rec
+
+
+def inproc_matrix(env, suite, loops, rounds, scale, progress=None, log=None,
+                  quiet_wait=0.0, retries=0, disturbed=0.10):
+    """Every loop once per round, the order rotated each round (as run_matrix)."""
+    usable = [lp for lp in loops if env.availability(lp) is None]
+    total, records = rounds * len(usable), []
+    for rnd in range(rounds):
+        order = usable[rnd % len(usable):] + usable[:rnd % len(usable)] if usable else []
+        for loop in order:
+            if progress:
+                progress(len(records), total, f"round {rnd + 1}/{rounds}: {suite}: {loop}")
+            for attempt in range(retries + 1):
+                waited = wait_quiet(quiet_wait) if quiet_wait > 0 else 0.0
+                rec = inproc_run(env, loop, suite, scale, log)
+                rec["attempt"], rec["quiet_wait"] = attempt, waited
+                if "error" in rec or rec.get("other_cpu", 0) <= disturbed:
+                    break
+            rec["round"] = rnd
+            records.append(rec)
+            if progress:
+                if "error" in rec:
+                    note = "FAILED: " + rec["error"][:120]
+                else:
+                    key = "ops_per_s" if INPROC[suite]["higher_is_better"] else "ns_per_op"
+                    note = ", ".join(f"{k} {v[key]:,.0f}" for k, v in rec["results"].items())
+                    note += " (" + ("per s" if key == "ops_per_s" else "ns/op") + ")"
+                    if rec["other_cpu"] > 0.10:
+                        note += f" (other processes used {rec['other_cpu']:.0%} of a core)"
+                progress(len(records) - 1, total, f"  {loop}: {note}")
+    return records
+
+
+def summarize_inproc(records, suite, loops, ratio_pairs):
+    """Per benchmark and loop: median (min, max) of the suite's figure and of
+    the CPU per operation; ratios a/b computed within each round."""
+    key = "ops_per_s" if INPROC[suite]["higher_is_better"] else "ns_per_op"
+    ok = [r for r in records if "error" not in r]
+    names = []
+    for r in ok:
+        names += [n for n in r["results"] if n not in names]
+    rows = []
+    for name in names:
+        row = {"bench": name, "key": key, "loops": {}, "ratios": {}}
+        for loop in loops:
+            vals = [r["results"][name] for r in ok if r["loop"] == loop and name in r["results"]]
+            if not vals:
+                errs = [r["error"] for r in records if r["loop"] == loop and "error" in r]
+                row["loops"][loop] = {"n": 0, "error": errs[0] if errs else None}
+                continue
+            v = [x[key] for x in vals]
+            row["loops"][loop] = {
+                "n": len(vals), "value": _med(v), "min": min(v), "max": max(v),
+                "ns_per_op": _med([x["ns_per_op"] for x in vals]),
+                "cpu_ns_per_op": _med([x["cpu_ns_per_op"] for x in vals]),
+                "children_cpu_ns_per_op": _med([x["children_cpu_ns_per_op"] for x in vals]),
+            }
+        for a, b in ratio_pairs:
+            per_round = []
+            for rnd in sorted({r["round"] for r in ok}):
+                ra = [r for r in ok if r["loop"] == a and r["round"] == rnd]
+                rb = [r for r in ok if r["loop"] == b and r["round"] == rnd]
+                if ra and rb and name in ra[0]["results"] and name in rb[0]["results"]:
+                    per_round.append(ra[0]["results"][name][key] / rb[0]["results"][name][key])
+            if per_round:
+                row["ratios"][f"{a}/{b}"] = {"value": _med(per_round), "min": min(per_round),
+                                             "max": max(per_round)}
+        rows.append(row)
+    return rows
+
+
+def _fmt_range(d, scale=1.0, digits=0):
+    return (f"{d['value'] * scale:,.{digits}f} ({d['min'] * scale:,.{digits}f}–"
+            f"{d['max'] * scale:,.{digits}f})")
+
+
+def inproc_markdown(rows, suite, loops, ratio_pairs):
+    """The micro or spawn table: the figure per loop, the ratios, and for
+    micro whether kloop meets its target (no slower than stock asyncio)."""
+    better = INPROC[suite]["higher_is_better"]
+    unit = "spawns/s" if better else "ns/op"
+    target = suite == "micro" and "kloop" in loops and "asyncio" in loops
+    head = (["benchmark"] + [f"{lp} {unit}" for lp in loops]
+            + [f"{a}/{b}" for a, b in ratio_pairs]
+            + (["kloop ≤ asyncio?"] if target else []))
+    out = ["| " + " | ".join(head) + " |",
+           "|---|" + "---:|" * (len(head) - 1 - target) + "---|" * target]
+    for row in rows:
+        cells = [INPROC_TITLE.get(row["bench"], row["bench"])]
+        for lp in loops:
+            d = row["loops"].get(lp, {})
+            cells.append("n/a" if not d.get("n") else _fmt_range(d))
+        for a, b in ratio_pairs:
+            rt = row["ratios"].get(f"{a}/{b}")
+            cells.append("n/a" if not rt else
+                         f"{rt['value']:.2f}× ({rt['min']:.2f}–{rt['max']:.2f})")
+        if target:
+            rt = row["ratios"].get("kloop/asyncio")
+            cells.append("n/a" if not rt else ("yes" if rt["value"] <= 1.0 else "**no**"))
+        out.append("| " + " | ".join(cells) + " |")
+    out.append("")
+    if better:
+        head = (["benchmark"] + [f"{lp} µs/spawn (wall)" for lp in loops]
+                + [f"{lp} CPU µs/spawn: loop process / children" for lp in loops])
+    else:
+        head = ["benchmark"] + [f"{lp} CPU ns/op" for lp in loops]
+    out.append("| " + " | ".join(head) + " |")
+    out.append("|---|" + "---:|" * (len(head) - 1))
+    for row in rows:
+        cells = [INPROC_TITLE.get(row["bench"], row["bench"])]
+        for lp in loops:
+            d = row["loops"].get(lp, {})
+            if not d.get("n"):
+                cells.append("n/a")
+            elif better:
+                cells.append(f"{d['ns_per_op'] / 1000:,.0f}")
+            else:
+                cells.append(f"{d['cpu_ns_per_op']:,.0f}")
+        if better:
+            for lp in loops:
+                d = row["loops"].get(lp, {})
+                cells.append("n/a" if not d.get("n") else
+                             f"{d['cpu_ns_per_op'] / 1000:,.0f} / "
+                             f"{d['children_cpu_ns_per_op'] / 1000:,.0f}")
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def inproc_main(env, args, meta, loops, log):
+    """The micro and spawn tiers: run, summarize, print, --doc."""
+    suite = args.tier
+    rounds = args.rounds or 3
+    scale = args.scale
+    pairs = [(a, b) for a, b in (("kloop", "asyncio"), ("kloop", "uvloop"),
+                                 ("uvloop", "asyncio")) if a in loops and b in loops]
+    print(f"run.py: {suite}: {len(loops)} loops x {rounds} rounds, one process each",
+          file=sys.stderr)
+    records = inproc_matrix(env, suite, loops, rounds, scale, progress=stderr_progress,
+                            log=log, quiet_wait=args.wait_quiet, retries=args.retries,
+                            disturbed=args.disturbed)
+    meta["loadavg_end"] = loadavg()
+    rows = summarize_inproc(records, suite, loops, pairs)
+    payload = {"tier": suite, "meta": meta, "rounds": rounds, "scale": scale,
+               "runs": records, "summary": rows}
+    path = Path(args.json_out) if args.json_out else save_json(suite, payload)
+    if args.json_out:
+        path.write_text(json.dumps(payload, indent=1))
+    table = inproc_markdown(rows, suite, loops, pairs)
+    notes = unavailable_notes(env, loops)
+    interf = interference_note(records, args.nice)
+    if suite == "micro":
+        reading = ("Ratios are of the time per operation, computed within each round: "
+                   "below 1.00× the first loop is faster (kloop/asyncio 0.80× = kloop "
+                   "needs 80 % of asyncio's time). Target of the issue: kloop no slower "
+                   "than stock asyncio (kloop/asyncio ≤ 1.00×); uvloop, whose loop core "
+                   "is compiled Cython, is expected to be faster than both.")
+    else:
+        reading = ("Ratios are of the spawn rates, computed within each round: above "
+                   "1.00× the first loop spawns faster. The loop process and every child "
+                   "run on CPU 0 (children inherit the affinity); the CPU time of the "
+                   "children (fork/exec of `/bin/true`) is shown apart from the loop "
+                   "process's own.")
+    print(table)
+    print("\n" + reading)
+    if notes:
+        print("\n".join(notes))
+    print(interf)
+    if args.doc:
+        ops = ", ".join(f"{k} {max(1, int(n * scale)):,}" for k, n in _runner_sizes(env, suite))
+        body = (f"Measured {meta['date']}: kernel {meta['kernel']}, {meta['cpu']} "
+                f"({meta['cpus']} CPUs), Python {meta['python']}, uvloop {meta['uvloop']}, "
+                f"liburing {meta['liburing']}, commit {meta['commit']}. {rounds} interleaved "
+                f"rounds, one fresh process per loop and round pinned to CPU {SERVER_CPU}; "
+                f"operations per benchmark after a warm-up of a tenth as many: {ops}; "
+                f"median (min–max); " + (f"nice {args.nice}; " if args.nice else "")
+                + f"load average at start {meta['loadavg_start'][0]:.2f}.\n\n"
+                f"`{meta['command']}`\n\n{table}\n\n{reading}\n")
+        if notes:
+            body += "\n" + "\n".join(notes) + "\n"
+        if interf:
+            body += "\n" + interf + "\n"
+        write_doc_section(args.section or suite, body)
+    print(f"run.py: results in {path}", file=sys.stderr)
+    return 0
+
+
+def _runner_sizes(env, suite):
+    """(name, operations) of a suite's benchmarks, read from the runner itself."""
+    out = _cmd_out([env.python, "-c",
+                    "import json, sys; sys.path.insert(0, sys.argv[1]); import micro; "
+                    "print(json.dumps({k: v[1] for k, v in micro.SUITES[sys.argv[2]].items()}))",
+                    str(MICRO_RUNNER.parent), suite])
+    try:
+        return list(json.loads(out).items())
+    except ValueError:
+        return []
+
+
+# ---------------------------------------------------------------------------
 # Metadata and output
 # ---------------------------------------------------------------------------
 
@@ -1057,10 +1366,11 @@ def fmt_num(v, digits=1):
     return "n/a" if v is None else f"{v:,.{digits}f}"
 
 
-def markdown_tables(rows, loops, ratio_pairs, title_kind=True):
-    """Markdown: throughput with ratios, then CPU/latency/RSS."""
+def markdown_tables(rows, loops, ratio_pairs, title_kind=True, unit="req"):
+    """Markdown: throughput with ratios, then CPU/latency/RSS. unit: what one
+    request is called ("conn" for the churn tier, where it is a connection)."""
     out = []
-    head = ["cell"] + [f"{lp} req/s" for lp in loops] + [f"{a}/{b}" for a, b in ratio_pairs]
+    head = ["cell"] + [f"{lp} {unit}/s" for lp in loops] + [f"{a}/{b}" for a, b in ratio_pairs]
     out.append("| " + " | ".join(head) + " |")
     out.append("|" + "---|" + "---:|" * (len(head) - 1))
     for row in rows:
@@ -1070,7 +1380,7 @@ def markdown_tables(rows, loops, ratio_pairs, title_kind=True):
         cells += [fmt_ratio(row["ratios"].get(f"{a}/{b}")) for a, b in ratio_pairs]
         out.append("| " + " | ".join(cells) + " |")
     out.append("")
-    head = ["cell"] + [f"{lp} CPU µs/req (user+sys)" for lp in loops] + \
+    head = ["cell"] + [f"{lp} CPU µs/{unit} (user+sys)" for lp in loops] + \
         [f"{a}/{b} CPU" for a, b in ratio_pairs[:1]] + \
         [f"{lp} p50 / p99 µs" for lp in loops] + [f"{lp} RSS MiB" for lp in loops]
     out.append("| " + " | ".join(head) + " |")
@@ -1177,7 +1487,8 @@ def emit_matrix(payload, loops, ratio_pairs, notes, doc):
     if tier == "tls":
         tables = tls_markdown(rows, loops, ratio_pairs)
     else:
-        tables = markdown_tables(rows, loops, ratio_pairs, title_kind=tier != "native")
+        tables = markdown_tables(rows, loops, ratio_pairs, title_kind=tier != "native",
+                                 unit="conn" if tier == "churn" else "req")
     interf = interference_note(records, nice)
     print(tables)
     if notes:
@@ -1198,12 +1509,18 @@ def emit_matrix(payload, loops, ratio_pairs, notes, doc):
             body += "\n" + "\n".join(notes) + "\n"
         if interf:
             body += "\n" + interf + "\n"
-        write_doc_section(tier, body)
+        write_doc_section(payload.get("section") or tier, body)
 
 
 def report_main(path, doc):
     """Tables (and doc section) again from a saved results file."""
     payload = json.loads(Path(path).read_text())
+    if payload.get("tier") in INPROC and "summary" in payload:
+        rows = payload["summary"]
+        loops = list(dict.fromkeys(lp for row in rows for lp in row["loops"]))
+        pairs = list(dict.fromkeys(tuple(k.split("/")) for row in rows for k in row["ratios"]))
+        print(inproc_markdown(rows, payload["tier"], loops, pairs))
+        return
     if "summary" not in payload:
         raise BenchError(f"{path}: not a matrix run (tier {payload.get('tier')})")
     rows = payload["summary"]
@@ -1310,13 +1627,15 @@ def main(argv=None):
                                 epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("tier", choices=["quick", "full", "native", "syscalls", "memory", "profile",
-                                    "loadgen", "custom", "report", "tls"])
+                                    "loadgen", "custom", "report", "tls", "churn", "micro",
+                                    "spawn"])
     p.add_argument("results", nargs="?", help="report: a results JSON file of a matrix run")
     p.add_argument("--build", help="meson build directory (default: build/, else build*/)")
     p.add_argument("--loops", help="comma list (default asyncio,uvloop,kloop; "
                                    "native: epoll,libkloop; tls: also kloop-sslproto, "
                                    "kloop with KLOOP_TLS=sslproto)")
-    p.add_argument("--kinds", default="protocol", help="custom: comma list of " + ",".join(KINDS))
+    p.add_argument("--kinds", default="protocol",
+                   help="custom: comma list of " + ",".join(KINDS + ("churn",)))
     p.add_argument("--sizes", default="1024", help="custom: comma list of sizes (k = KiB)")
     p.add_argument("--conns", default="10", help="custom: comma list of connection counts")
     p.add_argument("--rounds", type=int, help="interleaved rounds (default 3)")
@@ -1336,8 +1655,12 @@ def main(argv=None):
     p.add_argument("--disturbed", type=float, default=0.10, metavar="SHARE",
                    help="with --retries: a run is disturbed when other processes used more "
                         "than SHARE of a core (default 0.10)")
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="micro, spawn: multiply every benchmark's operation count")
     p.add_argument("--doc", action="store_true",
                    help="write the tables into docs/performance.md (section per tier)")
+    p.add_argument("--section", help="with --doc: name of the section to write (default: the "
+                                     "tier; e.g. for a custom run of its own)")
     p.add_argument("--json-out", help="write the results here instead of benchmarks/results/")
     p.add_argument("--allow-stale", action="store_true",
                    help="measure even if sources are newer than the build")
@@ -1382,6 +1705,9 @@ def main(argv=None):
     elif tier == "full":
         cells = [(k, s, c) for k in KINDS for s in (64, 1024, 10240, 102400)
                  for c in (1, 10, 100, 1000)]
+    elif tier == "churn":
+        cells = CHURN_CELLS if args.sizes == "1024" and args.conns == "10" else \
+            [("churn", s, c) for s in _ints(args.sizes) for c in _ints(args.conns)]
     elif tier == "native":
         cells = [("native", s, c) for s in (1024, 102400) for c in (10, 100, 1000)]
     elif tier == "tls":
@@ -1389,6 +1715,11 @@ def main(argv=None):
     else:
         kinds = args.kinds.split(",")
         cells = [(k, s, c) for k in kinds for s in _ints(args.sizes) for c in _ints(args.conns)]
+    too_big = [c for c in cells if c[0] == "udp" and c[1] > UDP_MAX]
+    if too_big:
+        print(f"run.py: left out {len(too_big)} udp cells with messages over {UDP_MAX} B "
+              f"(one datagram per message)", file=sys.stderr)
+        cells = [c for c in cells if c not in too_big]
     rounds = args.rounds or 3
     duration = args.duration or (3.0 if tier == "full" else 4.0)
 
@@ -1414,6 +1745,9 @@ def main(argv=None):
           f"uvloop {meta['uvloop']}", file=sys.stderr)
     for note in unavailable_notes(env, loops):
         print("run.py: " + note[2:], file=sys.stderr)
+
+    if tier in INPROC:
+        return inproc_main(env, args, meta, loops, log)
 
     if tier == "loadgen":
         size, conns = _ints(args.sizes)[0], _ints(args.conns)[0]
@@ -1541,7 +1875,8 @@ def main(argv=None):
                          disturbed=args.disturbed)
     meta["loadavg_end"] = loadavg()
     rows = summarize(records, cells, loops, ratio_pairs)
-    payload = {"tier": tier, "meta": meta, "rounds": rounds, "duration": duration,
+    payload = {"tier": tier, "section": args.section, "meta": meta, "rounds": rounds,
+               "duration": duration,
                "warmup": args.warmup, "pipeline": args.pipeline, "loadgen_extra": extra,
                "runs": records, "summary": rows}
     if args.json_out:

@@ -13,6 +13,14 @@ KIND is one of
   http       minimal HTTP/1.1 keep-alive server (asyncio.Protocol): every
              request gets a fixed 200 response written in two pieces
              (headers, then body)
+  churn      asyncio.Protocol that echoes what its first data_received()
+             gets, then closes the transport (one message per connection:
+             the connect/accept/close churn of `run.py churn`)
+  readline   asyncio.start_server: a request is --lines lines (default 5),
+             each read with `await reader.readline()`; the lines are then
+             written back as one piece and drained
+  udp        asyncio.DatagramProtocol on a UDP socket:
+             datagram_received() -> transport.sendto(data, addr)
 
 With --certfile/--keyfile the protocol, streams, buffered and http servers
 take ssl= (an ssl.SSLContext with that certificate; protocol versions and
@@ -160,6 +168,52 @@ async def _streams_client(reader, writer):
         writer.close()
 
 
+class ChurnProtocol(asyncio.Protocol):
+    """One message per connection: echo it, then close (after the write is
+    flushed, as transport.close() does)."""
+
+    __slots__ = ("transport",)
+
+    def connection_made(self, transport):
+        self.transport = transport
+        _nodelay(transport.get_extra_info("socket"))
+
+    def data_received(self, data):
+        self.transport.write(data)
+        self.transport.close()
+
+    def connection_lost(self, exc):
+        self.transport = None
+
+
+class EchoDatagramProtocol(asyncio.DatagramProtocol):
+    __slots__ = ("transport",)
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def datagram_received(self, data, addr):
+        self.transport.sendto(data, addr)
+
+
+def _readline_client(lines):
+    async def client(reader, writer):
+        _nodelay(writer.get_extra_info("socket"))
+        readline = reader.readline
+        try:
+            while True:
+                request = [await readline() for _ in range(lines)]
+                if not request[-1].endswith(b"\n"):
+                    break  # EOF (possibly inside a request)
+                writer.write(b"".join(request))
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+    return client
+
+
 async def _sock_client(loop, sock):
     try:
         while True:
@@ -174,6 +228,12 @@ async def _sock_client(loop, sock):
 
 
 def make_listener(args):
+    if args.kind == "udp":
+        family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        sock.bind((args.host, args.port))
+        sock.setblocking(False)
+        return sock
     if args.unix:
         try:
             os.unlink(args.unix)
@@ -222,9 +282,10 @@ async def serve(args, stop):
     lsock = make_listener(args)
     where = args.unix or lsock.getsockname()[1]
     tasks = set()
+    udp_transport = None
     ssl_ctx = make_ssl_context(args)
-    if ssl_ctx is not None and args.kind == "sock":
-        raise SystemExit("--kind sock has no TLS variant")
+    if ssl_ctx is not None and args.kind in ("sock", "udp"):
+        raise SystemExit(f"--kind {args.kind} has no TLS variant")
     if args.kind == "protocol":
         server = await loop.create_server(EchoProtocol, sock=lsock, backlog=4096, ssl=ssl_ctx)
     elif args.kind == "buffered":
@@ -235,6 +296,15 @@ async def serve(args, stop):
     elif args.kind == "streams":
         server = await asyncio.start_server(_streams_client, sock=lsock, limit=READ_SIZE * 4,
                                             backlog=4096, ssl=ssl_ctx)
+    elif args.kind == "churn":
+        server = await loop.create_server(ChurnProtocol, sock=lsock, backlog=4096, ssl=ssl_ctx)
+    elif args.kind == "readline":
+        server = await asyncio.start_server(_readline_client(args.lines), sock=lsock,
+                                            limit=READ_SIZE * 4, backlog=4096, ssl=ssl_ctx)
+    elif args.kind == "udp":
+        server = None
+        udp_transport, _ = await loop.create_datagram_endpoint(EchoDatagramProtocol,
+                                                               sock=lsock)
     elif args.kind == "sock":
         server = None
 
@@ -254,6 +324,8 @@ async def serve(args, stop):
     await stop.wait()
     if server is not None:
         server.close()
+    if udp_transport is not None:
+        udp_transport.close()
     for t in list(tasks):
         t.cancel()
 
@@ -262,7 +334,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--loop", default="asyncio", choices=["asyncio", "uvloop", "kloop"])
     p.add_argument("--kind", default="protocol",
-                   choices=["protocol", "streams", "buffered", "sock", "http"])
+                   choices=["protocol", "streams", "buffered", "sock", "http", "churn",
+                            "readline", "udp"])
+    p.add_argument("--lines", type=int, default=5, help="readline: lines per request")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--unix")
