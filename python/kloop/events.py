@@ -68,69 +68,6 @@ def _close_sendfile_pipes(loop):
         _sendfile.close_pipes(loop)
 
 
-class _DatagramTransport(proactor_events._ProactorDatagramTransport):
-    """asyncio's proactor datagram transport, with the Unix loop's semantics.
-
-    Two things differ from the Windows transport it derives from: a failed
-    receive (ICMP port unreachable on a connected socket, ...) is reported
-    through error_received() and reading goes on, and empty datagrams are
-    delivered, as the selector loop does; and closing does not shut the
-    socket down first, which fails with ENOTCONN for an unconnected UDP
-    socket on Linux (the in-flight receive is cancelled by the proactor).
-    """
-
-    def _loop_reading(self, fut=None):
-        data = addr = None
-        try:
-            if self._conn_lost:
-                return
-            self._read_fut = None
-            if fut is not None:
-                try:
-                    res = fut.result()
-                except OSError as exc:
-                    self._protocol.error_received(exc)
-                else:
-                    if self._closing:
-                        # since close() has been called we ignore any read data
-                        return
-                    if self._address is not None:
-                        data, addr = res, self._address
-                    else:
-                        data, addr = res
-            if self._conn_lost or self._closing:
-                return
-            if self._address is not None:
-                self._read_fut = self._loop._proactor.recv(self._sock, self.max_size)
-            else:
-                self._read_fut = self._loop._proactor.recvfrom(self._sock, self.max_size)
-        except OSError as exc:
-            self._protocol.error_received(exc)
-        except exceptions.CancelledError:
-            if not self._closing:
-                raise
-        else:
-            if self._read_fut is not None:
-                self._read_fut.add_done_callback(self._loop_reading)
-        finally:
-            if data is not None:
-                self._protocol.datagram_received(data, addr)
-
-    def _call_connection_lost(self, exc):
-        if self._called_connection_lost:
-            return
-        try:
-            self._protocol.connection_lost(exc)
-        finally:
-            self._sock.close()
-            self._sock = None
-            server = self._server
-            if server is not None:
-                server._detach()
-                self._server = None
-            self._called_connection_lost = True
-
-
 class _Acceptor:
     """A multishot accept on a listening socket feeding a Server."""
 
@@ -634,7 +571,8 @@ class IouringProactorEventLoop(proactor_events.BaseProactorEventLoop):
 
     def _make_datagram_transport(self, sock, protocol,
                                  address=None, waiter=None, extra=None):
-        # Unix datagram sockets send by send(2): see _datagram.py.
+        # asyncio's selector datagram transport on the ring's readiness:
+        # see _datagram.py.
         from . import _datagram
         return _datagram.make_datagram_transport(self, sock, protocol, address, waiter, extra)
 

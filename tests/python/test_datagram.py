@@ -438,3 +438,54 @@ def test_sock_send_unix_datagram_full_receiver(loop):
                 sink.close()
 
     loop.run(main())
+
+
+def test_kloop_udp_echo_needs_at_most_one_ring_operation_per_datagram():
+    # kloop's datagram transport is the stock loop's selector transport on
+    # the ring's readiness (a poll): datagrams move by recvfrom/sendto, not
+    # by a receive and a send operation each, which cost a future and a
+    # buffer per datagram and ran slower than the stock loop.
+    import threading
+    from conftest import harness_for
+    import kloop
+    h = harness_for("kloop")
+    n = 300
+
+    class Echo(asyncio.DatagramProtocol):
+        def connection_made(self, transport):
+            self.transport = transport
+
+        def datagram_received(self, data, addr):
+            self.transport.sendto(data, addr)
+
+    def client(addr, out):
+        # a blocking client in a thread: only the server uses the ring
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
+            c.settimeout(5)
+            c.connect(addr)
+            for i in range(n):
+                c.send(b"%d" % i)
+                out.append(c.recv(100) == b"%d" % i)
+
+    async def main():
+        loop = h.loop
+        tr, _ = await loop.create_datagram_endpoint(Echo, local_addr=("127.0.0.1", 0))
+        try:
+            await asyncio.sleep(0.01)
+            before = kloop.get_stats(loop)["sqes"]
+            ok = []
+            th = threading.Thread(target=client, args=(tr.get_extra_info("sockname"), ok))
+            th.start()
+            while th.is_alive():
+                await asyncio.sleep(0.001)
+            used = kloop.get_stats(loop)["sqes"] - before
+        finally:
+            tr.close()
+        assert ok == [True] * n
+        return used
+
+    try:
+        used = h.run(main())
+    finally:
+        h.close()
+    assert used <= n + 50, f"{used} io_uring operations for {n} echoed datagrams"
