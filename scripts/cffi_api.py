@@ -38,7 +38,8 @@ def read_cdef(path):
 
 
 def cdef_hash(text):
-    # The same formula as _ffi.cdef_hash (tests/python/test_binding.py checks).
+    # The same formula as _ffi.cdef_hash: were they to differ, no module would
+    # ever be used (tests/python/test_ffi_modes.py would fail).
     return int(hashlib.sha256(text.encode()).hexdigest()[:15], 16)
 
 

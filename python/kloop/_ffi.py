@@ -342,8 +342,8 @@ def _check_api_module(path):
     """Import the API-mode module at `path`: (its ffi, lib, library path), or _Unusable."""
     name = f"{__package__ or 'kloop'}.{API_MODULE}"
     spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
     try:
+        module = importlib.util.module_from_spec(spec)  # an extension: dlopen here
         spec.loader.exec_module(module)
     except ImportError as exc:  # e.g. its libkloop is missing, or a symbol
         raise _Unusable(f"{path} does not import: {exc}") from None
