@@ -13,9 +13,10 @@ added for the package to check the module it finds (_ffi._check_api_module):
 * KLOOP_CFFI_HEADER_VERSION: KLOOP_VERSION of the kloop.h it was compiled
   with (the library it loads must report the same version).
 
-The C compiler checks CDEF against kloop.h: CFFI's generated code takes
-every declared function's address with the declared type and checks each
-struct's size and field offsets.
+CDEF is checked against kloop.h once more: the generated code calls each
+function with the declared parameter types (the compiler warns on a
+mismatch), and CFFI compares the struct layouts the compiler gave with the
+cdef's when the module loads.
 """
 
 import ast
