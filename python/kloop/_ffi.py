@@ -46,6 +46,7 @@ import importlib.machinery
 import importlib.util
 import logging
 import os
+import re
 
 import cffi
 
@@ -351,6 +352,13 @@ def _check_api_module(path):
     if getattr(lib, "KLOOP_CFFI_CDEF_HASH", None) != cdef_hash(CDEF):
         raise _Unusable(f"{path} was generated from another CDEF than {__file__} "
                         "(a stale build: rebuild it)")
+    # CFFI compares a struct's layout as the compiler saw it with the cdef's
+    # on the struct's first use: make that happen now, not in a loop.
+    for struct_name in re.findall(r"^struct (\w+) \{", CDEF, re.M):
+        try:
+            api_ffi.sizeof(f"struct {struct_name}")
+        except api_ffi.error as exc:
+            raise _Unusable(f"{path}: struct {struct_name}: {exc}") from None
     # Which file the library lies in: a function's address would be that of
     # CFFI's wrapper in the module, but kloop_strerror(0) returns a string
     # literal of libkloop's own read-only data.
