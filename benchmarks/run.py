@@ -46,6 +46,10 @@ styles), udp (DatagramProtocol echo, loadgen --udp over connected UDP
 sockets), readline (streams server reading 5 lines per request with
 StreamReader.readline, loadgen --lines 5), churn (as the churn tier).
 
+Loop variants for --loops: kloop-sslproto (above), kloop-abi and kloop-api
+(KLOOP_FFI=abi|api: kloop's CFFI binding in ABI mode, or through the
+compiled API-mode module; plain kloop takes the module when it was built).
+
 Examples:
   /usr/bin/python3 benchmarks/run.py quick
   /usr/bin/python3 benchmarks/run.py native --rounds 5 --doc
@@ -55,6 +59,8 @@ Examples:
       --conns 10,100 --doc --section udp-readline
   /usr/bin/python3 benchmarks/run.py custom --loops uvloop,kloop \
       --kinds protocol --sizes 1024 --conns 10,100 --rounds 3
+  /usr/bin/python3 benchmarks/run.py custom --loops kloop-abi,kloop-api \
+      --kinds protocol --sizes 1k --conns 10 --rounds 2
 """
 
 import argparse
@@ -96,8 +102,12 @@ CHURN_CELLS = [("churn", 64, 10), ("churn", 64, 100)]
 MICRO_RUNNER = ROOT / "benchmarks" / "servers" / "micro.py"
 # Python servers that are one of PY_LOOPS run with extra environment:
 # kloop with KLOOP_TLS=sslproto keeps every TLS connection on asyncio's
-# sslproto, which puts kloop's two TLS paths side by side in one run.
-LOOP_VARIANTS = {"kloop-sslproto": ("kloop", {"KLOOP_TLS": "sslproto"})}
+# sslproto, which puts kloop's two TLS paths side by side in one run;
+# kloop-abi and kloop-api force its CFFI binding (KLOOP_FFI; plain kloop
+# takes the API-mode module when it was built), to compare the two.
+LOOP_VARIANTS = {"kloop-sslproto": ("kloop", {"KLOOP_TLS": "sslproto"}),
+                 "kloop-abi": ("kloop", {"KLOOP_FFI": "abi"}),
+                 "kloop-api": ("kloop", {"KLOOP_FFI": "api"})}
 NATIVE = ("epoll", "libkloop")
 KINDS = ("protocol", "streams", "buffered", "sock", "udp", "readline")
 KIND_TITLE = {"protocol": "Protocol", "streams": "streams", "buffered": "BufferedProtocol",
@@ -215,6 +225,7 @@ class Env:
             env["KLOOP_LIBRARY"] = str(self.libkloop)
         env.pop("PYTHONASYNCIODEBUG", None)
         env.pop("KLOOP_TLS", None)
+        env.pop("KLOOP_FFI", None)
         env["PYTHONDONTWRITEBYTECODE"] = "1"
         if loop in LOOP_VARIANTS:
             env.update(LOOP_VARIANTS[loop][1])
@@ -899,10 +910,10 @@ def profile_run(env, loop, kind, size, conns, duration, log=None):
         rec["perf_top_symbols"] = syms
 
         # 2. cProfile: Python calls per request (Python servers only)
-        if loop in PY_LOOPS:
+        if LOOP_VARIANTS.get(loop, (loop,))[0] in PY_LOOPS:
             prof = os.path.join(tmp, "prof.out")
             cmdline = env.server_cmd(loop, kind) + ["--profile", prof]
-            proc = subprocess.Popen(cmdline, env=env.server_env(), stdout=subprocess.PIPE,
+            proc = subprocess.Popen(cmdline, env=env.server_env(loop), stdout=subprocess.PIPE,
                                     stderr=log, text=True, preexec_fn=_pin(SERVER_CPU))
             try:
                 line = proc.stdout.readline()
@@ -934,8 +945,8 @@ def profile_run(env, loop, kind, size, conns, duration, log=None):
 
 def profile_markdown(recs):
     out = []
-    dsos = ["[kernel.kallsyms]", "python3.11", "libkloop", "_cffi_backend", "libffi", "libc",
-            "libuv", "loop.cpython"]
+    dsos = ["[kernel.kallsyms]", "python3.11", "libkloop", "_cffi_api", "_cffi_backend", "libffi",
+            "libc", "libuv", "loop.cpython"]
     head = ["server"] + [d.strip("[]").split(".")[0] for d in dsos] + ["other", "Python calls/req"]
     out.append("| " + " | ".join(head) + " |")
     out.append("|" + "---|" + "---:|" * (len(head) - 1))
@@ -1323,6 +1334,8 @@ def metadata(env):
     uv = _cmd_out([env.python, "-c", "import uvloop; print(uvloop.__version__)"])
     kl = _cmd_out([env.python, "-c", "import kloop; print(getattr(kloop, '__version__', '?'))"],
                   env=env.server_env())
+    ffi = _cmd_out([env.python, "-c", "from kloop import _ffi; print(_ffi.MODE)"],
+                   env=env.server_env())
     cpu = ""
     try:
         with open("/proc/cpuinfo") as f:
@@ -1343,6 +1356,7 @@ def metadata(env):
         "python": py,
         "uvloop": uv or None,
         "kloop": kl or None,
+        "kloop_ffi": ffi or None,  # the CFFI mode of the plain kloop server
         "liburing": _cmd_out(["dpkg-query", "-W", "-f=${Version}", "liburing-dev"]) or None,
         "commit": commit + ("-dirty" if dirty else ""),
         "build": str(env.build),
@@ -1633,7 +1647,8 @@ def main(argv=None):
     p.add_argument("--build", help="meson build directory (default: build/, else build*/)")
     p.add_argument("--loops", help="comma list (default asyncio,uvloop,kloop; "
                                    "native: epoll,libkloop; tls: also kloop-sslproto, "
-                                   "kloop with KLOOP_TLS=sslproto)")
+                                   "kloop with KLOOP_TLS=sslproto; kloop-abi, kloop-api: "
+                                   "kloop with KLOOP_FFI=abi|api)")
     p.add_argument("--kinds", default="protocol",
                    help="custom: comma list of " + ",".join(KINDS + ("churn",)))
     p.add_argument("--sizes", default="1024", help="custom: comma list of sizes (k = KiB)")
@@ -1863,7 +1878,7 @@ def main(argv=None):
 
     ratio_pairs = [("libkloop", "epoll")] if native else \
         [(a, b) for a, b in (("kloop", "uvloop"), ("kloop", "asyncio"), ("uvloop", "asyncio"),
-                             ("kloop", "kloop-sslproto"))
+                             ("kloop", "kloop-sslproto"), ("kloop-api", "kloop-abi"))
          if a in loops and b in loops]
     est = rounds * len(cells) * len(loops) * (duration + args.warmup + 0.8)
     print(f"run.py: {len(cells)} cells x {len(loops)} servers x {rounds} rounds, "

@@ -23,10 +23,13 @@ PACKAGES=(
   # engine tests, sanitizer builds (ASan/UBSan) and libFuzzer targets
   libgtest-dev clang libclang-rt-14-dev
   # the Python package: Debian's CPython 3.11 with CFFI, its test tools, and
-  # uvloop and CPython's own test_asyncio for comparison and conformance
-  python3 python3-venv python3-cffi python3-pytest python3-uvloop libpython3.11-testsuite
-  # syscall counting in tests and benchmarks
-  strace
+  # uvloop and CPython's own test_asyncio for comparison and conformance;
+  # python3-dev (Python.h) for the compiled CFFI API-mode module
+  python3 python3-venv python3-cffi python3-dev python3-pytest python3-uvloop
+  libpython3.11-testsuite
+  # syscall counting in tests and benchmarks; instruction counts
+  # (benchmarks/callgrind_echo.sh)
+  strace valgrind
   # packaging (pip install through meson-python) and linters
   python3-mesonpy python3-flake8 clang-format clang-tidy
   # integration tests: real frameworks, drivers and servers on loopback

@@ -1,10 +1,35 @@
-"""CFFI binding of libkloop in ABI mode (``ffi.dlopen``; no C extension).
+"""CFFI binding of libkloop: API mode where the compiled module is there,
+ABI mode (``ffi.dlopen``) otherwise, with the same declarations and behaviour.
 
 ``CDEF`` is a hand-kept copy of the declarations of ``include/kloop.h``
 (a test compares the two). Constants live in Python below, because CFFI's
 cdef parser cannot evaluate the header's ``UINT64_C(1) << n`` macros.
 
-The library is looked up in this order:
+API mode: meson generates the C source of the module ``_cffi_api`` from
+this CDEF (scripts/cffi_api.py; it is never imported from here) and links it
+against libkloop. Its calls skip libffi: about 10% fewer instructions per
+echo request (docs/design.md, "Binding"). The module sits next to the library
+it links (``build/libkloop/`` in a build tree, the package directory in a
+wheel) and finds it through its RPATH ``$ORIGIN``.
+
+Which mode (:data:`MODE`, and why: :data:`MODE_REASON`) is decided when this
+module is imported, since ``ffi`` differs between the two (structs of one
+FFI instance are not accepted by the other's functions):
+
+* ``KLOOP_FFI=abi``: ABI mode. ``KLOOP_FFI=api``: API mode, or an
+  ImportError from :func:`load` saying why not. Unset or ``auto``: API mode
+  when a module is found and passes the checks below, else ABI mode (the
+  reason is logged at debug level on the ``kloop`` logger).
+* The module is looked for in the directory of ``$KLOOP_LIBRARY`` when that
+  is set, else in the package directory, then in ``<repo>/build/libkloop``.
+* It is used only when it imports, was generated from this CDEF (else the
+  build is stale), the libkloop it loaded lies in its own directory, reports
+  the version of the kloop.h the module was compiled with and has the major
+  :data:`ABI_MAJOR`, and, with ``$KLOOP_LIBRARY`` set, is that very file.
+  So ``KLOOP_LIBRARY`` always chooses the library: naming any other library
+  than the module's means ABI mode.
+
+In ABI mode the library is looked up in this order:
 
 1. ``$KLOOP_LIBRARY`` (a path to the shared object);
 2. a ``libkloop.so*`` bundled inside this package directory;
@@ -16,11 +41,16 @@ version this cdef was written for) is refused with an ImportError.
 """
 
 import glob
+import hashlib
+import importlib.machinery
+import importlib.util
+import logging
 import os
+import re
 
 import cffi
 
-__all__ = ("ffi", "load", "ABI_MAJOR", "ABI_VERSION")
+__all__ = ("ffi", "load", "ABI_MAJOR", "ABI_VERSION", "MODE", "MODE_REASON", "API_MODULE_PATH")
 
 # Version of include/kloop.h that CDEF copies.
 ABI_MAJOR = 0
@@ -253,12 +283,138 @@ STREAM_NO_READ = 1 << 3
 COMPLETION_FORMAT = "<QiIQII"
 COMPLETION_SIZE = 32
 
-ffi = cffi.FFI()
-ffi.cdef(CDEF)
-
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _REPO_BUILD = os.path.join(
     os.path.dirname(os.path.dirname(_PACKAGE_DIR)), "build", "libkloop", "libkloop.so")
+
+#: Environment variable choosing the binding: abi, api or auto (the default).
+MODE_ENV = "KLOOP_FFI"
+#: Name of the compiled API-mode module (a file _cffi_api<EXTENSION_SUFFIX>).
+API_MODULE = "_cffi_api"
+
+_log = logging.getLogger("kloop")
+
+
+def cdef_hash(text):
+    """The hash of a CDEF text that scripts/cffi_api.py compiles into the module."""
+    return int(hashlib.sha256(text.encode()).hexdigest()[:15], 16)
+
+
+class _Unusable(Exception):
+    """An API-mode module that is not to be used (the message says why)."""
+
+
+def _api_candidates():
+    env = os.environ.get("KLOOP_LIBRARY")
+    if env:
+        dirs = [os.path.dirname(os.path.abspath(env))]
+    else:
+        dirs = [_PACKAGE_DIR, os.path.dirname(_REPO_BUILD)]
+    for d in dirs:
+        for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+            path = os.path.join(d, API_MODULE + suffix)
+            if os.path.isfile(path):
+                yield path
+
+
+def _mapped_file(address):
+    """The file mapped at `address` in this process (from /proc/self/maps), or None."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split(None, 5)
+                low, _, high = parts[0].partition("-")
+                if int(low, 16) <= address < int(high, 16):
+                    return parts[5].strip() if len(parts) == 6 else None
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _same_file(a, b):
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _version_text(v):
+    return f"{v >> 16}.{(v >> 8) & 0xff}.{v & 0xff}"
+
+
+def _check_api_module(path):
+    """Import the API-mode module at `path`: (its ffi, lib, library path), or _Unusable."""
+    name = f"{__package__ or 'kloop'}.{API_MODULE}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    try:
+        module = importlib.util.module_from_spec(spec)  # an extension: dlopen here
+        spec.loader.exec_module(module)
+    except ImportError as exc:  # e.g. its libkloop is missing, or a symbol
+        raise _Unusable(f"{path} does not import: {exc}") from None
+    api_ffi, lib = module.ffi, module.lib
+    if getattr(lib, "KLOOP_CFFI_CDEF_HASH", None) != cdef_hash(CDEF):
+        raise _Unusable(f"{path} was generated from another CDEF than {__file__} "
+                        "(a stale build: rebuild it)")
+    # CFFI compares a struct's layout as the compiler saw it with the cdef's
+    # on the struct's first use: make that happen now, not in a loop.
+    for struct_name in re.findall(r"^struct (\w+) \{", CDEF, re.M):
+        try:
+            api_ffi.sizeof(f"struct {struct_name}")
+        except api_ffi.error as exc:
+            raise _Unusable(f"{path}: struct {struct_name}: {exc}") from None
+    # Which file the library lies in: a function's address would be that of
+    # CFFI's wrapper in the module, but kloop_strerror(0) returns a string
+    # literal of libkloop's own read-only data.
+    address = int(api_ffi.cast("uintptr_t", lib.kloop_strerror(0)))
+    library = _mapped_file(address)
+    if library is None:
+        raise _Unusable(f"cannot tell which libkloop {path} loaded")
+    if not _same_file(os.path.dirname(library), os.path.dirname(path)):
+        raise _Unusable(f"{path} loaded {library}, not the libkloop of its own directory")
+    version, built = lib.kloop_version(), lib.KLOOP_CFFI_HEADER_VERSION
+    if version != built or version >> 16 != ABI_MAJOR:
+        raise _Unusable(f"{path} was compiled for libkloop {_version_text(built)} (binding ABI "
+                        f"major {ABI_MAJOR}) but {library} is {_version_text(version)}")
+    env = os.environ.get("KLOOP_LIBRARY")
+    if env:
+        if not _same_file(env, library):
+            raise _Unusable(f"KLOOP_LIBRARY={env} is not {library}, the library {path} links")
+        library = env  # the same file, under the name ABI mode would report
+    return api_ffi, lib, library
+
+
+def _select():
+    """(mode, reason, ffi, (lib, library path) or None, module path, error for load())."""
+    choice = os.environ.get(MODE_ENV, "").strip().lower() or "auto"
+    if choice not in ("abi", "api", "auto"):
+        error = f"kloop: {MODE_ENV}={choice!r}: use abi, api or auto"
+        return "abi", error, None, None, None, error
+    if choice == "abi":
+        return "abi", f"{MODE_ENV}=abi", None, None, None, None
+    reasons = []
+    for path in _api_candidates():
+        try:
+            api_ffi, lib, library = _check_api_module(path)
+        except _Unusable as exc:
+            reasons.append(str(exc))
+            continue
+        return "api", f"compiled module {path}", api_ffi, (lib, library), path, None
+    if not reasons:
+        env = os.environ.get("KLOOP_LIBRARY")
+        where = os.path.dirname(os.path.abspath(env)) if env else \
+            f"{_PACKAGE_DIR} or {os.path.dirname(_REPO_BUILD)}"
+        reasons.append(f"no compiled module {API_MODULE} in {where}")
+    reason = "; ".join(reasons)
+    if choice == "api":
+        return "abi", reason, None, None, None, f"kloop: {MODE_ENV}=api but {reason}"
+    return "abi", reason, None, None, None, None
+
+
+MODE, MODE_REASON, ffi, _api_loaded, API_MODULE_PATH, _select_error = _select()
+if ffi is None:
+    ffi = cffi.FFI()
+    ffi.cdef(CDEF)
+_log.debug("kloop: CFFI %s mode: %s", MODE.upper(), MODE_REASON)
 
 
 def _candidates():
@@ -275,6 +431,10 @@ def _candidates():
 
 
 def _load():
+    if _select_error:
+        raise ImportError(_select_error)
+    if _api_loaded is not None:
+        return _api_loaded
     errors = []
     for path, explicit in _candidates():
         try:

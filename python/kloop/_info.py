@@ -4,7 +4,8 @@ Reports the kernel, whether this process may use io_uring (and which of
 ENOSYS, ``kernel.io_uring_disabled``, a seccomp filter or RLIMIT_MEMLOCK
 stands in the way), every capability the engine probes with the fallback it
 takes where one is missing, kTLS (the kernel's TLS ULP), the OpenSSL that
-Python's ``_ssl`` and libkloop use, and which libkloop was loaded.
+Python's ``_ssl`` and libkloop use, which libkloop was loaded and how it is
+called (CFFI API mode through the compiled module, or ABI mode).
 
 Plain text by default, ``--json`` for tools. Exit status 0 when a kloop
 loop can be created here, 1 when it cannot (the reason is in the output).
@@ -234,6 +235,13 @@ def _library():
                  "error": None}
 
 
+def _binding():
+    """Which CFFI mode calls libkloop (python/kloop/_ffi.py) and why."""
+    from . import _ffi
+    return {"mode": _ffi.MODE, "module": _ffi.API_MODULE_PATH, "reason": _ffi.MODE_REASON,
+            "env": os.environ.get(_ffi.MODE_ENV)}
+
+
 def _probe(lib):
     """kloop_probe(): (rc, caps struct)."""
     from . import _ffi
@@ -396,6 +404,7 @@ def gather(disable=()):
                    "implementation": platform.python_implementation()},
         "kernel": kernel,
         "library": None,
+        "binding": _binding(),
         "io_uring": _io_uring(kernel),
         "probe": None,
         "loop": None,
@@ -461,6 +470,11 @@ def render_text(info):
         add(f"library      NOT LOADED: {lib['error']}")
     else:
         add(f"library      {lib['path']} (libkloop {lib['version']})")
+    b = info["binding"]
+    if b["mode"] == "api":
+        add(f"binding      CFFI API mode: compiled module {b['module']}")
+    else:
+        add(f"binding      CFFI ABI mode (ffi.dlopen): {b['reason']}")
 
     io = info["io_uring"]
     add("io_uring     " + ("available" if io["available"] else

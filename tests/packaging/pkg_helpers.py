@@ -85,6 +85,7 @@ async def main():
     return {"sizes": sizes, "loop": type(loop).__module__ + "." + type(loop).__name__}
 
 out = kloop.run(main())
-out.update(kloop_file=kloop.__file__, library=_ffi.library_path, version=kloop.__version__)
+out.update(kloop_file=kloop.__file__, library=_ffi.library_path, version=kloop.__version__,
+           binding=_ffi.MODE, module=_ffi.API_MODULE_PATH, reason=_ffi.MODE_REASON)
 print(json.dumps(out))
 '''

@@ -46,6 +46,9 @@ def test_info_succeeds_here_with_every_capability(tmp_path):
     v = lib.kloop_version()
     assert info["library"] == {"path": path, "version": f"{v >> 16}.{(v >> 8) & 255}.{v & 255}",
                                "error": None}
+    # The binding: the mode this process chose, for the same reason.
+    assert info["binding"] == {"mode": _ffi.MODE, "module": _ffi.API_MODULE_PATH,
+                               "reason": _ffi.MODE_REASON, "env": os.environ.get("KLOOP_FFI")}
 
     # Capabilities: what kloop_probe() says in this process, every bit named.
     caps = _ffi.ffi.new("struct kloop_caps *")
@@ -132,6 +135,13 @@ def test_info_text_is_the_default(tmp_path):
     for line in ("io_uring     available", "capabilities", "kTLS ", "OpenSSL      Python _ssl: ",
                  "libkloop: ", "OK: kloop can run here"):
         assert line in r.stdout, (line, r.stdout)
+    # The binding line names the mode; KLOOP_FFI=abi forces ABI mode.
+    mode = {"api": "binding      CFFI API mode: compiled module ",
+            "abi": "binding      CFFI ABI mode (ffi.dlopen): "}
+    assert mode[_ffi.MODE] in r.stdout, r.stdout
+    forced = run(kloop_cmd("info"), env=source_env(KLOOP_FFI="abi"), cwd=tmp_path)
+    assert forced.returncode == 0, forced.stderr
+    assert mode["abi"] + "KLOOP_FFI=abi\n" in forced.stdout, forced.stdout
     # `python -m kloop` alone is `info`.
     bare = run([sys.executable, "-m", "kloop"], env=source_env(), cwd=tmp_path)
     assert bare.returncode == 0

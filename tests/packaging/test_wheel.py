@@ -42,7 +42,8 @@ def _header_version():
 
 def _tree_files():
     """Files of the working tree: tracked (still present) and new, not ignored."""
-    if not os.path.isdir(os.path.join(ROOT, ".git")):
+    # .git is a directory in a clone, a file in a linked worktree (git worktree add)
+    if not os.path.exists(os.path.join(ROOT, ".git")):
         pytest.fail(f"{ROOT} is not a git checkout: cannot tell which files are the source")
     out = subprocess.run(["git", "-C", ROOT, "ls-files", "-z", "--cached", "--others",
                           "--exclude-standard"], capture_output=True, check=True).stdout
@@ -138,6 +139,36 @@ def test_wheel_holds_package_and_library_only(built):
     assert not unexpected, unexpected
     assert f"Version: {version}" in metadata
     assert "Requires-Dist: cffi" in metadata
+    # The CFFI API-mode module, for this Python, next to the library.
+    (module,) = [n for n in names if n.startswith("kloop/_cffi_api.")]
+    assert module == "kloop/_cffi_api" + _ext_suffix(), names
+
+
+def _ext_suffix():
+    r = run([DEBIAN_PYTHON, "-c",
+             "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))"], check=True)
+    return r.stdout.strip()
+
+
+def _dynamic(path):
+    """{'NEEDED': [...], 'RPATH': [...], 'RUNPATH': [...]} of an ELF file (readelf -d)."""
+    out = {"NEEDED": [], "RPATH": [], "RUNPATH": []}
+    r = run(["readelf", "-d", path], check=True)
+    for tag, value in re.findall(r"\((NEEDED|RPATH|RUNPATH)\)\s+[^\[]*\[(.*)\]", r.stdout):
+        out[tag] += [value] if tag == "NEEDED" else value.split(":")
+    return out
+
+
+def test_installed_api_module_links_only_the_bundled_library(built):
+    """RPATH $ORIGIN (DT_RPATH: before LD_LIBRARY_PATH) and the library's full-version SONAME."""
+    package_dir = os.path.join(built.platlib, "kloop")
+    module = os.path.join(package_dir, "_cffi_api" + _ext_suffix())
+    dyn = _dynamic(module)
+    assert dyn["RPATH"] in (["$ORIGIN"], ["$ORIGIN/"]), dyn
+    assert dyn["RUNPATH"] == [], dyn
+    version = _header_version()
+    assert f"libkloop.so.{version}" in dyn["NEEDED"], dyn
+    assert os.path.isfile(os.path.join(package_dir, f"libkloop.so.{version}"))
 
 
 def test_installed_kloop_echoes_with_its_bundled_library(built):
@@ -149,6 +180,37 @@ def test_installed_kloop_echoes_with_its_bundled_library(built):
     assert os.path.basename(out["library"]).startswith("libkloop.so")
     assert out["loop"] == "kloop.events.IouringProactorEventLoop"
     assert out["version"] == _header_version()
+    # Through the compiled API-mode module of the package.
+    assert out["binding"] == "api", out
+    assert out["module"] == os.path.join(package_dir, "_cffi_api" + _ext_suffix())
+
+
+def test_installed_kloop_ignores_other_libraries(built, tmp_path):
+    """Another libkloop on LD_LIBRARY_PATH is not used; KLOOP_LIBRARY naming another
+    file means ABI mode with that file; naming the bundled one keeps API mode."""
+    package_dir = os.path.join(built.platlib, "kloop")
+    version = _header_version()
+    bundled = os.path.join(package_dir, f"libkloop.so.{version}")
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in (f"libkloop.so.{version}", f"libkloop.so.{version.split('.')[0]}"):
+        shutil.copy2(bundled, other / name)
+
+    def echo(**extra):
+        r = run([built.python, "-c", ECHO_SCRIPT], cwd=built.outside, env=clean_env(**extra),
+                check=True)
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    out = echo(LD_LIBRARY_PATH=str(other))
+    assert (out["binding"], os.path.dirname(out["library"])) == ("api", package_dir), out
+    out = echo(KLOOP_LIBRARY=str(other / f"libkloop.so.{version}"))
+    assert (out["binding"], out["library"]) == ("abi", str(other / f"libkloop.so.{version}")), out
+    assert out["module"] is None
+    assert "no compiled module _cffi_api in " + str(other) in out["reason"], out
+    out = echo(KLOOP_LIBRARY=bundled)
+    assert (out["binding"], out["library"]) == ("api", bundled), out
+    out = echo(KLOOP_FFI="abi")
+    assert (out["binding"], os.path.dirname(out["library"])) == ("abi", package_dir), out
 
 
 def test_installed_info_and_run(built, tmp_path):
@@ -159,6 +221,8 @@ def test_installed_info_and_run(built, tmp_path):
     assert info["ok"] is True
     assert info["library"]["path"].startswith(os.path.join(built.platlib, "kloop") + os.sep)
     assert info["kloop"]["package"] == os.path.join(built.platlib, "kloop")
+    assert info["binding"]["mode"] == "api", info["binding"]
+    assert os.path.dirname(info["binding"]["module"]) == os.path.join(built.platlib, "kloop")
 
     script = tmp_path / "prog.py"
     script.write_text("import asyncio, sys\n"
@@ -195,6 +259,7 @@ def test_python_package_option_installs_into_platlib(built, tmp_path):
     assert destinations and all(d.startswith("{py_platlib}/kloop/") for d in destinations), \
         destinations
     assert f"{{py_platlib}}/kloop/libkloop.so.{_header_version()}" in destinations
+    assert "{py_platlib}/kloop/_cffi_api" + _ext_suffix() in destinations
     assert "{py_platlib}/kloop/__init__.py" in destinations
 
 

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Instructions per request of kloop's Protocol echo server, counted by
+# callgrind (user space only; no hardware counters needed):
+#
+#   bash benchmarks/callgrind_echo.sh [MODE [REQUESTS [SIZE [CONNS]]]]
+#
+# MODE is KLOOP_FFI's value (abi, api or auto; default auto). The server
+# (benchmarks/servers/echo_server.py --loop kloop --kind protocol) runs under
+# valgrind --tool=callgrind from the build in $KLOOP_BUILD (default build);
+# build/benchmarks/loadgen sends 500 warm-up requests, then the counters are
+# zeroed (callgrind_control -z), REQUESTS requests of SIZE bytes go over CONNS
+# connections (default 20000, 1024, 10), and the counters are dumped
+# (callgrind_control -d). Prints the dump's instruction total divided by
+# REQUESTS. The server is slowed down about 50 times: use it for counts, not
+# for time.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+MODE=${1:-auto} REQUESTS=${2:-20000} SIZE=${3:-1024} CONNS=${4:-10}
+BUILD=${KLOOP_BUILD:-build}
+OUT=$(mktemp -d)
+trap 'rm -rf "$OUT"' EXIT
+
+export PYTHONPATH=$PWD/python KLOOP_LIBRARY=$PWD/$BUILD/libkloop/libkloop.so KLOOP_FFI=$MODE
+export PYTHONDONTWRITEBYTECODE=1
+coproc SERVER {
+  exec valgrind --tool=callgrind --callgrind-out-file="$OUT/callgrind.out" \
+    /usr/bin/python3 benchmarks/servers/echo_server.py --loop kloop --kind protocol \
+    --port 0 2>"$OUT/valgrind.log"
+}
+server=$SERVER_PID
+read -r ready port <&"${SERVER[0]}" || { cat "$OUT/valgrind.log" >&2; exit 1; }
+[ "$ready" = READY ] || { echo "server said: $ready $port" >&2; exit 1; }
+load() { "$BUILD/benchmarks/loadgen" -P "$port" -c "$CONNS" -s "$SIZE" -p 1 -w 0 -j -n "$1"; }
+load 500 >/dev/null
+callgrind_control -z "$server" >/dev/null 2>&1
+load "$REQUESTS" >"$OUT/loadgen.json"
+callgrind_control -d "$server" >/dev/null 2>&1
+kill -KILL "$server"
+wait "$server" 2>/dev/null || true
+mode=$(/usr/bin/python3 -c "from kloop import _ffi; print(_ffi.MODE)")
+dump=$(ls "$OUT"/callgrind.out.* | tail -1)
+total=$(awk '/^(summary|totals):/ {print $2; exit}' "$dump")
+echo "KLOOP_FFI=$MODE (CFFI $mode mode): $total instructions for $REQUESTS requests of" \
+  "$SIZE bytes over $CONNS connections: $((total / REQUESTS)) per request"
