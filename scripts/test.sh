@@ -146,8 +146,9 @@ stage_asan() {
         "-Dc_link_args=-shared-libasan -Wl,-rpath,$rt"
         "-Dcpp_link_args=-shared-libasan -Wl,-rpath,$rt")
   if [ -f build-asan/build.ninja ]; then
-    meson configure build-asan "${opts[@]}" || {
-      record asan 0 1 0 "meson configure build-asan failed"
+    # --reconfigure: a build dir made before an option was added knows it too
+    CC=clang CXX=clang++ meson setup --reconfigure build-asan "${opts[@]}" || {
+      record asan 0 1 0 "meson setup --reconfigure build-asan failed"
       return
     }
   elif ! CC=clang CXX=clang++ meson setup build-asan "${opts[@]}"; then

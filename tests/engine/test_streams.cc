@@ -834,9 +834,10 @@ TEST_F(Streams, WriteRefSendsTheCallersBytesNotACopy) {
   // the 'a's.
   lent.assign(lent.size(), 'b');
   std::string got;
+  const int peer_fd = peer;  // (clang 14 cannot capture structured bindings)
   ASSERT_TRUE(d.RunUntil([&] {
     char buf[65536];
-    ssize_t n = ::recv(peer, buf, sizeof buf, MSG_DONTWAIT);
+    ssize_t n = ::recv(peer_fd, buf, sizeof buf, MSG_DONTWAIT);
     if (n > 0) got.append(buf, static_cast<size_t>(n));
     return got.size() >= lent.size() && !d.Of(1, KLOOP_EVENT_WRITE_RELEASE).empty();
   }));
