@@ -276,8 +276,9 @@ class IouringProactorEventLoop(proactor_events.BaseProactorEventLoop):
 
     # -- the iteration --------------------------------------------------------
     #
-    # asyncio's call_soon() and _run_once() with less Python in between: no
-    # _call_soon() frame, no Handle._run() frame per callback. The order of
+    # asyncio's call_soon(), call_later(), call_at() and _run_once() with less
+    # Python in between: no _call_soon()/call_at() frame, no Handle._run()
+    # frame per callback. The order of
     # work, the timer purge rules and what reaches the exception handler are
     # the stock loop's; debug mode (checks, source tracebacks, slow-callback
     # warnings) and a closed loop take asyncio's own code.
@@ -288,6 +289,22 @@ class IouringProactorEventLoop(proactor_events.BaseProactorEventLoop):
         handle = _Handle(callback, args, self, context)
         self._ready.append(handle)
         return handle
+
+    def call_later(self, delay, callback, *args, context=None):
+        if self._debug or self._closed or delay is None:
+            return super().call_later(delay, callback, *args, context=context)
+        timer = _TimerHandle(self.time() + delay, callback, args, self, context)
+        heapq.heappush(self._scheduled, timer)
+        timer._scheduled = True
+        return timer
+
+    def call_at(self, when, callback, *args, context=None):
+        if self._debug or self._closed or when is None:
+            return super().call_at(when, callback, *args, context=context)
+        timer = _TimerHandle(when, callback, args, self, context)
+        heapq.heappush(self._scheduled, timer)
+        timer._scheduled = True
+        return timer
 
     def _run_once(self):
         if self._debug:

@@ -280,6 +280,13 @@ def test_callbacks_run_in_order_and_report_as_asyncio_does(loop):
 
     h1, hb, th = loop.run(main())
     assert order == [1, ("bad", 2), 3, 4]
+    with pytest.raises(TypeError):
+        loop.loop.call_later(None, order.append, 5)
+    with pytest.raises(TypeError):
+        loop.loop.call_at(None, order.append, 5)
+    at = loop.loop.call_at(loop.loop.time() + 3600, order.append, 6)
+    assert isinstance(at, asyncio.TimerHandle) and at.when() > loop.loop.time()
+    at.cancel()
     assert isinstance(h1, asyncio.Handle) and isinstance(th, asyncio.TimerHandle)
     assert len(errors) == 1, errors
     ctx = errors[0]
