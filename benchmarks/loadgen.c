@@ -830,12 +830,18 @@ static void epoll_flush(struct conn *c) {
   epoll_want_out(c, c->to_send > 0);
 }
 
-static void run_epoll(void) {
+/* The epoll instance of the epoll and churn modes, and their receive buffer. */
+static char *epoll_start(size_t rlen) {
   ep = epoll_create1(EPOLL_CLOEXEC);
   if (ep < 0) die("epoll_create1: %s", strerror(errno));
-  size_t rlen = opt.buf_size;
   char *rbuf = malloc(rlen);
   if (!rbuf) die("out of memory");
+  return rbuf;
+}
+
+static void run_epoll(void) {
+  size_t rlen = opt.buf_size;
+  char *rbuf = epoll_start(rlen);
   uint64_t now = now_ns();
   for (unsigned i = 0; i < opt.conns; i++) {
     struct conn *c = &conns[i];
@@ -980,11 +986,8 @@ static void churn_readable(struct conn *c, char *rbuf, size_t rlen, uint64_t now
 }
 
 static void run_churn(void) {
-  ep = epoll_create1(EPOLL_CLOEXEC);
-  if (ep < 0) die("epoll_create1: %s", strerror(errno));
   size_t rlen = opt.buf_size;
-  char *rbuf = malloc(rlen);
-  if (!rbuf) die("out of memory");
+  char *rbuf = epoll_start(rlen);
   uint64_t now = now_ns();
   for (unsigned i = 0; i < opt.conns; i++) churn_open(&conns[i], now);
   struct epoll_event evs[256];

@@ -37,6 +37,7 @@ from asyncio import events
 from asyncio import exceptions
 from asyncio import format_helpers
 from asyncio import proactor_events
+from asyncio import selector_events
 from asyncio import trsock
 from asyncio import unix_events
 from asyncio.log import logger
@@ -588,10 +589,15 @@ class IouringProactorEventLoop(proactor_events.BaseProactorEventLoop):
 
     def _make_datagram_transport(self, sock, protocol,
                                  address=None, waiter=None, extra=None):
-        # asyncio's selector datagram transport on the ring's readiness:
-        # see _datagram.py.
-        from . import _datagram
-        return _datagram.make_datagram_transport(self, sock, protocol, address, waiter, extra)
+        # The stock Unix loop's transport, woken by the ring's polls
+        # (_add_reader/_add_writer below): it reads and sends with
+        # recvfrom(2)/sendto(2). An io_uring operation per datagram cost a
+        # future and a buffer each (UDP echo slower than the stock loop),
+        # and on kernel 6.18 an io_uring send on an AF_UNIX SOCK_DGRAM
+        # socket whose receiver is full sends the datagram empty (seen with
+        # plain liburing). docs/guide.md, "Datagrams".
+        return selector_events._SelectorDatagramTransport(
+            self, sock, protocol, address, waiter, extra)
 
     def _make_duplex_pipe_transport(self, sock, protocol, waiter=None,
                                     extra=None):
