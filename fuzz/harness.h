@@ -163,7 +163,16 @@ class Tracker {
     if (n == -EINTR) return 0;
     if (n < 0) Fail("kloop_poll returned %d", n);
     if (static_cast<uint32_t>(n) > max) Fail("kloop_poll filled %d > max %u", n, max);
-    for (int i = 0; i < n; ++i) Record(out_[i]);
+    for (int i = 0; i < n; ++i) {
+      // DATA_NEXT: set exactly when the next record of this array is DATA
+      // of the same stream.
+      bool next_same = i + 1 < n && out_[i].event == KLOOP_EVENT_DATA &&
+                       out_[i + 1].event == KLOOP_EVENT_DATA && out_[i + 1].token == out_[i].token;
+      if (((out_[i].flags & KLOOP_COMPLETION_DATA_NEXT) != 0) != next_same)
+        Fail("record %d of %d (token %llu event %u): DATA_NEXT flag %#x", i, n, ULL(out_[i].token),
+             out_[i].event, out_[i].flags);
+      Record(out_[i]);
+    }
     return n;
   }
 
@@ -210,7 +219,8 @@ class Tracker {
            ULL(c.token), c.event, c.result, c.flags);
     Live &l = it->second;
     bool more = c.flags & KLOOP_COMPLETION_MORE;
-    if (c.flags & ~KLOOP_COMPLETION_MORE) Fail("unknown completion flags %#x", c.flags);
+    if (c.flags & ~(KLOOP_COMPLETION_MORE | KLOOP_COMPLETION_DATA_NEXT))
+      Fail("unknown completion flags %#x", c.flags);
     if (l.stream) {
       if (c.event == KLOOP_EVENT_OP || c.event > KLOOP_EVENT_WRITE_DONE)
         Fail("stream %llu got event %u", ULL(c.token), c.event);

@@ -202,6 +202,12 @@ KLOOP_API int kloop_ring_fd(kloop_t *loop);
 
 /* kloop_completion.flags */
 #define KLOOP_COMPLETION_MORE (1u << 0) /* not the final completion of this token */
+/*
+ * On a KLOOP_EVENT_DATA record: the next record in the same kloop_poll()
+ * array is KLOOP_EVENT_DATA of the same stream, so a binding can hand both
+ * to its reader as one piece. Never set on an array's last record. Since: 0.1
+ */
+#define KLOOP_COMPLETION_DATA_NEXT (1u << 1)
 
 /* kloop_completion.event */
 #define KLOOP_EVENT_OP 0u         /* a one-shot or multishot operation */

@@ -1108,6 +1108,9 @@ int Engine::poll(kloop_completion *out, uint32_t max, int64_t timeout_ns) {
           // no memory to hold it: deliver it now rather than lose it
         }
       }
+      if (p.rec.event == KLOOP_EVENT_DATA && filled > 0 && out[filled - 1].token == p.rec.token &&
+          out[filled - 1].event == KLOOP_EVENT_DATA)
+        out[filled - 1].flags |= KLOOP_COMPLETION_DATA_NEXT;  // a binding may join the two
       out[filled++] = p.rec;
       if (p.bid >= 0) handed_out_.push_back(static_cast<uint32_t>(p.bid));
       if (p.retire_op) {

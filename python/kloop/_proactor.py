@@ -1256,6 +1256,7 @@ class IouringProactor:
         base = self._arena_base
         arena = self._arena
         lent = self._lent
+        parts = []
         for tok, res, flags, data, ev, aux in it:
             if ev == 1:                                  # KLOOP_EVENT_DATA
                 t = get(tok)
@@ -1264,8 +1265,21 @@ class IouringProactor:
                         # protocol.data_received(bytes) in the transport's
                         # context, without a Python frame in between.
                         off = data - base
+                        if flags & 2:                    # KLOOP_COMPLETION_DATA_NEXT
+                            # The next record is more of this stream's
+                            # bytes (a message larger than one receive
+                            # buffer): one bytes object, one call. No user
+                            # code runs until the run's last record.
+                            parts.append(self._arena_view[off:off + res])
+                            continue
+                        if parts:
+                            parts.append(self._arena_view[off:off + res])
+                            chunk = b"".join(parts)
+                            parts.clear()
+                        else:
+                            chunk = arena[off:off + res]
                         try:
-                            t._sink(arena[off:off + res])
+                            t._sink(chunk)
                         except (SystemExit, KeyboardInterrupt):
                             raise
                         except BaseException as exc:

@@ -159,6 +159,75 @@ TEST_F(Streams, LargeInflowWithFewSmallBuffers) {
   EXPECT_EQ(d2.WaitFinal(1).event, KLOOP_EVENT_CLOSED);
 }
 
+// A message larger than one receive buffer arrives as a run of DATA records;
+// DATA_NEXT marks every record whose successor in the same poll array is
+// more data of the same stream, so a binding can join the run.
+TEST_F(Streams, DataNextMarksRunsOfOneStreamWithinOnePollArray) {
+  kloop_config cfg = DefaultConfig();
+  cfg.buf_size = 1024;
+  cfg.buf_count = 64;
+  Driver d2(&cfg);
+  ASSERT_EQ(d2.create_rc(), 0);
+  auto [a, peer_a] = UnixPair();
+  auto [b, peer_b] = UnixPair();
+  ASSERT_EQ(kloop_stream_attach(d2, 1, a, 0), 0);
+  ASSERT_EQ(kloop_stream_attach(d2, 2, b, 0), 0);
+  kloop_completion c[64];
+  ASSERT_GE(kloop_poll(d2, c, 64, 0), 0);  // arms both receives
+  const std::string msg_a = Pattern(0, 5000), msg_b = Pattern(7, 3000);
+  // Both messages wait in their sockets before the next poll.
+  ASSERT_TRUE(WriteAll(peer_a, msg_a));
+  ASSERT_TRUE(WriteAll(peer_b, msg_b));
+  std::string got[3];
+  size_t flagged = 0, joined_max = 0;
+  // Small arrays too: a run cut by the end of an array ends unflagged.
+  for (uint32_t max : {64u, 3u}) {
+    got[1].clear();
+    got[2].clear();
+    if (max == 3u) {
+      ASSERT_TRUE(WriteAll(peer_a, msg_a));
+      ASSERT_TRUE(WriteAll(peer_b, msg_b));
+    }
+    auto end = Clock::now() + kDeadline;
+    while ((got[1].size() < msg_a.size() || got[2].size() < msg_b.size()) && Clock::now() < end) {
+      int r = kloop_poll(d2, c, max, 50 * kMs);
+      ASSERT_GE(r, 0);
+      size_t run = 0;
+      for (int i = 0; i < r; ++i) {
+        bool next_same =
+            i + 1 < r && c[i + 1].event == KLOOP_EVENT_DATA && c[i + 1].token == c[i].token;
+        if (c[i].event != KLOOP_EVENT_DATA) {
+          EXPECT_FALSE(c[i].flags & KLOOP_COMPLETION_DATA_NEXT) << "on event " << c[i].event;
+          continue;
+        }
+        ASSERT_TRUE(c[i].token == 1 || c[i].token == 2);
+        got[c[i].token].append(reinterpret_cast<const char *>(c[i].data),
+                               static_cast<size_t>(c[i].result));
+        EXPECT_EQ((c[i].flags & KLOOP_COMPLETION_DATA_NEXT) != 0, next_same)
+            << "record " << i << " of " << r;
+        EXPECT_TRUE(c[i].flags & KLOOP_COMPLETION_MORE);
+        if (c[i].flags & KLOOP_COMPLETION_DATA_NEXT) {
+          ++flagged;
+          ++run;
+        } else {
+          joined_max = std::max(joined_max, run + 1);
+          run = 0;
+        }
+      }
+    }
+    EXPECT_EQ(got[1], msg_a);
+    EXPECT_EQ(got[2], msg_b);
+  }
+  // 5000 bytes in 1 KiB buffers, waiting before the poll: the kernel fills
+  // several buffers in a row, and the flag joins them.
+  EXPECT_GT(flagged, 0u);
+  EXPECT_GE(joined_max, 3u);
+  ASSERT_EQ(kloop_stream_close(d2, 1), 0);
+  ASSERT_EQ(kloop_stream_close(d2, 2), 0);
+  EXPECT_EQ(d2.WaitFinal(1).event, KLOOP_EVENT_CLOSED);
+  EXPECT_EQ(d2.WaitFinal(2).event, KLOOP_EVENT_CLOSED);
+}
+
 TEST_F(Streams, EofAfterData) {
   auto [s, peer] = TcpPair();
   ASSERT_EQ(kloop_stream_attach(d, 1, s, 0), 0);
