@@ -18,7 +18,8 @@ How a measurement is made (see docs/performance.md for the reasons):
 Tiers:
   quick     the 4 cells of the brief's target table (< 5 minutes)
   full      6 server kinds x 64 B..100 KiB x 1..1000 connections (udp: up to
-            10 KiB, one datagram per message)
+            10 KiB, one datagram per message), and http at 1..1000
+            connections
   native    echo_epoll vs echo_kloop at 10/100/1000 conns, 1 KiB and 100 KiB
   syscalls  untimed: strace -c -f on each server for a fixed number of
             requests; syscalls and io_uring_enter calls per request
@@ -27,6 +28,12 @@ Tiers:
             certificate is made at run time in a temporary directory. Runs
             kloop twice: as it chooses (engine TLS where safe) and as
             kloop-sslproto (KLOOP_TLS=sslproto: asyncio's sslproto)
+  http      HTTP/1.1 keep-alive over plain TCP: the minimal Protocol server
+            of echo_server.py --kind http (each response written in two
+            pieces, head then body) under `wrk -t1 -cN --latency` pinned to
+            the client CPU, at 10 and 100 connections; the same server and
+            measurement as the https cells of the tls tier, without ssl=.
+            Python loops only (the native servers do not speak HTTP)
   churn     connect/accept/close churn: each of N client slots (loadgen
             --churn) connects, sends 64 B, reads the echo until the server
             (a Protocol that echoes, then closes) closes, and starts over;
@@ -44,7 +51,8 @@ Tiers:
 Server kinds (--kinds): protocol, streams, buffered, sock (echo in four API
 styles), udp (DatagramProtocol echo, loadgen --udp over connected UDP
 sockets), readline (streams server reading 5 lines per request with
-StreamReader.readline, loadgen --lines 5), churn (as the churn tier).
+StreamReader.readline, loadgen --lines 5), churn (as the churn tier), http
+(as the http tier: the client is wrk, so --sizes does not apply).
 
 Loop variants for --loops: kloop-sslproto (above), kloop-abi and kloop-api
 (KLOOP_FFI=abi|api: kloop's CFFI binding in ABI mode, or through the
@@ -54,6 +62,7 @@ Examples:
   /usr/bin/python3 benchmarks/run.py quick
   /usr/bin/python3 benchmarks/run.py native --rounds 5 --doc
   /usr/bin/python3 benchmarks/run.py tls --doc
+  /usr/bin/python3 benchmarks/run.py http --rounds 3 --nice -20 --doc
   /usr/bin/python3 benchmarks/run.py micro --rounds 3 --nice -20 --doc
   /usr/bin/python3 benchmarks/run.py custom --kinds udp,readline --sizes 1k \
       --conns 10,100 --doc --section udp-readline
@@ -116,7 +125,7 @@ KIND_TITLE = {"protocol": "Protocol", "streams": "streams", "buffered": "Buffere
               "readline": f"streams readline ({READLINE_LINES} lines/request)",
               "churn": "churn (connect, echo, close)",
               "tls13": "TLS 1.3 echo", "tls12": "TLS 1.2 echo (AES-128-GCM)",
-              "https": "HTTPS keep-alive (wrk)"}
+              "https": "HTTPS keep-alive (wrk)", "http": "HTTP keep-alive (wrk)"}
 
 # TLS kinds: the server kind behind ssl=, and the load generator's TLS
 # arguments (None: the client is wrk). The test certificate has a P-256 key,
@@ -129,6 +138,12 @@ TLS_KINDS = {
 }
 TLS_CELLS = [("tls13", 1024, 10), ("tls13", 102400, 10), ("tls13", 1024, 100),
              ("tls12", 1024, 10), ("https", 0, 10), ("https", 0, 100)]
+
+# Kinds whose client is wrk, and the scheme of its URL: both run the HTTP/1.1
+# server of echo_server.py (--kind http), https behind ssl=. The size of
+# their cells is 0: wrk sends its own GET requests, the responses are fixed.
+WRK_KINDS = {"https": "https", "http": "http"}
+HTTP_CELLS = [("http", 0, 10), ("http", 0, 100)]
 
 QUICK_CELLS = [("protocol", 1024, 10), ("streams", 1024, 10),
                ("protocol", 102400, 10), ("protocol", 1024, 100)]
@@ -433,8 +448,10 @@ class Server:
 
 def kind_loadgen_args(kind):
     """The load generator arguments a server kind needs (None: the client is wrk)."""
+    if kind in WRK_KINDS:
+        return None
     if kind in TLS_KINDS:
-        return None if TLS_KINDS[kind][1] is None else list(TLS_KINDS[kind][1])
+        return list(TLS_KINDS[kind][1])
     return list(KIND_LOADGEN.get(kind, ()))
 
 
@@ -508,9 +525,10 @@ def parse_wrk(text):
 
 
 def run_wrk(env, server, rec, conns, duration, warmup):
-    """wrk against an HTTP(S) server: a warm-up run, then the measured run with
-    the server's CPU time and RSS read from /proc around it."""
-    url = f"https://127.0.0.1:{server.port}/"
+    """wrk against an HTTP(S) server (rec["kind"] is one of WRK_KINDS): a
+    warm-up run, then the measured run with the server's CPU time and RSS
+    read from /proc around it."""
+    url = f"{WRK_KINDS[rec['kind']]}://127.0.0.1:{server.port}/"
     secs = max(1, round(duration))
     base = ["wrk", "-t1", f"-c{conns}"]
     if warmup > 0:
@@ -566,15 +584,19 @@ def run_one(env, loop, kind, size, conns, duration, warmup, pipeline=1, loadgen_
     """One measured run of one server; returns a result dict (with "error" on failure)."""
     rec = {"loop": loop, "kind": kind, "size": size, "conns": conns, "pipeline": pipeline,
            "time": datetime.datetime.now().isoformat(timespec="seconds")}
+    if kind in WRK_KINDS and loop in NATIVE:
+        rec["error"] = f"n/a: the {loop} server does not speak HTTP"
+        return rec
     try:
         server = Server(env, loop, kind, log)
     except BenchError as e:
         rec["error"] = str(e)
         return rec
-    if kind in TLS_KINDS and TLS_KINDS[kind][1] is None:
+    if kind in WRK_KINDS:
         try:
             run_wrk(env, server, rec, conns, duration, warmup)
-            _note_tls(rec, server)
+            if kind in TLS_KINDS:
+                _note_tls(rec, server)
             return rec
         finally:
             server.stop()
@@ -636,7 +658,7 @@ def size_label(n):
 def cell_label(kind, size, conns):
     if kind == "churn":
         return f"churn: connect, echo {size_label(size)}, close; {conns} at a time"
-    if kind == "https":
+    if kind in WRK_KINDS:
         return f"{KIND_TITLE[kind]}, {conns} conn{'s' * (conns != 1)}"
     return f"{KIND_TITLE.get(kind, kind)}, {size_label(size)}, {conns} conn{'s' * (conns != 1)}"
 
@@ -833,6 +855,9 @@ def syscall_run(env, loop, kind, size, conns, requests, log=None):
 def idle_run(env, loop, kind, conns, size=1024, hold=1.0, log=None):
     """Server RSS growth per idle connection (loadgen --idle)."""
     rec = {"loop": loop, "kind": kind, "conns": conns, "size": size}
+    if kind in WRK_KINDS:
+        rec["error"] = "no idle-connection count for a wrk cell"
+        return rec
     try:
         server = Server(env, loop, kind, log)
     except BenchError as e:
@@ -863,6 +888,9 @@ def profile_run(env, loop, kind, size, conns, duration, log=None):
     own time). Neither is timed: profilers slow the server down.
     """
     rec = {"loop": loop, "kind": kind, "size": size, "conns": conns}
+    if kind in WRK_KINDS:
+        rec["error"] = "no profile of a wrk cell (the load generator drives the profiled runs)"
+        return rec
     with tempfile.TemporaryDirectory(prefix="kloop-prof-") as tmp:
         # 1. perf: shares per DSO of the server's CPU samples
         try:
@@ -1380,9 +1408,11 @@ def fmt_num(v, digits=1):
     return "n/a" if v is None else f"{v:,.{digits}f}"
 
 
-def markdown_tables(rows, loops, ratio_pairs, title_kind=True, unit="req"):
+def markdown_tables(rows, loops, ratio_pairs, title_kind=True, unit="req", shares=False):
     """Markdown: throughput with ratios, then CPU/latency/RSS. unit: what one
-    request is called ("conn" for the churn tier, where it is a connection)."""
+    request is called ("conn" for the churn tier, where it is a connection).
+    shares: also the share of a core used by server and client (whether the
+    server or the client is the limit: wrk has one thread on one core)."""
     out = []
     head = ["cell"] + [f"{lp} {unit}/s" for lp in loops] + [f"{a}/{b}" for a, b in ratio_pairs]
     out.append("| " + " | ".join(head) + " |")
@@ -1396,6 +1426,7 @@ def markdown_tables(rows, loops, ratio_pairs, title_kind=True, unit="req"):
     out.append("")
     head = ["cell"] + [f"{lp} CPU µs/{unit} (user+sys)" for lp in loops] + \
         [f"{a}/{b} CPU" for a, b in ratio_pairs[:1]] + \
+        [f"{lp}: share of a core, server / client" for lp in loops if shares] + \
         [f"{lp} p50 / p99 µs" for lp in loops] + [f"{lp} RSS MiB" for lp in loops]
     out.append("| " + " | ".join(head) + " |")
     out.append("|" + "---|" + "---:|" * (len(head) - 1))
@@ -1410,6 +1441,10 @@ def markdown_tables(rows, loops, ratio_pairs, title_kind=True, unit="req"):
         for a, b in ratio_pairs[:1]:
             rt = row["ratios"].get(f"{a}/{b}")
             cells.append("n/a" if not rt or rt.get("cpu") is None else f"{rt['cpu']:.2f}×")
+        for lp in loops if shares else ():
+            d = row["loops"].get(lp, {})
+            cells.append("n/a" if not d.get("n") or d.get("server_util") is None else
+                         f"{d['server_util']:.0%} / {d['client_util']:.0%}")
         for lp in loops:
             d = row["loops"].get(lp, {})
             cells.append("n/a" if not d.get("n") else f"{d['p50']:.0f} / {d['p99']:.0f}")
@@ -1502,7 +1537,8 @@ def emit_matrix(payload, loops, ratio_pairs, notes, doc):
         tables = tls_markdown(rows, loops, ratio_pairs)
     else:
         tables = markdown_tables(rows, loops, ratio_pairs, title_kind=tier != "native",
-                                 unit="conn" if tier == "churn" else "req")
+                                 unit="conn" if tier == "churn" else "req",
+                                 shares=bool(rows) and all(r["kind"] in WRK_KINDS for r in rows))
     interf = interference_note(records, nice)
     print(tables)
     if notes:
@@ -1512,7 +1548,8 @@ def emit_matrix(payload, loops, ratio_pairs, notes, doc):
         body = (f"Measured {meta['date']}: kernel {meta['kernel']}, {meta['cpu']} "
                 f"({meta['cpus']} CPUs), Python {meta['python']}, uvloop {meta['uvloop']}, "
                 f"liburing {meta['liburing']}, "
-                + (f"{meta['openssl']}, wrk {meta['wrk']}, " if meta.get("openssl") else "")
+                + (f"{meta['openssl']}, " if meta.get("openssl") else "")
+                + (f"wrk {meta['wrk']}, " if meta.get("wrk") else "")
                 + f"commit {meta['commit']}. "
                 f"{payload['rounds']} interleaved rounds of {payload['warmup']:g} s warm-up + "
                 f"{payload['duration']:g} s measured per server; median (min–max); "
@@ -1636,13 +1673,38 @@ def _ints(s):
             for x in s.split(",") if x]
 
 
+def tier_cells(tier, kinds="protocol", sizes="1024", conns="10"):
+    """The (kind, size, conns) cells a matrix tier measures; kinds, sizes and
+    conns are the command line's comma lists (custom; conns and sizes also
+    for churn, conns for http, when given)."""
+    if tier == "quick":
+        return list(QUICK_CELLS)
+    if tier == "full":
+        return ([(k, s, c) for k in KINDS for s in (64, 1024, 10240, 102400)
+                 for c in (1, 10, 100, 1000)]
+                + [("http", 0, c) for c in (1, 10, 100, 1000)])
+    if tier == "churn":
+        return list(CHURN_CELLS) if sizes == "1024" and conns == "10" else \
+            [("churn", s, c) for s in _ints(sizes) for c in _ints(conns)]
+    if tier == "native":
+        return [("native", s, c) for s in (1024, 102400) for c in (10, 100, 1000)]
+    if tier == "tls":
+        return list(TLS_CELLS)
+    if tier == "http":
+        return list(HTTP_CELLS) if conns == "10" else [("http", 0, c) for c in _ints(conns)]
+    # custom: a wrk kind has one cell per connection count, whatever --sizes
+    cells = [(k, 0 if k in WRK_KINDS else s, c) for k in kinds.split(",")
+             for s in _ints(sizes) for c in _ints(conns)]
+    return list(dict.fromkeys(cells))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("tier", choices=["quick", "full", "native", "syscalls", "memory", "profile",
-                                    "loadgen", "custom", "report", "tls", "churn", "micro",
-                                    "spawn"])
+                                    "loadgen", "custom", "report", "tls", "http", "churn",
+                                    "micro", "spawn"])
     p.add_argument("results", nargs="?", help="report: a results JSON file of a matrix run")
     p.add_argument("--build", help="meson build directory (default: build/, else build*/)")
     p.add_argument("--loops", help="comma list (default asyncio,uvloop,kloop; "
@@ -1650,7 +1712,7 @@ def main(argv=None):
                                    "kloop with KLOOP_TLS=sslproto; kloop-abi, kloop-api: "
                                    "kloop with KLOOP_FFI=abi|api)")
     p.add_argument("--kinds", default="protocol",
-                   help="custom: comma list of " + ",".join(KINDS + ("churn",)))
+                   help="custom: comma list of " + ",".join(KINDS + ("churn", "http")))
     p.add_argument("--sizes", default="1024", help="custom: comma list of sizes (k = KiB)")
     p.add_argument("--conns", default="10", help="custom: comma list of connection counts")
     p.add_argument("--rounds", type=int, help="interleaved rounds (default 3)")
@@ -1715,21 +1777,7 @@ def main(argv=None):
     loops = args.loops.split(",") if args.loops else list(NATIVE if native else PY_LOOPS)
     if tier == "tls" and not args.loops:
         loops.append("kloop-sslproto")
-    if tier == "quick":
-        cells = QUICK_CELLS
-    elif tier == "full":
-        cells = [(k, s, c) for k in KINDS for s in (64, 1024, 10240, 102400)
-                 for c in (1, 10, 100, 1000)]
-    elif tier == "churn":
-        cells = CHURN_CELLS if args.sizes == "1024" and args.conns == "10" else \
-            [("churn", s, c) for s in _ints(args.sizes) for c in _ints(args.conns)]
-    elif tier == "native":
-        cells = [("native", s, c) for s in (1024, 102400) for c in (10, 100, 1000)]
-    elif tier == "tls":
-        cells = TLS_CELLS
-    else:
-        kinds = args.kinds.split(",")
-        cells = [(k, s, c) for k in kinds for s in _ints(args.sizes) for c in _ints(args.conns)]
+    cells = tier_cells(tier, args.kinds, args.sizes, args.conns)
     too_big = [c for c in cells if c[0] == "udp" and c[1] > UDP_MAX]
     if too_big:
         print(f"run.py: left out {len(too_big)} udp cells with messages over {UDP_MAX} B "
@@ -1747,6 +1795,12 @@ def main(argv=None):
             print(f"run.py: {e}", file=sys.stderr)
             return 2
         meta["openssl"] = _cmd_out(["openssl", "version"])
+    if any(k in WRK_KINDS for k, _, _ in cells):
+        import shutil
+        if not shutil.which("wrk"):
+            print("run.py: the http and https cells need wrk: apt-get install wrk",
+                  file=sys.stderr)
+            return 2
         meta["wrk"] = _cmd_out(["dpkg-query", "-W", "-f=${Version}", "wrk"]) or None
     busy = busy_processes()
     meta["busy_at_start"] = [f"{comm} ({pid}) {share:.0%}" for share, pid, comm in busy]

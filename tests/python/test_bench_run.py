@@ -1,0 +1,138 @@
+"""benchmarks/run.py's HTTP cells: the plain-HTTP kind (the server of
+`echo_server.py --kind http` without ssl=, under wrk) is measured like the
+https kind, and the tiers that should have it do.
+
+The end-to-end test runs the real driver for a short time (1 s per server):
+it needs the load generator's build directory (run.py refuses to start
+without it) and wrk."""
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+RUN_PY = os.path.join(ROOT, "benchmarks", "run.py")
+
+
+def _load_run():
+    spec = importlib.util.spec_from_file_location("bench_run", RUN_PY)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+run = _load_run()
+
+
+def _build_dir():
+    """The meson build holding libkloop and the load generator, or None."""
+    lib = os.environ.get("KLOOP_LIBRARY")
+    candidates = [os.path.dirname(os.path.dirname(lib))] if lib else []
+    candidates.append(os.path.join(ROOT, "build"))
+    for b in candidates:
+        if os.path.exists(os.path.join(b, "benchmarks", "loadgen")):
+            return b
+    return None
+
+
+def test_http_tier_cells():
+    assert run.tier_cells("http") == [("http", 0, 10), ("http", 0, 100)]
+    assert run.tier_cells("http", conns="1,1000") == [("http", 0, 1), ("http", 0, 1000)]
+
+
+def test_full_tier_has_http():
+    full = run.tier_cells("full")
+    assert [c for c in full if c[0] == "http"] == [("http", 0, c) for c in (1, 10, 100, 1000)]
+    # the echo kinds are still all there
+    assert {k for k, _, _ in full} == set(run.KINDS) | {"http"}
+
+
+def test_custom_http_ignores_sizes():
+    cells = run.tier_cells("custom", kinds="http,protocol", sizes="64,1k", conns="10,100")
+    assert cells == [("http", 0, 10), ("http", 0, 100),
+                     ("protocol", 64, 10), ("protocol", 64, 100),
+                     ("protocol", 1024, 10), ("protocol", 1024, 100)]
+
+
+def test_http_kind_is_a_plain_wrk_kind():
+    # wrk is the client of both HTTP kinds; only https is TLS
+    assert run.kind_loadgen_args("http") is None
+    assert run.kind_loadgen_args("https") is None
+    assert run.WRK_KINDS["http"] == "http" and run.WRK_KINDS["https"] == "https"
+    assert "http" not in run.TLS_KINDS
+    assert run.cell_label("http", 0, 100) == "HTTP keep-alive (wrk), 100 conns"
+
+
+def test_native_server_refused_for_http():
+    rec = run.run_one(None, "epoll", "http", 0, 10, 1, 0)
+    assert rec["error"].startswith("n/a:") and "HTTP" in rec["error"]
+
+
+def test_parse_wrk_plain_output():
+    # the lines run.py reads from `wrk --latency` (values made up)
+    text = ("Running 4s test @ http://127.0.0.1:40000/\n"
+            "  1 threads and 10 connections\n"
+            "  Latency Distribution\n"
+            "     50%   95.00us\n"
+            "     75%  120.00us\n"
+            "     90%  150.00us\n"
+            "     99%    1.20ms\n"
+            "  400000 requests in 4.00s, 40.00MB read\n"
+            "Requests/sec: 100000.00\n")
+    res = run.parse_wrk(text)
+    assert res["requests"] == 400000 and res["duration_s"] == 4.0
+    assert res["latency_us"] == {"p50": 95.0, "p75": 120.0, "p90": 150.0, "p99": 1200.0}
+    assert res["socket_errors"] == 0 and res["non_2xx"] == 0
+
+
+def test_docs_have_http_section():
+    with open(os.path.join(ROOT, "docs", "performance.md")) as f:
+        text = f.read()
+    assert "### HTTP keep-alive (wrk)" in text
+    begin, end = text.index("<!-- BEGIN http -->"), text.index("<!-- END http -->")
+    assert begin < end
+
+
+@pytest.mark.slow
+def test_http_tier_runs(tmp_path):
+    """A short real run of the http tier on asyncio and kloop: every run
+    served requests with no wrk error, measured like the https kind."""
+    build = _build_dir()
+    if build is None:
+        pytest.skip("the load generator is not built (meson -Dbenchmarks=true); run.py "
+                    "needs its build directory")
+    if shutil.which("wrk") is None:
+        pytest.skip("wrk is not installed (apt-get install wrk)")
+    out = tmp_path / "http.json"
+    cmd = [sys.executable, RUN_PY, "http", "--build", build, "--loops", "asyncio,kloop",
+           "--rounds", "2", "--duration", "1", "--warmup", "0.5",
+           "--json-out", str(out), "--allow-stale"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    payload = json.loads(out.read_text())
+    runs = payload["runs"]
+    # 2 cells x 2 loops x 2 rounds
+    assert len(runs) == 8
+    assert {(x["kind"], x["conns"]) for x in runs} == {("http", 10), ("http", 100)}
+    for x in runs:
+        assert "error" not in x, x
+        assert x["loadgen_cmd"].startswith(f"wrk -t1 -c{x['conns']} -d1s --latency http://")
+        assert x["requests"] > 100 and x["rps"] > 0
+        assert x["wrk_socket_errors"] == 0 and x["wrk_non_2xx"] == 0
+        assert x["server"]["cpu_us_per_req"] > 0 and x["server"]["rss_kb"] > 0
+        assert x["latency_us"]["p50"] > 0 and x["latency_us"]["p99"] >= x["latency_us"]["p50"]
+        assert "server_tls" not in x and "tls_path" not in x
+    rows = payload["summary"]
+    assert [(row["kind"], row["conns"]) for row in rows] == [("http", 10), ("http", 100)]
+    for row in rows:
+        assert row["ratios"]["kloop/asyncio"]["rps"] > 0
+    # the table printed on stdout: both cells, with the server/client shares
+    assert "HTTP keep-alive (wrk), 10 conns" in r.stdout
+    assert "HTTP keep-alive (wrk), 100 conns" in r.stdout
+    assert "kloop: share of a core, server / client" in r.stdout
