@@ -1251,12 +1251,29 @@ class IouringProactor:
                 self._batch = rest + self._batch
             raise
 
+    def _join_run(self, it, off, res):
+        """The bytes of a run of DATA records of one stream, as one object.
+
+        The engine flags (KLOOP_COMPLETION_DATA_NEXT) every record of the run
+        but its last, so the records that follow in `it` are this stream's:
+        a message larger than one receive buffer reaches data_received() in
+        one call, as it does from the stock loop's 256 KiB reads.
+        """
+        view = self._arena_view
+        base = self._arena_base
+        parts = [view[off:off + res]]
+        for rec in it:
+            off = rec[3] - base
+            parts.append(view[off:off + rec[1]])
+            if not rec[2] & 2:
+                break
+        return b"".join(parts)
+
     def _dispatch_records(self, it):
         get = self._streams.get
         base = self._arena_base
         arena = self._arena
         lent = self._lent
-        parts = []
         for tok, res, flags, data, ev, aux in it:
             if ev == 1:                                  # KLOOP_EVENT_DATA
                 t = get(tok)
@@ -1266,16 +1283,7 @@ class IouringProactor:
                         # context, without a Python frame in between.
                         off = data - base
                         if flags & 2:                    # KLOOP_COMPLETION_DATA_NEXT
-                            # The next record is more of this stream's
-                            # bytes (a message larger than one receive
-                            # buffer): one bytes object, one call. No user
-                            # code runs until the run's last record.
-                            parts.append(self._arena_view[off:off + res])
-                            continue
-                        if parts:
-                            parts.append(self._arena_view[off:off + res])
-                            chunk = b"".join(parts)
-                            parts.clear()
+                            chunk = self._join_run(it, off, res)
                         else:
                             chunk = arena[off:off + res]
                         try:
