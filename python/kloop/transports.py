@@ -53,6 +53,32 @@ _H_EOF = 1
 _H_ERROR = 2
 
 
+# The connections a server accepts share their local address, and the
+# peers' addresses share the host: equal, immutable values kept once
+# instead of once per connection (~200 bytes of each idle connection).
+# The last value of each kind is remembered, so nothing grows with the
+# number of distinct addresses. (Loops in other threads may race here;
+# the worst case is a value not shared.)
+_last_address = [None, None, None]   # sockname, peername, host
+_SOCKNAME, _PEERNAME = 0, 1
+
+
+def _shared_address(addr, which):
+    if type(addr) is not tuple or len(addr) < 2:
+        return addr
+    last = _last_address[which]
+    if addr == last:
+        return last
+    host = addr[0]
+    if type(host) is str:
+        if host == _last_address[2]:
+            addr = (_last_address[2],) + addr[1:]
+        else:
+            _last_address[2] = host
+    _last_address[which] = addr
+    return addr
+
+
 class SocketTransport(transports._FlowControlMixin, transports.Transport):
     """A connected stream socket driven by a kloop engine stream."""
 
@@ -141,16 +167,17 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
     # -- extra info -----------------------------------------------------------
 
     def _set_socket_extra(self, sock):
-        self._extra["socket"] = trsock.TransportSocket(sock)
+        extra = self._extra
+        extra["socket"] = trsock.TransportSocket(sock)
         try:
-            self._extra["sockname"] = sock.getsockname()
+            extra["sockname"] = _shared_address(sock.getsockname(), _SOCKNAME)
         except OSError:
-            self._extra["sockname"] = None
-        if "peername" not in self._extra:
+            extra["sockname"] = None
+        if "peername" not in extra:
             try:
-                self._extra["peername"] = sock.getpeername()
+                extra["peername"] = _shared_address(sock.getpeername(), _PEERNAME)
             except OSError:
-                self._extra["peername"] = None
+                extra["peername"] = None
 
     def __repr__(self):
         info = [self.__class__.__name__]

@@ -76,3 +76,51 @@ def test_python_memory_per_idle_connection_not_above_asyncio():
     assert ours <= base * 1.15, (
         f"kloop uses {ours:.0f} B of Python memory per idle connection, "
         f"asyncio {base:.0f} B")
+
+
+def test_accepted_connections_share_equal_address_values():
+    # The server side of every connection on one listener has the same
+    # local address (and the peers the same host): kloop keeps one tuple
+    # (one host string) for them instead of one per connection, without
+    # changing what get_extra_info() answers.
+    h = harness_for("kloop")
+    loop = h.loop
+    transports = []
+
+    class Keep(asyncio.Protocol):
+        def connection_made(self, transport):
+            transports.append(transport)
+
+    async def main():
+        srv = await loop.create_server(Keep, "127.0.0.1", 0)
+        port = srv.sockets[0].getsockname()[1]
+        socks = []
+        try:
+            for _ in range(3):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+                s.setblocking(False)
+                socks.append(s)
+                await loop.sock_connect(s, ("127.0.0.1", port))
+            while len(transports) < 3:
+                await asyncio.sleep(0.01)
+            names = [t.get_extra_info("sockname") for t in transports]
+            peers = [t.get_extra_info("peername") for t in transports]
+            for t in transports:
+                sock = t.get_extra_info("socket")
+                assert t.get_extra_info("sockname") == sock.getsockname() == ("127.0.0.1", port)
+                assert t.get_extra_info("peername") == sock.getpeername()
+            assert sorted(p[1] for p in peers) == sorted(s.getsockname()[1] for s in socks)
+            assert names[0] is names[1] is names[2]
+            assert peers[0][0] is peers[1][0] is peers[2][0]
+        finally:
+            for t in transports:
+                t.close()
+            for s in socks:
+                s.close()
+            srv.close()
+            await srv.wait_closed()
+
+    try:
+        h.run(main())
+    finally:
+        h.close()
