@@ -78,6 +78,8 @@ assert (_ffi.EVENT_OP, _ffi.EVENT_DATA, _ffi.EVENT_EOF, _ffi.EVENT_ERROR, _ffi.E
         _ffi.EVENT_CLOSED, _ffi.EVENT_WRITE_DONE, _ffi.EVENT_HANDSHAKE,
         _ffi.EVENT_WRITE_RELEASE) == (0, 1, 2, 3, 4, 5, 6, 7, 8)
 _MORE = _ffi.COMPLETION_MORE
+# The most bytes joined into one data_received() call: asyncio's largest read.
+_JOIN_MAX = 256 * 1024
 _OFFSET_CURRENT = _ffi.OFFSET_CURRENT
 
 _CODEC_FAMILIES = (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX)
@@ -1257,15 +1259,19 @@ class IouringProactor:
         The engine flags (KLOOP_COMPLETION_DATA_NEXT) every record of the run
         but its last, so the records that follow in `it` are this stream's:
         a message larger than one receive buffer reaches data_received() in
-        one call, as it does from the stock loop's 256 KiB reads.
+        one call, as it does from the stock loop's 256 KiB reads. Like those,
+        a piece stops at 256 KiB: records held while reading was paused can
+        make a run of megabytes, and the rest of it makes further pieces.
         """
         view = self._arena_view
         base = self._arena_base
         parts = [view[off:off + res]]
+        size = res
         for rec in it:
             off = rec[3] - base
             parts.append(view[off:off + rec[1]])
-            if not rec[2] & 2:
+            size += rec[1]
+            if not rec[2] & 2 or size >= _JOIN_MAX:
                 break
         return b"".join(parts)
 
@@ -1287,7 +1293,7 @@ class IouringProactor:
                         else:
                             chunk = arena[off:off + res]
                         try:
-                            t._sink(chunk)
+                            t._context_run(t._protocol_data_received, chunk)
                         except (SystemExit, KeyboardInterrupt):
                             raise
                         except BaseException as exc:

@@ -79,3 +79,40 @@ def test_runs_of_two_streams_in_one_poll_stay_apart(loop):
     finally:
         for _, _, peer in pairs:
             peer.close()
+
+
+def test_bytes_that_waited_while_paused_come_in_pieces_of_bounded_size(loop):
+    # While reading is paused the engine keeps what the kernel had already
+    # received; on resume that can be a run of megabytes. The stock loop
+    # reads at most 256 KiB per data_received(); kloop ends a joined piece
+    # with the record that takes it to 256 KiB or more, so a piece is at
+    # most 256 KiB plus one 64 KiB receive buffer.
+    size = 3 * 1024 * 1024
+    tr, pr, peer = loop.run(connect_pair(loop.loop, lambda: ChunkProtocol(loop.loop),
+                                         family=socket.AF_UNIX))
+    try:
+        msg = pattern(size, seed=5)
+
+        async def main():
+            tr.pause_reading()
+            sender = loop.loop.run_in_executor(None, peer.sendall, msg)
+            await asyncio.sleep(0.3)      # the peer fills what it can
+            for _ in range(100):
+                tr.resume_reading()
+                await asyncio.sleep(0.01)
+                tr.pause_reading()
+                if sender.done():
+                    break
+            tr.resume_reading()
+            await sender
+            while sum(map(len, pr.chunks)) < size:
+                await asyncio.sleep(0.005)
+
+        loop.run(main(), timeout=30)
+        assert b"".join(pr.chunks) == msg
+        assert max(len(c) for c in pr.chunks) <= (256 + 64) * 1024
+        assert len(pr.chunks) >= size // ((256 + 64) * 1024)
+        tr.close()
+        assert loop.run(pr.lost) is None
+    finally:
+        peer.close()
