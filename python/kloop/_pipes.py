@@ -93,7 +93,6 @@ class _EngineReadPipeTransport(transports.ReadTransport):
     # What IouringProactor._dispatch_records() looks at for DATA records:
     # this transport always takes the _data_received() path.
     _fast = False
-    _sink = None
 
     def __init__(self, loop, pipe, protocol, waiter=None, extra=None):
         super().__init__(extra)

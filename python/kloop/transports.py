@@ -22,7 +22,6 @@ the socket itself is closed once the engine has let go of it.
 import collections
 import contextvars
 import errno
-import functools
 import os
 import ssl
 import sys
@@ -91,8 +90,8 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
         "_close_pending", "_closing", "_conn_lost", "_context_run", "_drain_limits",
         "_empty_waiter", "_engine_closed", "_eof", "_fast", "_held", "_klib", "_kptr",
         "_kwrite", "_loop_closing", "_paused", "_protocol", "_protocol_connected",
-        "_protocol_data_received", "_rblock_", "_read_done", "_server", "_sink",
-        "_sock", "_sock_fd", "_started", "_token", "_wok", "__dict__", "__weakref__")
+        "_protocol_data_received", "_rblock_", "_read_done", "_server", "_sock",
+        "_sock_fd", "_started", "_token", "_wok", "__dict__", "__weakref__")
 
     _start_tls_compatible = True
     _sendfile_compatible = constants._SendfileMode.TRY_NATIVE
@@ -219,10 +218,11 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
         else:
             self._buffered = False
         self._protocol = protocol
+        # IouringProactor._dispatch() calls it, through self._context_run,
+        # with the bytes of a DATA record while self._fast holds (no
+        # functools.partial of the two: 192 bytes per connection for ~4 ns
+        # per call).
         self._protocol_data_received = getattr(protocol, "data_received", None)
-        # What IouringProactor._dispatch() calls with the bytes of a DATA
-        # record while self._fast holds.
-        self._sink = functools.partial(self._context_run, self._protocol_data_received)
         self._protocol_connected = True
         self._fast = not self._rblock_ and not self._buffered
 
@@ -772,9 +772,8 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
         finally:
             self._called_connection_lost = True
             self._protocol = None
-            self._protocol_data_received = None
-            self._sink = None  # holds data_received too: a protocol that keeps
-            self._fast = False  # its transport would keep both alive
+            self._protocol_data_received = None  # a protocol that keeps its
+            self._fast = False                   # transport would keep both alive
             server = self._server
             if server is not None:
                 server._detach()
