@@ -1070,16 +1070,50 @@ def loadgen_markdown(recs):
     return "\n".join(out)
 
 
-def memory_markdown(recs):
-    out = ["| server | RSS before, MiB | RSS with idle connections, MiB | KiB per connection |",
-           "|---|---:|---:|---:|"]
+def memory_markdown(recs, counts):
+    """RSS growth per idle connection at each count, and per further
+    connection between the first and the last count (the difference of the
+    two growths of the same round, divided by the difference of counts)."""
+    lo, hi = counts[0], counts[-1]
+    head = ["server", "RSS before, MiB"] + [f"KiB per connection, {c} conns" for c in counts]
+    if hi > lo:
+        head.append(f"KiB per further connection, {lo} → {hi}")
+    out = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    names = []
     for r in recs:
-        name = r["loop"] if r["kind"] == "native" else f"{r['loop']} ({r['kind']})"
-        if "error" in r:
-            out.append(f"| {name} | n/a | n/a | {r['error'][:80]} |")
+        key = (r["loop"], r["kind"])
+        if key not in names:
+            names.append(key)
+
+    def fmt(vals, digits=2):
+        if not vals:
+            return "n/a"
+        med = statistics.median(vals)
+        if len(vals) == 1:
+            return f"{med:.{digits}f}"
+        return f"{med:.{digits}f} ({min(vals):.{digits}f}–{max(vals):.{digits}f})"
+
+    for loop, kind in names:
+        name = loop if kind == "native" else f"{loop} ({kind})"
+        mine = [r for r in recs if (r["loop"], r["kind"]) == (loop, kind)]
+        good = [r for r in mine if "error" not in r]
+        if not good:
+            out.append(f"| {name} | " + " | ".join(["n/a"] * (len(head) - 1)) + " |")
             continue
-        out.append(f"| {name} | {r['rss_kb_before'] / 1024:.1f} | {r['rss_kb_after'] / 1024:.1f} "
-                   f"| {r['rss_kb_per_conn']:.2f} |")
+        row = [name, fmt([r["rss_kb_before"] / 1024 for r in good], 1)]
+        for c in counts:
+            row.append(fmt([r["rss_kb_per_conn"] for r in good if r["conns"] == c]))
+        if hi > lo:
+            further = []
+            for rnd in sorted({r.get("round", 0) for r in good}):
+                a = [r for r in good if r.get("round", 0) == rnd and r["conns"] == lo]
+                b = [r for r in good if r.get("round", 0) == rnd and r["conns"] == hi]
+                if a and b:
+                    ga = a[0]["rss_kb_after"] - a[0]["rss_kb_before"]
+                    gb = b[0]["rss_kb_after"] - b[0]["rss_kb_before"]
+                    further.append((gb - ga) / (hi - lo))
+            row.append(fmt(further))
+        out.append("| " + " | ".join(row) + " |")
     return "\n".join(out)
 
 
@@ -1875,26 +1909,39 @@ def main(argv=None):
 
     if tier == "memory":
         chosen = args.loops.split(",") if args.loops else list(PY_LOOPS + NATIVE)
-        conns = _ints(args.conns)[0] if args.conns != "10" else 1000
+        # Two counts, each in a fresh server: growth per connection at the
+        # first, and what each connection beyond it costs (the difference
+        # of the two growths), which leaves out per-process memory that the
+        # first connections touch once (receive buffers, code pages).
+        counts = _ints(args.conns) if args.conns != "10" else [1000, 3000]
         recs = []
-        for lp in chosen:
-            kinds = ["native"] if lp in NATIVE else args.kinds.split(",")
-            for kind in kinds:
-                why = env.availability(lp)
-                if why:
-                    recs.append({"loop": lp, "kind": kind, "error": f"n/a: {why}"})
-                    continue
-                print(f"run.py: {lp} {kind}: {conns} idle connections", file=sys.stderr)
-                recs.append(idle_run(env, lp, kind, conns, log=log))
-        payload = {"tier": tier, "meta": meta, "runs": recs}
+        rounds = args.rounds or 3
+        for rnd in range(rounds):
+            for lp in chosen[rnd % len(chosen):] + chosen[:rnd % len(chosen)]:
+                kinds = ["native"] if lp in NATIVE else args.kinds.split(",")
+                for kind in kinds:
+                    why = env.availability(lp)
+                    for conns in counts:
+                        if why:
+                            recs.append({"loop": lp, "kind": kind, "conns": conns,
+                                         "round": rnd, "error": f"n/a: {why}"})
+                            continue
+                        print(f"run.py: round {rnd + 1}: {lp} {kind}: {conns} idle connections",
+                              file=sys.stderr)
+                        rec = idle_run(env, lp, kind, conns, log=log)
+                        rec["round"] = rnd
+                        recs.append(rec)
+        payload = {"tier": tier, "meta": meta, "counts": counts, "runs": recs}
         path = save_json(tier, payload)
-        table = memory_markdown(recs)
+        table = memory_markdown(recs, counts)
         print(table)
         if args.doc:
+            shown = " and ".join(str(c) for c in counts)
             body = (f"Measured {meta['date']} on kernel {meta['kernel']}, Python {meta['python']}, "
-                    f"uvloop {meta['uvloop']}, commit {meta['commit']}: {conns} connections, "
-                    f"each echoed one 1 KiB message, then held idle for 1 s; server RSS from "
-                    f"/proc/PID/status before connecting and after.\n\n"
+                    f"uvloop {meta['uvloop']}, commit {meta['commit']}: {shown} connections "
+                    f"(each count in a fresh server), each echoed one 1 KiB message, then held "
+                    f"idle for 1 s; server RSS from /proc/PID/status before connecting and "
+                    f"after; {rounds} round(s), loops interleaved, median (min–max).\n\n"
                     f"`{meta['command']}`\n\n{table}\n")
             write_doc_section("memory", body)
         print(f"run.py: results in {path}", file=sys.stderr)

@@ -136,3 +136,24 @@ def test_http_tier_runs(tmp_path):
     assert "HTTP keep-alive (wrk), 10 conns" in r.stdout
     assert "HTTP keep-alive (wrk), 100 conns" in r.stdout
     assert "kloop: share of a core, server / client" in r.stdout
+
+
+def test_memory_table_per_further_connection():
+    # Growth per connection at each count, and the cost of each connection
+    # beyond the first count: (growth at 3000 - growth at 1000) / 2000, per
+    # round, median over rounds.
+    def rec(rnd, conns, before, after):
+        return {"loop": "kloop", "kind": "protocol", "conns": conns, "round": rnd,
+                "rss_kb_before": before, "rss_kb_after": after,
+                "rss_kb_per_conn": (after - before) / conns}
+    recs = [rec(0, 1000, 20000, 22000), rec(0, 3000, 20100, 25100),   # 1.5 KiB
+            rec(1, 1000, 20000, 22100), rec(1, 3000, 20000, 25300),   # 1.6 KiB
+            {"loop": "uvloop", "kind": "protocol", "conns": 1000, "round": 0,
+             "error": "n/a: not installed"}]
+    table = run.memory_markdown(recs, [1000, 3000]).splitlines()
+    assert table[0].split(" | ")[-1].startswith("KiB per further connection, 1000 → 3000")
+    kloop = [c.strip() for c in table[2].strip("|").split("|")]
+    assert kloop[0] == "kloop (protocol)"
+    assert kloop[2] == "2.05 (2.00–2.10)"      # at 1000
+    assert kloop[4] == "1.55 (1.50–1.60)"      # further
+    assert table[3].startswith("| uvloop (protocol) | n/a")
