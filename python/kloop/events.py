@@ -239,8 +239,41 @@ def _install_slow_callback_stats():
         logger.addFilter(_slow_filter)
 
 
-_Handle = events.Handle
-_TimerHandle = events.TimerHandle
+class _Handle(events.Handle):
+    # What call_soon() makes outside debug mode: asyncio's Handle, set up
+    # without asking the loop whether it is in debug mode (call_soon just
+    # did) and without a source traceback, as asyncio's own does then.
+    # Named like asyncio's class, so that repr() reads the same.
+    __slots__ = ()
+
+    def __init__(self, callback, args, loop, context):
+        self._context = contextvars.copy_context() if context is None else context
+        self._loop = loop
+        self._callback = callback
+        self._args = args
+        self._cancelled = False
+        self._repr = None
+        self._source_traceback = None
+
+
+class _TimerHandle(events.TimerHandle):
+    # The same for call_later()/call_at().
+    __slots__ = ()
+
+    def __init__(self, when, callback, args, loop, context):
+        self._context = contextvars.copy_context() if context is None else context
+        self._loop = loop
+        self._callback = callback
+        self._args = args
+        self._cancelled = False
+        self._repr = None
+        self._source_traceback = None
+        self._when = when
+        self._scheduled = False
+
+
+_Handle.__name__ = _Handle.__qualname__ = "Handle"
+_TimerHandle.__name__ = _TimerHandle.__qualname__ = "TimerHandle"
 
 
 class IouringProactorEventLoop(proactor_events.BaseProactorEventLoop):
