@@ -34,6 +34,12 @@ Tiers:
             the client CPU, at 10 and 100 connections; the same server and
             measurement as the https cells of the tls tier, without ssl=.
             Python loops only (the native servers do not speak HTTP)
+  ablation  kloop with one engine feature switched off at a time (multishot
+            receive, the provided-buffer ring, DEFER_TASKRUN, write
+            gathering, completion batching; KLOOP_DISABLE / KLOOP_CQ_BATCH)
+            against kloop with all of them, interleaved: Protocol echo 1 KiB
+            at 10 and 100 conns, 100 KiB at 10, HTTP (two-piece responses)
+            at 10; ratios to kloop of req/s and server CPU per request
   churn     connect/accept/close churn: each of N client slots (loadgen
             --churn) connects, sends 64 B, reads the echo until the server
             (a Protocol that echoes, then closes) closes, and starts over;
@@ -64,6 +70,7 @@ Examples:
   /usr/bin/python3 benchmarks/run.py tls --doc
   /usr/bin/python3 benchmarks/run.py http --rounds 3 --nice -20 --doc
   /usr/bin/python3 benchmarks/run.py micro --rounds 3 --nice -20 --doc
+  /usr/bin/python3 benchmarks/run.py ablation --rounds 3 --nice -20 --doc
   /usr/bin/python3 benchmarks/run.py custom --kinds udp,readline --sizes 1k \
       --conns 10,100 --doc --section udp-readline
   /usr/bin/python3 benchmarks/run.py custom --loops uvloop,kloop \
@@ -117,6 +124,29 @@ MICRO_RUNNER = ROOT / "benchmarks" / "servers" / "micro.py"
 LOOP_VARIANTS = {"kloop-sslproto": ("kloop", {"KLOOP_TLS": "sslproto"}),
                  "kloop-abi": ("kloop", {"KLOOP_FFI": "abi"}),
                  "kloop-api": ("kloop", {"KLOOP_FFI": "api"})}
+# The ablation tier: kloop with one engine feature switched off at a time
+# (KLOOP_DISABLE, KLOOP_CQ_BATCH: python/kloop/_proactor.py), and what each
+# variant does instead.
+ABLATIONS = {
+    "kloop-no-multishot-recv": ({"KLOOP_DISABLE": "multishot_recv"},
+                                "multishot receive", "a one-shot receive re-armed after "
+                                "each completion (still from the buffer ring)"),
+    "kloop-no-buf-ring": ({"KLOOP_DISABLE": "buf_ring"},
+                          "provided-buffer ring", "one-shot receives into buffers the "
+                          "engine picks itself (multishot needs the ring)"),
+    "kloop-no-defer-taskrun": ({"KLOOP_DISABLE": "defer_taskrun"},
+                               "DEFER_TASKRUN", "the kernel runs completion work when it "
+                               "likes (interrupting the loop), not when the loop waits"),
+    "kloop-no-send-gather": ({"KLOOP_DISABLE": "send_gather"},
+                             "write gathering", "one queued block per send instead of "
+                             "up to 64 in one sendmsg"),
+    "kloop-no-batch": ({"KLOOP_CQ_BATCH": "1"},
+                       "completion batching", "one completion record per kloop_poll() "
+                       "call instead of up to 256"),
+}
+LOOP_VARIANTS.update({name: ("kloop", env) for name, (env, _, _) in ABLATIONS.items()})
+ABLATION_CELLS = [("protocol", 1024, 10), ("protocol", 1024, 100), ("protocol", 102400, 10),
+                  ("http", 0, 10)]
 NATIVE = ("epoll", "libkloop")
 KINDS = ("protocol", "streams", "buffered", "sock", "udp", "readline")
 KIND_TITLE = {"protocol": "Protocol", "streams": "streams", "buffered": "BufferedProtocol",
@@ -1490,6 +1520,36 @@ def markdown_tables(rows, loops, ratio_pairs, title_kind=True, unit="req", share
     return "\n".join(out)
 
 
+def ablation_markdown(rows, ratio_pairs):
+    """One row per switched-off feature: per cell, its requests per second
+    and server CPU per request as a ratio to kloop with every feature on, in
+    the same round (below 1.00x req/s, or above 1.00x CPU: the feature helps)."""
+    head = ["feature switched off", "instead"] + \
+        [cell_label(r["kind"], r["size"], r["conns"]) + ": req/s, CPU/req vs kloop"
+         for r in rows]
+    out = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * len(rows)]
+    for a, b in ratio_pairs:
+        _, what, instead = ABLATIONS[a]
+        cells = [f"{what} (`{a}`)", instead]
+        for r in rows:
+            rt = r["ratios"].get(f"{a}/{b}")
+            if not rt:
+                cells.append("n/a")
+                continue
+            cpu = "n/a" if rt.get("cpu") is None else f"{rt['cpu']:.2f}×"
+            cells.append(f"{fmt_ratio(rt)}, {cpu}")
+        out.append("| " + " | ".join(cells) + " |")
+    out.append("")
+    out.append("| cell | kloop req/s | kloop CPU µs/req (user+sys) |")
+    out.append("|---|---:|---:|")
+    for r in rows:
+        d = r["loops"].get("kloop", {})
+        cpu = "n/a" if not d.get("n") else \
+            f"{d['cpu_us']:.2f} ({d['user_us']:.2f}+{d['sys_us']:.2f})"
+        out.append(f"| {cell_label(r['kind'], r['size'], r['conns'])} | {fmt_rps(d)} | {cpu} |")
+    return "\n".join(out)
+
+
 def _paths(rows, loop):
     out = []
     for row in rows:
@@ -1569,6 +1629,8 @@ def emit_matrix(payload, loops, ratio_pairs, notes, doc):
     nice = meta.get("nice", 0)
     if tier == "tls":
         tables = tls_markdown(rows, loops, ratio_pairs)
+    elif tier == "ablation":
+        tables = ablation_markdown(rows, ratio_pairs)
     else:
         tables = markdown_tables(rows, loops, ratio_pairs, title_kind=tier != "native",
                                  unit="conn" if tier == "churn" else "req",
@@ -1726,6 +1788,8 @@ def tier_cells(tier, kinds="protocol", sizes="1024", conns="10"):
         return list(TLS_CELLS)
     if tier == "http":
         return list(HTTP_CELLS) if conns == "10" else [("http", 0, c) for c in _ints(conns)]
+    if tier == "ablation":
+        return list(ABLATION_CELLS)
     # custom: a wrk kind has one cell per connection count, whatever --sizes
     cells = [(k, 0 if k in WRK_KINDS else s, c) for k in kinds.split(",")
              for s in _ints(sizes) for c in _ints(conns)]
@@ -1738,7 +1802,7 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("tier", choices=["quick", "full", "native", "syscalls", "memory", "profile",
                                     "loadgen", "custom", "report", "tls", "http", "churn",
-                                    "micro", "spawn"])
+                                    "micro", "spawn", "ablation"])
     p.add_argument("results", nargs="?", help="report: a results JSON file of a matrix run")
     p.add_argument("--build", help="meson build directory (default: build/, else build*/)")
     p.add_argument("--loops", help="comma list (default asyncio,uvloop,kloop; "
@@ -1811,6 +1875,8 @@ def main(argv=None):
     loops = args.loops.split(",") if args.loops else list(NATIVE if native else PY_LOOPS)
     if tier == "tls" and not args.loops:
         loops.append("kloop-sslproto")
+    if tier == "ablation" and not args.loops:
+        loops = ["kloop"] + list(ABLATIONS)
     cells = tier_cells(tier, args.kinds, args.sizes, args.conns)
     too_big = [c for c in cells if c[0] == "udp" and c[1] > UDP_MAX]
     if too_big:
@@ -1981,6 +2047,8 @@ def main(argv=None):
         [(a, b) for a, b in (("kloop", "uvloop"), ("kloop", "asyncio"), ("uvloop", "asyncio"),
                              ("kloop", "kloop-sslproto"), ("kloop-api", "kloop-abi"))
          if a in loops and b in loops]
+    if tier == "ablation":
+        ratio_pairs = [(v, "kloop") for v in loops if v in ABLATIONS and "kloop" in loops]
     est = rounds * len(cells) * len(loops) * (duration + args.warmup + 0.8)
     print(f"run.py: {len(cells)} cells x {len(loops)} servers x {rounds} rounds, "
           f"about {est / 60:.0f} min", file=sys.stderr)

@@ -127,6 +127,7 @@ KLOOP_API int kloop_probe(struct kloop_caps *caps);
 /* kloop_config.flags */
 #define KLOOP_CONFIG_SQPOLL (1u << 0)           /* kernel submission thread (costs a core) */
 #define KLOOP_CONFIG_NO_DEFER_TASKRUN (1u << 1) /* allow use from several threads in turn */
+#define KLOOP_CONFIG_NO_SEND_GATHER (1u << 2)   /* one queued block per stream send */
 
 /*
  * struct kloop_config - how to build a loop. Fill with kloop_config_init().
@@ -218,7 +219,7 @@ KLOOP_API int kloop_ring_fd(kloop_t *loop);
 #define KLOOP_EVENT_CLOSED 5u     /* stream: final completion; result 0 or -errno */
 #define KLOOP_EVENT_WRITE_DONE 6u /* stream: write_eof shutdown done (result 0/-errno) */
 #define KLOOP_EVENT_HANDSHAKE 7u  /* TLS stream: handshake over; result 0 or -errno */
-#define KLOOP_EVENT_WRITE_RELEASE                             \
+#define KLOOP_EVENT_WRITE_RELEASE                           \
   8u /* stream: bytes of kloop_stream_write_ref() no longer \
         read; `data` is its ref */
 

@@ -207,6 +207,7 @@ int Engine::init(const kloop_config &cfg) {
   if (!(en & KLOOP_CAP_SINGLE_ISSUER)) en &= ~KLOOP_CAP_REG_RING_FD;
   enabled_ = en;
 
+  no_send_gather_ = (cfg.flags & KLOOP_CONFIG_NO_SEND_GATHER) != 0;
   buf_size_ = cfg.buf_size;
   buf_count_ = cfg.buf_count;
   if (!setup_buffers() || !setup_tls_buffers()) {

@@ -353,6 +353,7 @@ class Engine {
   char *arena_ = nullptr;
   size_t arena_size_ = 0;
   uint32_t buf_size_ = 0, buf_count_ = 0;
+  bool no_send_gather_ = false;  // KLOOP_CONFIG_NO_SEND_GATHER
   io_uring_buf_ring *br_ = nullptr;
   size_t br_size_ = 0;
   bool br_registered_ = false;

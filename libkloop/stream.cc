@@ -160,7 +160,7 @@ int Engine::send_iov(Stream *s, size_t limit, iovec **iov) {
   if (!s->slot) {
     int n = s->wq.fill_iov(&s->iov1, 1, limit);
     size_t want = s->wq.size() < limit ? s->wq.size() : limit;
-    if (n == 0 || s->iov1.iov_len >= want || !(s->slot = take_slot())) {
+    if (n == 0 || s->iov1.iov_len >= want || no_send_gather_ || !(s->slot = take_slot())) {
       *iov = &s->iov1;
       return n;
     }

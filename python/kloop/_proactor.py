@@ -87,6 +87,42 @@ _CODEC_FAMILIES = (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX)
 # Completion records fetched per kloop_poll(); the rest wait for the next.
 CQ_BATCH = 256
 
+# Switches to measure what each engine feature gives (benchmarks/run.py
+# ablation; docs/performance.md): KLOOP_DISABLE lists capabilities to treat
+# as absent (names as `python -m kloop info` prints them) and "send_gather"
+# (KLOOP_CONFIG_NO_SEND_GATHER); KLOOP_CQ_BATCH sets the records per poll.
+DISABLE_ENV = "KLOOP_DISABLE"
+CQ_BATCH_ENV = "KLOOP_CQ_BATCH"
+
+
+def _config_from_env(environ=os.environ):
+    """(kloop_config fields or None, records per poll) from the environment."""
+    config = None
+    names = [n.strip() for n in environ.get(DISABLE_ENV, "").split(",") if n.strip()]
+    if names:
+        by_name = {v: k for k, v in _ffi.CAP_NAMES.items()}
+        config = {"disable": 0, "flags": 0}
+        for name in names:
+            if name == "send_gather":
+                config["flags"] |= _ffi.CONFIG_NO_SEND_GATHER
+            elif name in by_name:
+                config["disable"] |= by_name[name]
+            else:
+                raise ValueError(
+                    f"{DISABLE_ENV}: unknown feature {name!r} (known: send_gather, "
+                    + ", ".join(sorted(by_name)) + ")")
+    batch = environ.get(CQ_BATCH_ENV, "")
+    if not batch:
+        return config, CQ_BATCH
+    try:
+        n = int(batch)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 65536:
+        raise ValueError(f"{CQ_BATCH_ENV} must be a whole number from 1 to 65536, not {batch!r}")
+    return config, n
+
+
 # Seconds IouringProactor.close() waits for the final completions.
 CLOSE_TIMEOUT = 10.0
 
@@ -325,6 +361,9 @@ class IouringProactor:
         self._generation = _fork_generation
         out = ffi.new("kloop_t **")
         cfg = ffi.NULL
+        env_config, cq_batch = _config_from_env()
+        if config is None:
+            config = env_config
         if config is not None:
             cfg = ffi.new("struct kloop_config *")
             lib.kloop_config_init(cfg)
@@ -347,8 +386,8 @@ class IouringProactor:
         self._lent = {}
         self._lend_seq = 0
 
-        self._cq_len = CQ_BATCH
-        self._cq = ffi.new("struct kloop_completion[]", CQ_BATCH)
+        self._cq_len = cq_batch
+        self._cq = ffi.new("struct kloop_completion[]", cq_batch)
         self._cq_view = memoryview(ffi.buffer(self._cq))
         self._iter_unpack = struct.Struct(_ffi.COMPLETION_FORMAT).iter_unpack
 

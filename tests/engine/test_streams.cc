@@ -382,6 +382,32 @@ TEST_F(Streams, SendGathersManyBlocksAtOnce) {
   EXPECT_EQ(d.WaitFinal(1).event, KLOOP_EVENT_CLOSED);
 }
 
+// KLOOP_CONFIG_NO_SEND_GATHER (the ablation switch): the same blocks go
+// out one per send, intact.
+TEST_F(Streams, NoSendGatherSendsOneBlockPerSqe) {
+  kloop_config cfg = DefaultConfig();
+  cfg.flags |= KLOOP_CONFIG_NO_SEND_GATHER;
+  Driver d2(&cfg);
+  ASSERT_EQ(d2.create_rc(), 0);
+  auto [s, peer] = UnixPair();
+  int sndbuf = 1 << 20;
+  ASSERT_EQ(setsockopt(s, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf), 0);
+  ASSERT_EQ(kloop_stream_attach(d2, 1, s, KLOOP_STREAM_NO_READ), 0);
+  constexpr size_t kEach = 20 * 1024;
+  constexpr int kBlocks = 8;
+  std::string all = Pattern(0, kEach * kBlocks);
+  kloop_stats before = GetStats(d2);
+  for (int i = 0; i < kBlocks; ++i)
+    ASSERT_GE(kloop_stream_write(d2, 1, all.data() + i * kEach, kEach), 0);
+  ASSERT_TRUE(d2.RunUntil([&] { return kloop_stream_write_size(d2, 1) == 0; }));
+  kloop_stats after = GetStats(d2);
+  EXPECT_GE(after.sqes - before.sqes, static_cast<uint64_t>(kBlocks))
+      << "blocks were gathered although KLOOP_CONFIG_NO_SEND_GATHER was set";
+  EXPECT_TRUE(ReadN(peer, all.size()) == all);
+  ASSERT_EQ(kloop_stream_close(d2, 1), 0);
+  EXPECT_EQ(d2.WaitFinal(1).event, KLOOP_EVENT_CLOSED);
+}
+
 TEST_F(Streams, SixtyFourMiBWithShortSendsArriveInOrder) {
   auto [s, peer] = TcpPair();
   ASSERT_EQ(kloop_stream_attach(d, 1, s, KLOOP_STREAM_NO_READ | KLOOP_STREAM_CLOSE_FD), 0);

@@ -157,3 +157,33 @@ def test_memory_table_per_further_connection():
     assert kloop[2] == "2.05 (2.00–2.10)"      # at 1000
     assert kloop[4] == "1.55 (1.50–1.60)"      # further
     assert table[3].startswith("| uvloop (protocol) | n/a")
+
+
+def test_ablation_tier_runs_kloop_against_one_switch_each():
+    assert run.tier_cells("ablation") == run.ABLATION_CELLS
+    # every variant is kloop with exactly one switch in its environment
+    for name, (env, what, instead) in run.ABLATIONS.items():
+        assert run.LOOP_VARIANTS[name] == ("kloop", env)
+        assert len(env) == 1 and what and instead
+    assert {e.get("KLOOP_DISABLE") for e, _, _ in run.ABLATIONS.values()} >= {
+        "multishot_recv", "buf_ring", "defer_taskrun", "send_gather"}
+    assert {"KLOOP_CQ_BATCH": "1"} in [e for e, _, _ in run.ABLATIONS.values()]
+
+
+def test_ablation_table_gives_ratios_to_full_kloop():
+    def rec(loop, rnd, rps, cpu):
+        return {"loop": loop, "kind": "protocol", "size": 1024, "conns": 10, "round": rnd,
+                "rps": rps, "server": {"cpu_us_per_req": cpu, "user_us_per_req": 1.0,
+                                       "sys_us_per_req": cpu - 1.0, "util": 1.0},
+                "client": {"util": 0.5}, "latency_us": {"p50": 40, "p99": 90},
+                "other_cpu": 0.0}
+    recs = [rec("kloop", 0, 200000, 5.0), rec("kloop-no-batch", 0, 100000, 10.0),
+            rec("kloop", 1, 200000, 5.0), rec("kloop-no-batch", 1, 120000, 8.0)]
+    cells = [("protocol", 1024, 10)]
+    pairs = [("kloop-no-batch", "kloop")]
+    rows = run.summarize(recs, cells, ["kloop", "kloop-no-batch"], pairs)
+    table = run.ablation_markdown(rows, pairs).splitlines()
+    row = [c.strip() for c in table[2].strip("|").split("|")]
+    assert row[0] == "completion batching (`kloop-no-batch`)"
+    # req/s 0.5x and 0.6x of kloop's in the two rounds; CPU 2.0x and 1.6x
+    assert row[2] == "0.55× (0.50–0.60), 1.80×"
