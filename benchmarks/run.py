@@ -175,6 +175,10 @@ TLS_CELLS = [("tls13", 1024, 10), ("tls13", 102400, 10), ("tls13", 1024, 100),
 WRK_KINDS = {"https": "https", "http": "http"}
 HTTP_CELLS = [("http", 0, 10), ("http", 0, 100)]
 
+# The tiers measured as a matrix of cells x loops (run_matrix, summarize,
+# emit_matrix): the ones --chart draws.
+MATRIX_TIERS = ("quick", "full", "custom", "tls", "http", "churn", "native", "ablation")
+
 QUICK_CELLS = [("protocol", 1024, 10), ("streams", 1024, 10),
                ("protocol", 102400, 10), ("protocol", 1024, 100)]
 
@@ -1622,11 +1626,125 @@ def tls_markdown(rows, loops, ratio_pairs):
     return "\n".join(out)
 
 
-def emit_matrix(payload, loops, ratio_pairs, notes, doc):
-    """Print the tables of a matrix run and, with doc, write its section."""
-    tier, meta = payload["tier"], payload["meta"]
+# Issue 5's target: kloop at 1.25x uvloop's requests per second. The tiers
+# whose cells that target is about get a dashed line at it in their chart.
+TARGET_RATIO = 1.25
+TARGET_TIERS = ("quick", "full", "custom", "http")
+NO_MATPLOTLIB = ("matplotlib is not installed, so no chart: apt-get install python3-matplotlib "
+                 "(scripts/setup.sh installs it)")
+
+
+def have_matplotlib():
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def chart_png(payload, path):
+    """Draw a matrix run's ratios as a PNG at path: per cell, one bar per
+    ratio of row["ratios"] (median of the per-round ratios of req/s, min-max
+    as error bar), a line at 1.0 and, for the tiers of the target table, a
+    dashed one at TARGET_RATIO. Returns path, or None when the summary has no
+    ratio to draw. Needs matplotlib (Agg backend: no display)."""
+    import textwrap
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows, meta, tier = payload["summary"], payload["meta"], payload["tier"]
+    keys = list(dict.fromkeys(k for row in rows for k in row["ratios"]))
+    if not keys:
+        return None
+    n, k = len(rows), len(keys)
+    many = n > 12
+    fig = Figure(figsize=(min(40.0, max(7.0, 1.5 + n * (0.45 * k + 0.35))), 5.0), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    width = 0.8 / k
+    for i, key in enumerate(keys):
+        rts = [row["ratios"].get(key) for row in rows]
+        x = [c + (i - (k - 1) / 2) * width for c in range(n)]
+        med = [rt["rps"] if rt else float("nan") for rt in rts]
+        err = [[rt["rps"] - rt["min"] if rt else 0 for rt in rts],
+               [rt["max"] - rt["rps"] if rt else 0 for rt in rts]]
+        bars = ax.bar(x, med, width * 0.92, yerr=err, capsize=3 if not many else 0,
+                      label=key, error_kw={"elinewidth": 1, "ecolor": "0.25"})
+        for xi, rt, bar in zip(x, rts, bars) if n * k <= 40 else ():
+            ax.annotate(f"{rt['rps']:.2f}" if rt else "n/a", (xi, rt["max"] if rt else 0),
+                        xytext=(0, 2), textcoords="offset points", ha="center", va="bottom",
+                        fontsize=7, color=bar.get_facecolor())
+    ax.axhline(1.0, color="black", linewidth=1, label="1.0 (equal)")
+    if tier in TARGET_TIERS and "kloop/uvloop" in keys:
+        ax.axhline(TARGET_RATIO, color="tab:red", linestyle="--", linewidth=1.2,
+                   label=f"target: kloop/uvloop {TARGET_RATIO:g}")
+    ax.set_xticks(range(n))
+    labels = [cell_label(row["kind"], row["size"], row["conns"]) for row in rows]
+    if many:
+        ax.set_xticklabels(labels, rotation=90, fontsize=7)
+    else:
+        ax.set_xticklabels([textwrap.fill(lb, 18) for lb in labels], fontsize=8)
+    ax.set_xlim(-0.6, n - 0.4)
+    ax.set_ylim(bottom=0)
+    unit = "conn/s" if tier == "churn" else "req/s"
+    ax.set_ylabel(f"ratio of {unit}: median of rounds (min–max)")
+    ax.grid(axis="y", color="0.9")
+    ax.set_axisbelow(True)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    section = payload.get("section")
+    name = f"{tier} ({section})" if section and section != tier else tier
+    ax.set_title(f"kloop benchmarks, {name} tier: {meta.get('date', '?').replace('T', ' ')}, "
+                 f"commit {meta.get('commit', '?')}", fontsize=10)
+    fig.savefig(path, format="png", bbox_inches="tight")
+    return path
+
+
+def matrix_doc_body(payload, tables, notes, interf, image=None):
+    """The doc section of a matrix run: how it was measured, the command,
+    the chart (image: its path relative to the doc) and the tables."""
+    meta, nice = payload["meta"], payload["meta"].get("nice", 0)
+    body = (f"Measured {meta['date']}: kernel {meta['kernel']}, {meta['cpu']} "
+            f"({meta['cpus']} CPUs), Python {meta['python']}, uvloop {meta['uvloop']}, "
+            f"liburing {meta['liburing']}, "
+            + (f"{meta['openssl']}, " if meta.get("openssl") else "")
+            + (f"wrk {meta['wrk']}, " if meta.get("wrk") else "")
+            + f"commit {meta['commit']}. "
+            f"{payload['rounds']} interleaved rounds of {payload['warmup']:g} s warm-up + "
+            f"{payload['duration']:g} s measured per server; median (min–max); "
+            + (f"nice {nice}; " if nice else "") +
+            f"load average at start {meta['loadavg_start'][0]:.2f}.\n\n"
+            f"`{meta['command']}`\n\n")
+    if image:
+        section = payload.get("section") or payload["tier"]
+        body += f"![{section}: ratios of req/s per cell, median (min–max)]({image})\n\n"
+    body += f"{tables}\n"
+    if notes:
+        body += "\n" + "\n".join(notes) + "\n"
+    if interf:
+        body += "\n" + interf + "\n"
+    return body
+
+
+def _draw(payload, path):
+    """chart_png for a run that must not fail over its chart: True when drawn."""
+    try:
+        if chart_png(payload, path) is None:
+            print(f"run.py: no chart for {path}: the summary has no ratios", file=sys.stderr)
+            return False
+    except Exception as e:  # a chart is an extra: the results are saved already
+        print(f"run.py: chart {path} failed: {e!r}", file=sys.stderr)
+        return False
+    print(f"run.py: chart in {path}", file=sys.stderr)
+    return True
+
+
+def emit_matrix(payload, loops, ratio_pairs, notes, doc, chart=None, doc_path=None):
+    """Print the tables of a matrix run; with chart, draw its ratios there;
+    with doc, write its section of doc_path (default docs/performance.md),
+    with the chart as img/perf-<section>.png beside it."""
+    tier = payload["tier"]
     records, rows = payload["runs"], payload["summary"]
-    nice = meta.get("nice", 0)
+    nice = payload["meta"].get("nice", 0)
     if tier == "tls":
         tables = tls_markdown(rows, loops, ratio_pairs)
     elif tier == "ablation":
@@ -1640,29 +1758,31 @@ def emit_matrix(payload, loops, ratio_pairs, notes, doc):
     if notes:
         print("\n".join(notes))
     print(interf)
+    drawing = (chart or doc) and have_matplotlib()
+    if (chart or doc) and not drawing:
+        print(f"run.py: {NO_MATPLOTLIB}", file=sys.stderr)
+    if chart and drawing:
+        _draw(payload, chart)
     if doc:
-        body = (f"Measured {meta['date']}: kernel {meta['kernel']}, {meta['cpu']} "
-                f"({meta['cpus']} CPUs), Python {meta['python']}, uvloop {meta['uvloop']}, "
-                f"liburing {meta['liburing']}, "
-                + (f"{meta['openssl']}, " if meta.get("openssl") else "")
-                + (f"wrk {meta['wrk']}, " if meta.get("wrk") else "")
-                + f"commit {meta['commit']}. "
-                f"{payload['rounds']} interleaved rounds of {payload['warmup']:g} s warm-up + "
-                f"{payload['duration']:g} s measured per server; median (min–max); "
-                + (f"nice {nice}; " if nice else "") +
-                f"load average at start {meta['loadavg_start'][0]:.2f}.\n\n"
-                f"`{meta['command']}`\n\n{tables}\n")
-        if notes:
-            body += "\n" + "\n".join(notes) + "\n"
-        if interf:
-            body += "\n" + interf + "\n"
-        write_doc_section(payload.get("section") or tier, body)
+        doc_path = Path(doc_path or DOC)
+        section = payload.get("section") or tier
+        image = None
+        if drawing:
+            img = doc_path.parent / "img" / f"perf-{section}.png"
+            img.parent.mkdir(parents=True, exist_ok=True)
+            if _draw(payload, img):
+                image = f"img/{img.name}"
+        write_doc_section(section, matrix_doc_body(payload, tables, notes, interf, image),
+                          doc_path)
 
 
-def report_main(path, doc):
-    """Tables (and doc section) again from a saved results file."""
+def report_main(path, doc, chart=None):
+    """Tables (and doc section, chart) again from a saved results file."""
     payload = json.loads(Path(path).read_text())
     if payload.get("tier") in INPROC and "summary" in payload:
+        if chart:
+            print(f"run.py: no chart for the {payload['tier']} tier (--chart draws the ratios "
+                  f"of a matrix run's cells)", file=sys.stderr)
         rows = payload["summary"]
         loops = list(dict.fromkeys(lp for row in rows for lp in row["loops"]))
         pairs = list(dict.fromkeys(tuple(k.split("/")) for row in rows for k in row["ratios"]))
@@ -1685,7 +1805,7 @@ def report_main(path, doc):
     notes = [f"- {lp}: n/a — {err}" for lp in loops
              for err in {r["loops"][lp].get("error") for r in rows
                          if lp in r["loops"] and not r["loops"][lp].get("n")} if err]
-    emit_matrix(payload, loops, pairs, sorted(set(notes)), doc)
+    emit_matrix(payload, loops, pairs, sorted(set(notes)), doc, chart)
 
 
 def unavailable_notes(env, loops):
@@ -1836,6 +1956,10 @@ def main(argv=None):
                    help="write the tables into docs/performance.md (section per tier)")
     p.add_argument("--section", help="with --doc: name of the section to write (default: the "
                                      "tier; e.g. for a custom run of its own)")
+    p.add_argument("--chart", metavar="PATH",
+                   help="matrix tiers and report: draw the ratios per cell as a PNG at PATH "
+                        "(needs python3-matplotlib; with --doc the chart also goes to "
+                        "docs/img/perf-<section>.png)")
     p.add_argument("--json-out", help="write the results here instead of benchmarks/results/")
     p.add_argument("--allow-stale", action="store_true",
                    help="measure even if sources are newer than the build")
@@ -1844,13 +1968,16 @@ def main(argv=None):
     # snapshot and test certificate are removed on the way out.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
+    if args.chart and args.tier not in MATRIX_TIERS + ("report",):
+        p.error("--chart is for the matrix tiers (" + ", ".join(MATRIX_TIERS) + ") and report")
+
     global NICE
     NICE = args.nice
     if args.tier == "report":
         if not args.results:
             p.error("report needs a results file")
         try:
-            report_main(args.results, args.doc)
+            report_main(args.results, args.doc, args.chart)
         except BenchError as e:
             print(f"run.py: {e}", file=sys.stderr)
             return 2
@@ -2069,7 +2196,7 @@ def main(argv=None):
     else:
         path = save_json(tier, payload)
     notes = unavailable_notes(env, loops)
-    emit_matrix(payload, loops, ratio_pairs, notes, args.doc)
+    emit_matrix(payload, loops, ratio_pairs, notes, args.doc, args.chart)
     print(f"run.py: results in {path}", file=sys.stderr)
     return 0
 
