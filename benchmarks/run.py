@@ -1716,7 +1716,8 @@ def matrix_doc_body(payload, tables, notes, interf, image=None):
             f"`{meta['command']}`\n\n")
     if image:
         section = payload.get("section") or payload["tier"]
-        body += f"![{section}: ratios of req/s per cell, median (min–max)]({image})\n\n"
+        unit = "conn/s" if payload["tier"] == "churn" else "req/s"
+        body += f"![{section}: ratios of {unit} per cell, median (min–max)]({image})\n\n"
     body += f"{tables}\n"
     if notes:
         body += "\n" + "\n".join(notes) + "\n"

@@ -30,6 +30,8 @@ PACKAGES=(
   # syscall counting in tests and benchmarks; instruction counts
   # (benchmarks/callgrind_echo.sh)
   strace valgrind
+  # the benchmark driver's charts (benchmarks/run.py --chart, --doc)
+  python3-matplotlib
   # packaging (pip install through meson-python) and linters
   python3-mesonpy python3-flake8 clang-format clang-tidy
   # integration tests: real frameworks, drivers and servers on loopback

@@ -187,3 +187,154 @@ def test_ablation_table_gives_ratios_to_full_kloop():
     assert row[0] == "completion batching (`kloop-no-batch`)"
     # req/s 0.5x and 0.6x of kloop's in the two rounds; CPU 2.0x and 1.6x
     assert row[2] == "0.55× (0.50–0.60), 1.80×"
+
+
+# --- charts (run.py --chart, and the chart --doc links from its section) ---
+
+needs_matplotlib = pytest.mark.skipif(
+    not run.have_matplotlib(),
+    reason="matplotlib is not installed (Debian package python3-matplotlib; "
+           "scripts/setup.sh installs it)")
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _synthetic_payload(tier="quick", section=None):
+    """A matrix run as run.py saves it: two cells, three loops, three rounds
+    (made-up figures), summarized by run.summarize like a real run."""
+    def rec(loop, cell, rnd, rps):
+        kind, size, conns = cell
+        return {"loop": loop, "kind": kind, "size": size, "conns": conns, "round": rnd,
+                "rps": rps, "server": {"cpu_us_per_req": 1e6 / rps, "user_us_per_req": 1.0,
+                                       "sys_us_per_req": 1e6 / rps - 1.0, "util": 0.99},
+                "client": {"util": 0.8}, "latency_us": {"p50": 40, "p99": 90},
+                "other_cpu": 0.0, "steal": 0.0}
+    cells = [("protocol", 1024, 10), ("streams", 1024, 10)]
+    base = {"asyncio": 30000, "uvloop": 110000, "kloop": 100000}
+    records = [rec(loop, cell, rnd, rps * (1 + 0.02 * rnd) * (1 - 0.1 * i))
+               for rnd in range(3) for i, cell in enumerate(cells)
+               for loop, rps in base.items()]
+    loops = list(base)
+    pairs = [("kloop", "uvloop"), ("kloop", "asyncio")]
+    meta = {"date": "2026-11-21T12:00:00+00:00", "kernel": "6.18", "cpu": "test CPU",
+            "cpus": 2, "python": "3.11.2", "uvloop": "0.17.0", "liburing": "2.3",
+            "commit": "abc1234", "loadavg_start": [0.1, 0.1, 0.1], "nice": 0,
+            "command": f"/usr/bin/python3 benchmarks/run.py {tier}"}
+    return {"tier": tier, "section": section, "meta": meta, "rounds": 3, "duration": 4.0,
+            "warmup": 1.0, "pipeline": 1, "loadgen_extra": [], "runs": records,
+            "summary": run.summarize(records, cells, loops, pairs)}, loops, pairs
+
+
+@needs_matplotlib
+def test_chart_png_draws_the_ratios(tmp_path):
+    payload, _, _ = _synthetic_payload()
+    assert set(payload["summary"][0]["ratios"]) == {"kloop/uvloop", "kloop/asyncio"}
+    out = tmp_path / "quick.png"
+    assert run.chart_png(payload, out) == out
+    data = out.read_bytes()
+    assert data[:8] == PNG_MAGIC
+    # IHDR: width, height; a landscape chart with room for bars, labels, legend
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert width > height > 300
+    assert len(data) > 10000
+
+
+@needs_matplotlib
+def test_chart_png_other_ratio_names_and_none_without_ratios(tmp_path):
+    # ablation: each variant against kloop; the keys are whatever summarize made
+    payload, _, _ = _synthetic_payload(tier="ablation")
+    records = payload["runs"]
+    cells = [("protocol", 1024, 10), ("streams", 1024, 10)]
+    payload["summary"] = run.summarize(records, cells, ["kloop", "uvloop"], [("uvloop", "kloop")])
+    out = tmp_path / "ablation.png"
+    assert run.chart_png(payload, out) == out and out.read_bytes()[:8] == PNG_MAGIC
+    # one loop only: nothing to compare, no file
+    payload["summary"] = run.summarize(records, cells, ["kloop"], [])
+    assert run.chart_png(payload, tmp_path / "none.png") is None
+    assert not (tmp_path / "none.png").exists()
+
+
+@needs_matplotlib
+def test_chart_png_many_cells(tmp_path):
+    # the full tier's 100 cells: labels turned upright, the figure wider
+    payload, _, _ = _synthetic_payload(tier="full")
+    row = payload["summary"][0]
+    payload["summary"] = [dict(row, conns=c) for c in range(1, 41)]
+    small = tmp_path / "small.png"
+    run.chart_png(_synthetic_payload()[0], small)
+    out = tmp_path / "full.png"
+    assert run.chart_png(payload, out) == out
+    data, small = out.read_bytes(), small.read_bytes()
+    assert data[:8] == PNG_MAGIC
+    assert int.from_bytes(data[16:20], "big") > 2 * int.from_bytes(small[16:20], "big")
+
+
+def test_doc_body_has_the_image_line_between_command_and_tables():
+    payload, loops, pairs = _synthetic_payload(tier="custom", section="udp-readline")
+    tables = run.markdown_tables(payload["summary"], loops, pairs)
+    body = run.matrix_doc_body(payload, tables, [], "", image="img/perf-udp-readline.png")
+    lines = body.splitlines()
+    img = [i for i, ln in enumerate(lines) if ln.startswith("![")]
+    assert len(img) == 1 and lines[img[0]].endswith("](img/perf-udp-readline.png)")
+    command = lines.index("`/usr/bin/python3 benchmarks/run.py custom`")
+    assert command < img[0] < lines.index(tables.splitlines()[0])
+    assert "![" not in run.matrix_doc_body(payload, tables, [], "")
+
+
+def _doc_with_section(tmp_path, name):
+    doc = tmp_path / "performance.md"
+    doc.write_text(f"# Performance\n\nbefore\n\n<!-- BEGIN {name} -->\nold\n"
+                   f"<!-- END {name} -->\n\nafter\n")
+    return doc
+
+
+def _section(doc, name):
+    text = doc.read_text()
+    assert text.startswith("# Performance\n\nbefore\n\n") and text.endswith("\n\nafter\n")
+    return text.split(f"<!-- BEGIN {name} -->", 1)[1].split(f"<!-- END {name} -->", 1)[0]
+
+
+@needs_matplotlib
+def test_doc_writes_the_chart_and_links_it_in_the_section(tmp_path, capsys):
+    payload, loops, pairs = _synthetic_payload(tier="http", section=None)
+    doc = _doc_with_section(tmp_path, "http")
+    chart = tmp_path / "chart.png"
+    run.emit_matrix(payload, loops, pairs, [], True, chart=str(chart), doc_path=doc)
+    img = tmp_path / "img" / "perf-http.png"
+    assert img.read_bytes()[:8] == PNG_MAGIC and chart.read_bytes()[:8] == PNG_MAGIC
+    section = _section(doc, "http")
+    assert "old" not in section
+    assert "](img/perf-http.png)\n" in section and section.count("![") == 1
+    assert "| cell |" in section
+
+
+def test_doc_without_matplotlib_goes_on_without_the_chart(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(run, "have_matplotlib", lambda: False)
+    payload, loops, pairs = _synthetic_payload()
+    doc = _doc_with_section(tmp_path, "quick")
+    chart = tmp_path / "chart.png"
+    run.emit_matrix(payload, loops, pairs, [], True, chart=str(chart), doc_path=doc)
+    section = _section(doc, "quick")
+    assert "| cell |" in section and "![" not in section
+    assert not chart.exists() and not (tmp_path / "img").exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "apt-get install python3-matplotlib" in err[0]
+
+
+@needs_matplotlib
+def test_report_redraws_the_chart_from_saved_results(tmp_path, capsys):
+    payload, _, _ = _synthetic_payload()
+    saved = tmp_path / "quick.json"
+    saved.write_text(json.dumps(payload))
+    chart = tmp_path / "again.png"
+    assert run.main(["report", str(saved), "--chart", str(chart)]) == 0
+    assert chart.read_bytes()[:8] == PNG_MAGIC
+    assert "Protocol, 1 KiB, 10 conns" in capsys.readouterr().out
+
+
+def test_chart_refused_for_tiers_without_cells(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        run.main(["micro", "--chart", str(tmp_path / "x.png")])
+    assert e.value.code == 2
+    assert set(run.MATRIX_TIERS) == {"quick", "full", "custom", "tls", "http", "churn",
+                                     "native", "ablation"}
