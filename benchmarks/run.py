@@ -69,8 +69,7 @@ Examples:
   /usr/bin/python3 benchmarks/run.py native --rounds 5 --doc
   /usr/bin/python3 benchmarks/run.py tls --doc
   /usr/bin/python3 benchmarks/run.py http --rounds 3 --nice -20 --doc
-  /usr/bin/python3 benchmarks/run.py report benchmarks/results/quick-DATE.json \
-      --chart quick.png      # the ratios per cell as a PNG (python3-matplotlib)
+  /usr/bin/python3 benchmarks/run.py report benchmarks/results/quick-DATE.json --chart q.png
   /usr/bin/python3 benchmarks/run.py micro --rounds 3 --nice -20 --doc
   /usr/bin/python3 benchmarks/run.py ablation --rounds 3 --nice -20 --doc
   /usr/bin/python3 benchmarks/run.py custom --kinds udp,readline --sizes 1k \
