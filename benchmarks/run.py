@@ -72,11 +72,11 @@ Examples:
   /usr/bin/python3 benchmarks/run.py report benchmarks/results/quick-DATE.json --chart q.png
   /usr/bin/python3 benchmarks/run.py micro --rounds 3 --nice -20 --doc
   /usr/bin/python3 benchmarks/run.py ablation --rounds 3 --nice -20 --doc
-  /usr/bin/python3 benchmarks/run.py custom --kinds udp,readline --sizes 1k \
+  /usr/bin/python3 benchmarks/run.py custom --kinds udp,readline --sizes 1k \\
       --conns 10,100 --doc --section udp-readline
-  /usr/bin/python3 benchmarks/run.py custom --loops uvloop,kloop \
+  /usr/bin/python3 benchmarks/run.py custom --loops uvloop,kloop \\
       --kinds protocol --sizes 1024 --conns 10,100 --rounds 3
-  /usr/bin/python3 benchmarks/run.py custom --loops kloop-abi,kloop-api \
+  /usr/bin/python3 benchmarks/run.py custom --loops kloop-abi,kloop-api \\
       --kinds protocol --sizes 1k --conns 10 --rounds 2
 """
 
