@@ -1083,6 +1083,7 @@ int Engine::poll(kloop_completion *out, uint32_t max, int64_t timeout_ns) {
       !retire_ops_.reserve(retire_ops_.size() + max) ||
       !retire_streams_.reserve(retire_streams_.size() + max))
     return -ENOMEM;
+  encrypted_unsent_ = 0;
   while (dirty_) {
     Stream *s = dirty_;
     dirty_ = s->next_dirty;

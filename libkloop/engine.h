@@ -143,6 +143,14 @@ class ByteQueue {
 
 inline constexpr int kMaxIov = 64;
 
+// Encrypted bytes the engine lets wait in write queues for the next poll.
+// Sends are gathered into that poll's one io_uring_enter, which pays for
+// small writes; but encrypting is slow enough per byte that a batch of
+// large TLS writes would keep the first response from the peer until the
+// last one is encrypted, and peer and loop would take turns being idle.
+// Past this many bytes the waiting sends go out at once (Engine::send_early).
+inline constexpr uint64_t kSendEarlyBytes = 65536;
+
 // What a gathered send of more than one block hands the kernel. Taken from
 // the engine's pool when the send is prepared, given back when it completes:
 // idle streams hold none. Without one (no memory) a send takes one block.
@@ -316,6 +324,7 @@ class Engine {
   void submit_send(Stream *s);
   int send_iov(Stream *s, size_t limit, iovec **iov);
   void send_ended(Stream *s);
+  void send_early();
   void stream_finish(Stream *s, int err);
   void drop_held(Stream *s);
 
@@ -384,6 +393,9 @@ class Engine {
   size_t free_op_count_ = 0;
   SendSlot *free_slots_ = nullptr;  // kept for the next gathered sends
   size_t free_slot_count_ = 0;
+  // Bytes OpenSSL encrypted into write queues since the last poll or early
+  // send (see Engine::send_early).
+  uint64_t encrypted_unsent_ = 0;
 
   // wake-up
   int wake_fd_ = -1;

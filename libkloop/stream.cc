@@ -178,6 +178,28 @@ void Engine::send_ended(Stream *s) {
   }
 }
 
+// Hand the sends that wait for the next poll to the kernel now, in one
+// io_uring_enter: called once TLS writes have encrypted kSendEarlyBytes
+// since the last poll or early send. Only plain sends of a stream's queue
+// start here; all else (closing, kernel TLS key marks, shutdown) stays with
+// progress() at the next poll, which finds these sends in flight. Their
+// completions come from a later poll, like any others.
+void Engine::send_early() {
+  encrypted_unsent_ = 0;
+  if (!enabled_ring_) return;  // the first poll enables the ring
+  bool queued = false;
+  for (Stream *s = dirty_; s; s = s->next_dirty) {
+    if (s->send_inflight || s->write_failed || s->wq.size() == 0 || s->closing || s->aborting ||
+        s->finished || s->shut_req || (s->tls && !s->tls->marks.empty()))
+      continue;
+    submit_send(s);
+    queued = true;
+  }
+  if (!queued) return;
+  ++st_.enters;
+  (void)io_uring_submit(&ring_);  // on failure the SQEs wait for the poll's enter
+}
+
 void Engine::drop_held(Stream *s) {
   for (size_t i = 0; i < s->held.size(); ++i)
     if (s->held.at(i).bid >= 0) recycle(static_cast<uint32_t>(s->held.at(i).bid));
@@ -482,6 +504,8 @@ int64_t Engine::stream_write(uint64_t token, const void *buf, size_t len) {
     } else if (len) {
       if (!reserve_records(1)) return -ENOMEM;
       if (!tls_encrypt(s, buf, len)) return t->failed ? -EPIPE : -ENOMEM;
+      encrypted_unsent_ += len;
+      if (encrypted_unsent_ >= kSendEarlyBytes) send_early();
     }
   } else if (len) {
     if (!s->wq.append(buf, len)) return -ENOMEM;

@@ -3,6 +3,8 @@
 // place, pausing. Both ends are usually engine streams of one loop on a
 // loopback TCP pair; a few tests put a plain socket on the other end to
 // play a misbehaving peer.
+#include <sys/ioctl.h>
+
 #include <atomic>
 #include <memory>
 #include <string>
@@ -115,6 +117,120 @@ TEST_F(Tls, LargeTransferIntact) {
   d.on_record = nullptr;
   CloseBoth();
   EXPECT_EQ(GetStats(d).buffers_in_use, 0u);
+}
+
+namespace {
+
+// An engine TLS server (token `tok`) whose client is the test's own SSL on
+// a plain socket: what the engine sends stays in that socket until read.
+struct PlainPeer {
+  Fd fd;
+  SslPtr ssl;
+};
+
+PlainPeer ServeTlsTo(Driver &d, uint64_t tok, SSL_CTX *sctx, SSL_CTX *cctx, SslPtr *server) {
+  auto [mine, peer] = TcpPair();
+  PlainPeer p{std::move(peer), Client(cctx)};
+  *server = Server(sctx);
+  EXPECT_EQ(kloop_stream_attach(d, tok, mine, KLOOP_STREAM_CLOSE_FD), 0);
+  mine.release();
+  EXPECT_EQ(kloop_stream_start_tls(d, tok, server->get()), 0);
+  SSL_set_fd(p.ssl.get(), p.fd);
+  int fl = fcntl(p.fd, F_GETFL);
+  fcntl(p.fd, F_SETFL, fl | O_NONBLOCK);
+  // Both sides in this thread: the client's handshake steps between polls.
+  int rc = -1;
+  auto end = std::chrono::steady_clock::now() + kDeadline;
+  while (std::chrono::steady_clock::now() < end) {
+    rc = SSL_connect(p.ssl.get());
+    if (rc == 1 || SSL_get_error(p.ssl.get(), rc) != SSL_ERROR_WANT_READ) break;
+    d.Poll(1 * kMs);
+  }
+  EXPECT_EQ(rc, 1);
+  Event hs = d.WaitEvent(tok, KLOOP_EVENT_HANDSHAKE);
+  EXPECT_EQ(hs.result, 0) << Describe(hs);
+  d.Drain(10 * 1ms);  // nothing of the handshake left to send
+  return p;
+}
+
+int Unread(int fd) {
+  int n = -1;
+  EXPECT_EQ(ioctl(fd, FIONREAD, &n), 0);
+  return n;
+}
+
+// Decrypt what the engine sends to `p` until `n` bytes came (or time is up).
+std::string ReadTls(Driver &d, PlainPeer &p, size_t n) {
+  std::string got;
+  char buf[16384];
+  auto end = std::chrono::steady_clock::now() + kDeadline;
+  while (got.size() < n && std::chrono::steady_clock::now() < end) {
+    int r = SSL_read(p.ssl.get(), buf, sizeof buf);
+    if (r > 0) {
+      got.append(buf, static_cast<size_t>(r));
+      continue;
+    }
+    if (SSL_get_error(p.ssl.get(), r) != SSL_ERROR_WANT_READ) break;
+    d.Poll(1 * kMs);  // the engine may have more to send
+  }
+  return got;
+}
+
+}  // namespace
+
+// Sends wait for the next poll so that one io_uring_enter carries many of
+// them -- but not past kSendEarlyBytes of encrypted output: a large TLS
+// write goes to the socket from within kloop_stream_write(), in one gathered
+// send (its records back to back), instead of waiting until the loop has
+// encrypted everything else it has to answer.
+TEST_F(Tls, LargeWriteIsSentBeforeTheNextPoll) {
+  SSL_CTX_set_num_tickets(sctx.get(), 0);  // the server writes nothing after its Finished
+  SslPtr s;
+  PlainPeer p = ServeTlsTo(d, 2, sctx.get(), cctx.get(), &s);
+  ASSERT_EQ(Unread(p.fd), 0);
+  std::string msg = Pattern(0, 100 * 1024);
+  kloop_stats before = GetStats(d);
+  ASSERT_GE(kloop_stream_write(d, 2, msg.data(), msg.size()), 0);
+  kloop_stats after = GetStats(d);
+  EXPECT_GT(Unread(p.fd), 0) << "the records wait for the next poll";
+  EXPECT_EQ(after.sqes - before.sqes, 1u) << "one send for all the records";
+  EXPECT_EQ(after.enters - before.enters, 1u);
+  EXPECT_EQ(ReadTls(d, p, msg.size()), msg);
+  kloop_stream_abort(d, 2);
+  d.WaitFinal(2);
+}
+
+// Below that, writes of many streams wait for the poll and leave together;
+// the write that crosses it takes the others' sends along in its one enter.
+TEST_F(Tls, SmallWritesWaitForThePollAndLeaveTogether) {
+  SSL_CTX_set_num_tickets(sctx.get(), 0);
+  SslPtr s1, s2;
+  PlainPeer p1 = ServeTlsTo(d, 2, sctx.get(), cctx.get(), &s1);
+  PlainPeer p2 = ServeTlsTo(d, 3, sctx.get(), cctx.get(), &s2);
+  std::string small = Pattern(0, 1024);
+  ASSERT_GE(kloop_stream_write(d, 2, small.data(), small.size()), 0);
+  ASSERT_GE(kloop_stream_write(d, 3, small.data(), small.size()), 0);
+  EXPECT_EQ(Unread(p1.fd), 0);
+  EXPECT_EQ(Unread(p2.fd), 0);
+  EXPECT_EQ(ReadTls(d, p1, small.size()), small);
+  EXPECT_EQ(ReadTls(d, p2, small.size()), small);
+
+  std::string half = Pattern(7, 40 * 1024);
+  ASSERT_GE(kloop_stream_write(d, 2, half.data(), half.size()), 0);
+  EXPECT_EQ(Unread(p1.fd), 0) << "40 KiB waits for the poll";
+  kloop_stats before = GetStats(d);
+  ASSERT_GE(kloop_stream_write(d, 3, half.data(), half.size()), 0);
+  kloop_stats after = GetStats(d);
+  EXPECT_GT(Unread(p1.fd), 0);
+  EXPECT_GT(Unread(p2.fd), 0);
+  EXPECT_EQ(after.sqes - before.sqes, 2u);
+  EXPECT_EQ(after.enters - before.enters, 1u);
+  EXPECT_EQ(ReadTls(d, p1, half.size()), half);
+  EXPECT_EQ(ReadTls(d, p2, half.size()), half);
+  kloop_stream_abort(d, 2);
+  kloop_stream_abort(d, 3);
+  d.WaitFinal(2);
+  d.WaitFinal(3);
 }
 
 TEST_F(Tls, UntrustedCertificateFailsWithVerifyReason) {
