@@ -85,8 +85,10 @@ bool PollUntilFlushed(kloop_t *loop, uint64_t first, size_t n) {
 TEST(WriteBlocks, RequestResponseStreamAllocatesNoBlockPerMessage) {
   kloop_t *loop = nullptr;
   ASSERT_EQ(kloop_create(nullptr, &loop), 0);
-  auto [ours, peer] = TcpPair();
-  ASSERT_EQ(kloop_stream_attach(loop, 1, ours.release(), KLOOP_STREAM_CLOSE_FD), 0);
+  // Not a structured binding: clang 14 refuses to capture one in a lambda.
+  std::pair<Fd, Fd> pair = TcpPair();
+  Fd &peer = pair.second;
+  ASSERT_EQ(kloop_stream_attach(loop, 1, pair.first.release(), KLOOP_STREAM_CLOSE_FD), 0);
   std::string msg = Pattern(0, kMsg);
   kloop_completion recs[kBatch];
 
