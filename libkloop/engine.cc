@@ -48,7 +48,7 @@ char *BlockPool::take(size_t cap) {
 }
 
 void BlockPool::give(char *data, size_t cap) {
-  if (cap != kBlockSize || count_ >= kMaxFree) {
+  if (cap != kBlockSize) {
     ::operator delete(data);
     return;
   }
@@ -58,13 +58,13 @@ void BlockPool::give(char *data, size_t cap) {
   ++count_;
 }
 
-void BlockPool::drain() {
-  while (head_) {
+void BlockPool::trim(size_t keep) {
+  while (count_ > keep) {
     FreeBlock *next = head_->next;
     ::operator delete(head_);
     head_ = next;
+    --count_;
   }
-  count_ = 0;
 }
 
 // ---------------------------------------------------------------------------
@@ -423,7 +423,7 @@ void Engine::destroy() {
     free_slots_ = n;
   }
   free_slot_count_ = 0;
-  wblocks_.drain();
+  wblocks_.trim(0);
   if (wake_fd_ >= 0) close(wake_fd_);
   wake_fd_ = -1;
   if (br_) munmap(br_, br_size_);
@@ -1130,6 +1130,9 @@ int Engine::poll(kloop_completion *out, uint32_t max, int64_t timeout_ns) {
       !retire_ops_.reserve(retire_ops_.size() + max) ||
       !retire_streams_.reserve(retire_streams_.size() + max))
     return -ENOMEM;
+  // Write blocks freed since the last poll that the caller's writes did not
+  // take again: keep the pool's bound (BlockPool).
+  wblocks_.trim(BlockPool::kMaxFree);
   while (dirty_) {
     Stream *s = dirty_;
     dirty_ = s->next_dirty;

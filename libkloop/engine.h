@@ -121,23 +121,27 @@ using ReleaseFn = void (*)(void *ctx, uint64_t ref);
 // Free write blocks of the standard size, kept by the loop so that a stream
 // answering one message at a time does not allocate and free a block per
 // message (glibc gives a freed block at the top of the heap back to the
-// kernel: a brk call per message). Bounded: idle streams still hold no
-// write memory, and the loop keeps at most kMaxFree blocks for all of them.
-// A free block holds the link to the next one in its first bytes.
+// kernel: a brk call per message, and page faults when it grows again).
+// Idle streams still hold no write memory. Blocks given back are all kept
+// until the next poll starts, which trims the pool to kMaxFree: the sends
+// that complete in one poll free the blocks that the answers written after
+// it take again, however many streams take part, and between polls the
+// loop keeps at most kMaxFree blocks for all its streams. A free block
+// holds the link to the next one in its first bytes.
 class BlockPool {
  public:
   static constexpr size_t kBlockSize = 16384;  // the smallest block a queue makes
-  static constexpr size_t kMaxFree = 32;       // 512 KiB per loop at most
+  static constexpr size_t kMaxFree = 32;       // 512 KiB per loop across polls
   BlockPool() = default;
   BlockPool(const BlockPool &) = delete;
   BlockPool &operator=(const BlockPool &) = delete;
-  ~BlockPool() { drain(); }
+  ~BlockPool() { trim(0); }
   // A block of `cap` bytes (a pooled one when cap is the standard size),
   // nullptr without memory.
   char *take(size_t cap);
   // Gives back a block take() returned with the same cap.
   void give(char *data, size_t cap);
-  void drain();  // free every pooled block
+  void trim(size_t keep);  // free pooled blocks beyond `keep`
   size_t free_count() const { return count_; }
 
  private:
