@@ -10,6 +10,7 @@
  *   ECHO_KLOOP_BUF_SIZE, ECHO_KLOOP_BUF_COUNT  receive buffers (kloop_config)
  *   ECHO_KLOOP_FLAGS    kloop_config.flags (e.g. 2 = NO_DEFER_TASKRUN)
  *   ECHO_KLOOP_DISABLE  kloop_config.disable, KLOOP_CAP_* bits (0x... ok)
+ *   ECHO_KLOOP_BATCH    records asked for per kloop_poll() (1..256, default 256)
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -87,8 +88,11 @@ int main(int argc, char **argv) {
 
   uint64_t next_token = TOKEN_ACCEPT + 1;
   struct kloop_completion cs[BATCH];
+  uint64_t batch = BATCH;
+  env_u64("ECHO_KLOOP_BATCH", &batch);
+  if (batch < 1 || batch > BATCH) batch = BATCH;
   while (!stop) {
-    int n = kloop_poll(loop, cs, BATCH, -1);
+    int n = kloop_poll(loop, cs, (uint32_t)batch, -1);
     if (n == -EINTR) continue;
     if (n < 0) fail("kloop_poll", n);
     for (int i = 0; i < n; i++) {
