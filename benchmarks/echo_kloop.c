@@ -5,7 +5,12 @@
  * loop iteration is the only call that enters the kernel on the data path.
  *
  * Same options and readiness line as echo_epoll (see bench_common.h), so
- * benchmarks/run.py drives both the same way.
+ * benchmarks/run.py drives both the same way. For experiments the engine's
+ * config can be changed from the environment (unset: kloop's defaults):
+ *   ECHO_KLOOP_BUF_SIZE, ECHO_KLOOP_BUF_COUNT  receive buffers (kloop_config)
+ *   ECHO_KLOOP_FLAGS    kloop_config.flags (e.g. 2 = NO_DEFER_TASKRUN)
+ *   ECHO_KLOOP_DISABLE  kloop_config.disable, KLOOP_CAP_* bits (0x... ok)
+ *   ECHO_KLOOP_BATCH    records asked for per kloop_poll() (1..256, default 256)
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -16,6 +21,7 @@
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -41,6 +47,26 @@ static void fail(const char *what, int rc) {
   exit(1);
 }
 
+/* Sets *field from the environment variable `name` when it is set. */
+static void env_u64(const char *name, uint64_t *field) {
+  const char *v = getenv(name);
+  if (v && *v) *field = strtoull(v, NULL, 0);
+}
+
+static void config_from_env(struct kloop_config *cfg) {
+  uint64_t v;
+  v = cfg->buf_size;
+  env_u64("ECHO_KLOOP_BUF_SIZE", &v);
+  cfg->buf_size = (uint32_t)v;
+  v = cfg->buf_count;
+  env_u64("ECHO_KLOOP_BUF_COUNT", &v);
+  cfg->buf_count = (uint32_t)v;
+  v = cfg->flags;
+  env_u64("ECHO_KLOOP_FLAGS", &v);
+  cfg->flags = (uint32_t)v;
+  env_u64("ECHO_KLOOP_DISABLE", &cfg->disable);
+}
+
 int main(int argc, char **argv) {
   struct bench_args args;
   bench_parse_args(&args, argc, argv, "echo_kloop");
@@ -49,8 +75,11 @@ int main(int argc, char **argv) {
   sigaction(SIGINT, &sa, NULL);
   sigaction(SIGTERM, &sa, NULL);
 
+  struct kloop_config cfg;
+  kloop_config_init(&cfg);
+  config_from_env(&cfg);
   kloop_t *loop = NULL;
-  int rc = kloop_create(NULL, &loop);
+  int rc = kloop_create(&cfg, &loop);
   if (rc < 0) fail("kloop_create", rc);
   int lfd = bench_listen(&args, false);
   rc = kloop_submit_accept(loop, TOKEN_ACCEPT, lfd, KLOOP_OP_MULTISHOT);
@@ -59,8 +88,11 @@ int main(int argc, char **argv) {
 
   uint64_t next_token = TOKEN_ACCEPT + 1;
   struct kloop_completion cs[BATCH];
+  uint64_t batch = BATCH;
+  env_u64("ECHO_KLOOP_BATCH", &batch);
+  if (batch < 1 || batch > BATCH) batch = BATCH;
   while (!stop) {
-    int n = kloop_poll(loop, cs, BATCH, -1);
+    int n = kloop_poll(loop, cs, (uint32_t)batch, -1);
     if (n == -EINTR) continue;
     if (n < 0) fail("kloop_poll", n);
     for (int i = 0; i < n; i++) {

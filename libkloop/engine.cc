@@ -35,12 +35,58 @@ bool is_stream_kind(OpKind k) {
 }  // namespace
 
 // ---------------------------------------------------------------------------
+// BlockPool
+
+char *BlockPool::take(size_t cap) {
+  if (cap == kBlockSize && head_) {
+    FreeBlock *b = head_;
+    head_ = b->next;
+    --count_;
+    return reinterpret_cast<char *>(b);
+  }
+  return static_cast<char *>(::operator new(cap, std::nothrow));
+}
+
+void BlockPool::give(char *data, size_t cap) {
+  if (cap != kBlockSize) {
+    ::operator delete(data);
+    return;
+  }
+  auto *b = reinterpret_cast<FreeBlock *>(data);
+  b->next = head_;
+  head_ = b;
+  ++count_;
+}
+
+void BlockPool::trim(size_t keep) {
+  while (count_ > keep) {
+    FreeBlock *next = head_->next;
+    ::operator delete(head_);
+    head_ = next;
+    --count_;
+  }
+}
+
+// ---------------------------------------------------------------------------
 // ByteQueue
+
+namespace {
+char *alloc_block(BlockPool *pool, size_t cap) {
+  return pool ? pool->take(cap) : static_cast<char *>(::operator new(cap, std::nothrow));
+}
+
+void free_block(BlockPool *pool, char *data, size_t cap) {
+  if (pool)
+    pool->give(data, cap);
+  else
+    ::operator delete(data);
+}
+}  // namespace
 
 // Borrowed blocks are the caller's: kloop_destroy() only stops reading them.
 ByteQueue::~ByteQueue() { clear(); }
 
-bool ByteQueue::append(const void *p, size_t n) {
+bool ByteQueue::append(const void *p, size_t n, BlockPool *pool) {
   const char *src = static_cast<const char *>(p);
   size_t take = 0;
   if (!blocks_.empty()) {
@@ -51,11 +97,11 @@ bool ByteQueue::append(const void *p, size_t n) {
   if (take < n) {
     // Allocate the new block first, so a failure leaves the queue as it was.
     size_t rest = n - take;
-    size_t cap = rest < 16384 ? 16384 : rest;
-    char *d = static_cast<char *>(::operator new(cap, std::nothrow));
+    size_t cap = rest < BlockPool::kBlockSize ? BlockPool::kBlockSize : rest;
+    char *d = alloc_block(pool, cap);
     if (!d) return false;
     if (!blocks_.push_back(Block{d, cap, 0, 0})) {
-      ::operator delete(d);
+      free_block(pool, d, cap);
       return false;
     }
     if (take) {
@@ -85,7 +131,7 @@ bool ByteQueue::append_borrowed(const void *p, size_t n, uint64_t ref) {
   return true;
 }
 
-void ByteQueue::consume(size_t n, ReleaseFn release, void *ctx) {
+void ByteQueue::consume(size_t n, BlockPool *pool, ReleaseFn release, void *ctx) {
   while (n && !blocks_.empty()) {
     Block &b = blocks_.front();
     size_t avail = b.end - b.begin;
@@ -95,9 +141,10 @@ void ByteQueue::consume(size_t n, ReleaseFn release, void *ctx) {
     n -= take;
     if (b.begin == b.end) {
       // An idle stream keeps no write memory: with thousands of mostly idle
-      // connections a cached block each costs more than malloc saves.
+      // connections a cached block each costs more than malloc saves (the
+      // loop's pool keeps a bounded few for all of them).
       if (!b.borrowed)
-        ::operator delete(b.data);
+        free_block(pool, b.data, b.cap);
       else if (release)
         release(ctx, b.ref);
       blocks_.pop_front();
@@ -106,11 +153,11 @@ void ByteQueue::consume(size_t n, ReleaseFn release, void *ctx) {
   if (blocks_.empty()) blocks_.release();  // nor the block list's array
 }
 
-void ByteQueue::clear(ReleaseFn release, void *ctx) {
+void ByteQueue::clear(BlockPool *pool, ReleaseFn release, void *ctx) {
   for (size_t i = 0; i < blocks_.size(); ++i) {
     Block &b = blocks_.at(i);
     if (!b.borrowed)
-      ::operator delete(b.data);
+      free_block(pool, b.data, b.cap);
     else if (release)
       release(ctx, b.ref);
   }
@@ -377,6 +424,7 @@ void Engine::destroy() {
     free_slots_ = n;
   }
   free_slot_count_ = 0;
+  wblocks_.trim(0);
   if (wake_fd_ >= 0) close(wake_fd_);
   wake_fd_ = -1;
   if (br_) munmap(br_, br_size_);
@@ -1084,6 +1132,9 @@ int Engine::poll(kloop_completion *out, uint32_t max, int64_t timeout_ns) {
       !retire_streams_.reserve(retire_streams_.size() + max))
     return -ENOMEM;
   encrypted_unsent_ = 0;
+  // Write blocks freed since the last poll that the caller's writes did not
+  // take again: keep the pool's bound (BlockPool).
+  wblocks_.trim(BlockPool::kMaxFree);
   while (dirty_) {
     Stream *s = dirty_;
     dirty_ = s->next_dirty;

@@ -118,20 +118,58 @@ struct Block {
 // Called for each borrowed block the queue lets go of (sent or dropped).
 using ReleaseFn = void (*)(void *ctx, uint64_t ref);
 
+// Free write blocks of the standard size, kept by the loop so that a stream
+// answering one message at a time does not allocate and free a block per
+// message (glibc gives a freed block at the top of the heap back to the
+// kernel: a brk call per message, and page faults when it grows again).
+// Idle streams still hold no write memory. Blocks given back are all kept
+// until the next poll starts, which trims the pool to kMaxFree: the sends
+// that complete in one poll free the blocks that the answers written after
+// it take again, however many streams take part, and between polls the
+// loop keeps at most kMaxFree blocks for all its streams. A free block
+// holds the link to the next one in its first bytes.
+class BlockPool {
+ public:
+  static constexpr size_t kBlockSize = 16384;  // the smallest block a queue makes
+  static constexpr size_t kMaxFree = 32;       // 512 KiB per loop across polls
+  BlockPool() = default;
+  BlockPool(const BlockPool &) = delete;
+  BlockPool &operator=(const BlockPool &) = delete;
+  ~BlockPool() { trim(0); }
+  // A block of `cap` bytes (a pooled one when cap is the standard size),
+  // nullptr without memory.
+  char *take(size_t cap);
+  // Gives back a block take() returned with the same cap.
+  void give(char *data, size_t cap);
+  void trim(size_t keep);  // free pooled blocks beyond `keep`
+  size_t free_count() const { return count_; }
+
+ private:
+  struct FreeBlock {
+    FreeBlock *next;
+  };
+  FreeBlock *head_ = nullptr;
+  size_t count_ = 0;
+};
+
 // Chunked byte queue: append copies, consume frees. Blocks never move, so a
-// send in flight can point into them while more bytes are appended.
+// send in flight can point into them while more bytes are appended. With a
+// pool, blocks come from it and go back to it; without one (nullptr), from
+// and to the heap. A queue uses the same pool (or none) all its life.
 class ByteQueue {
  public:
   ByteQueue() = default;
   ByteQueue(const ByteQueue &) = delete;
   ByteQueue &operator=(const ByteQueue &) = delete;
   ~ByteQueue();
-  bool append(const void *p, size_t n);  // false on ENOMEM, nothing appended
+  // false on ENOMEM, nothing appended
+  bool append(const void *p, size_t n, BlockPool *pool = nullptr);
   // Queues n bytes at p without copying them; false on ENOMEM.
   bool append_borrowed(const void *p, size_t n, uint64_t ref);
   // Both report each borrowed block they let go of to `release`, if given.
-  void consume(size_t n, ReleaseFn release = nullptr, void *ctx = nullptr);
-  void clear(ReleaseFn release = nullptr, void *ctx = nullptr);
+  void consume(size_t n, BlockPool *pool = nullptr, ReleaseFn release = nullptr,
+               void *ctx = nullptr);
+  void clear(BlockPool *pool = nullptr, ReleaseFn release = nullptr, void *ctx = nullptr);
   size_t size() const { return bytes_; }
   // iovecs for the first `limit` bytes (all by default)
   int fill_iov(iovec *iov, int max, size_t limit = SIZE_MAX) const;
@@ -396,6 +434,7 @@ class Engine {
   // Bytes OpenSSL encrypted into write queues since the last poll or early
   // send (see Engine::send_early).
   uint64_t encrypted_unsent_ = 0;
+  BlockPool wblocks_;  // free write blocks for the streams' queues
 
   // wake-up
   int wake_fd_ = -1;

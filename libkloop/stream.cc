@@ -76,12 +76,12 @@ struct ReleaseCtx {
 
 void Engine::wq_consume(Stream *s, size_t n) {
   ReleaseCtx ctx{this, s};
-  s->wq.consume(n, &Engine::released, &ctx);
+  s->wq.consume(n, &wblocks_, &Engine::released, &ctx);
 }
 
 void Engine::wq_clear(Stream *s) {
   ReleaseCtx ctx{this, s};
-  s->wq.clear(&Engine::released, &ctx);
+  s->wq.clear(&wblocks_, &Engine::released, &ctx);
 }
 
 // Room for this record was reserved: poll() reserves one per borrowed block
@@ -498,7 +498,7 @@ int64_t Engine::stream_write(uint64_t token, const void *buf, size_t len) {
       if (!t->pt.append(buf, len)) return -ENOMEM;
     } else if (len && t->tx_offload && !t->ctrl_type) {
       // The kernel encrypts: plaintext goes to the socket as it is.
-      if (!s->wq.append(buf, len)) return -ENOMEM;
+      if (!s->wq.append(buf, len, &wblocks_)) return -ENOMEM;
       t->appended += len;
       if (!s->send_inflight) mark_dirty(s);
     } else if (len) {
@@ -508,7 +508,7 @@ int64_t Engine::stream_write(uint64_t token, const void *buf, size_t len) {
       if (encrypted_unsent_ >= kSendEarlyBytes) send_early();
     }
   } else if (len) {
-    if (!s->wq.append(buf, len)) return -ENOMEM;
+    if (!s->wq.append(buf, len, &wblocks_)) return -ENOMEM;
     if (!s->send_inflight) mark_dirty(s);
   }
   uint64_t size = s->wq.size() + (s->tls ? s->tls->pt.size() : 0);

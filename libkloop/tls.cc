@@ -219,7 +219,7 @@ bool Engine::tls_bio_write(TlsState *t, const char *in, size_t len) {
     if (!t->marks.push_back(TlsMark{t->appended, t->appended + len, t->ctrl_type})) return false;
     t->ctrl_type = 0;  // one write, one record (OpenSSL's socket BIO does the same)
   }
-  if (!s->wq.append(in, len)) return false;
+  if (!s->wq.append(in, len, &wblocks_)) return false;
   t->appended += len;
   if (!s->send_inflight) mark_dirty(s);
   return true;
