@@ -413,17 +413,8 @@ void Engine::destroy() {
   retire_ops_.clear();
   for (Stream *s : retire_streams_) delete_stream(s);
   retire_streams_.clear();
-  while (free_ops_) {
-    Op *n = free_ops_->next_free;
-    delete free_ops_;
-    free_ops_ = n;
-  }
-  while (free_slots_) {
-    SendSlot *n = free_slots_->next_free;
-    delete free_slots_;
-    free_slots_ = n;
-  }
-  free_slot_count_ = 0;
+  free_ops_.clear();
+  free_slots_.clear();
   wblocks_.trim(0);
   if (wake_fd_ >= 0) close(wake_fd_);
   wake_fd_ = -1;
@@ -678,48 +669,22 @@ void Engine::arm(OpHead *op) {
 // Operation table
 
 Op *Engine::alloc_op() {
-  Op *op;
-  if (free_ops_) {
-    op = free_ops_;
-    free_ops_ = op->next_free;
-    --free_op_count_;
-    *op = Op{};
-  } else {
-    op = new (std::nothrow) Op;
-  }
+  Op *op = free_ops_.take();
+  if (!op) return new (std::nothrow) Op;
+  *op = Op{};
   return op;
 }
 
-void Engine::free_op(Op *op) {
-  if (free_op_count_ >= 1024) {
-    delete op;
-    return;
-  }
-  op->next_free = free_ops_;
-  free_ops_ = op;
-  ++free_op_count_;
-}
+void Engine::free_op(Op *op) { free_ops_.give(op); }
 
 // Slots for gathered sends: as many as sends of several blocks are in
 // flight at once, a few kept for the next ones.
 SendSlot *Engine::take_slot() {
-  if (SendSlot *slot = free_slots_) {
-    free_slots_ = slot->next_free;
-    --free_slot_count_;
-    return slot;
-  }
-  return new (std::nothrow) SendSlot;
+  SendSlot *slot = free_slots_.take();
+  return slot ? slot : new (std::nothrow) SendSlot;
 }
 
-void Engine::give_slot(SendSlot *slot) {
-  if (free_slot_count_ >= 16) {
-    delete slot;
-    return;
-  }
-  slot->next_free = free_slots_;
-  free_slots_ = slot;
-  ++free_slot_count_;
-}
+void Engine::give_slot(SendSlot *slot) { free_slots_.give(slot); }
 
 bool Engine::token_in_use(uint64_t token) const {
   return ops_.contains(token) || streams_.contains(token);

@@ -118,6 +118,46 @@ struct Block {
 // Called for each borrowed block the queue lets go of (sent or dropped).
 using ReleaseFn = void (*)(void *ctx, uint64_t ref);
 
+// Objects of T (which has a `T *next_free`) kept for reuse, at most kKeep:
+// what is given back beyond that is deleted, and so is the rest with the
+// list. take() returns nullptr when the list is empty.
+template <class T, size_t kKeep>
+class FreeList {
+ public:
+  FreeList() = default;
+  FreeList(const FreeList &) = delete;
+  FreeList &operator=(const FreeList &) = delete;
+  ~FreeList() { clear(); }
+  T *take() {
+    T *t = head_;
+    if (t) {
+      head_ = t->next_free;
+      --count_;
+    }
+    return t;
+  }
+  void give(T *t) {
+    if (count_ >= kKeep) {
+      delete t;
+      return;
+    }
+    t->next_free = head_;
+    head_ = t;
+    ++count_;
+  }
+  void clear() {
+    while (T *t = head_) {
+      head_ = t->next_free;
+      delete t;
+    }
+    count_ = 0;
+  }
+
+ private:
+  T *head_ = nullptr;
+  size_t count_ = 0;
+};
+
 // Free write blocks of the standard size, kept by the loop so that a stream
 // answering one message at a time does not allocate and free a block per
 // message (glibc gives a freed block at the top of the heap back to the
@@ -427,10 +467,8 @@ class Engine {
   uint64_t borrowed_ = 0;      // borrowed write blocks not yet released
   Vec<Op *> retire_ops_;       // free at the next poll
   Vec<Stream *> retire_streams_;
-  Op *free_ops_ = nullptr;
-  size_t free_op_count_ = 0;
-  SendSlot *free_slots_ = nullptr;  // kept for the next gathered sends
-  size_t free_slot_count_ = 0;
+  FreeList<Op, 1024> free_ops_;
+  FreeList<SendSlot, 16> free_slots_;  // kept for the next gathered sends
   // Bytes OpenSSL encrypted into write queues since the last poll or early
   // send (see Engine::send_early).
   uint64_t encrypted_unsent_ = 0;
