@@ -178,6 +178,13 @@ def sslproto_path(harness, transport):
 def bio_handshake(sock, ctx, server_side=True):
     """A TLS handshake on a blocking socket through memory BIOs, so that the
     test can write raw records afterwards. Returns (sslobj, outgoing BIO)."""
+    obj, _, out = _bio_handshake(sock, ctx, server_side)
+    return obj, out
+
+
+def _bio_handshake(sock, ctx, server_side):
+    """bio_handshake(), also returning the incoming BIO:
+    (sslobj, incoming BIO, outgoing BIO)."""
     inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
     obj = ctx.wrap_bio(inc, out, server_side=server_side,
                        server_hostname=None if server_side else "localhost")
@@ -194,7 +201,7 @@ def bio_handshake(sock, ctx, server_side=True):
             inc.write(data)
     if out.pending:
         sock.sendall(out.read())
-    return obj, out
+    return obj, inc, out
 
 
 def drain_until_eof(sock):
@@ -1015,24 +1022,6 @@ def test_protocol_keeping_its_transport_is_freed_without_gc(loop, certs):
         gc.enable()
 
 
-def _bio_accept(sock, ctx):
-    """The server side of a handshake through memory BIOs on a blocking
-    socket; returns (sslobj, incoming BIO, outgoing BIO)."""
-    inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
-    obj = ctx.wrap_bio(inc, out, server_side=True)
-    while True:
-        try:
-            obj.do_handshake()
-            break
-        except ssl.SSLWantReadError:
-            if out.pending:
-                sock.sendall(out.read())
-            inc.write(sock.recv(65536))
-    if out.pending:
-        sock.sendall(out.read())
-    return obj, inc, out
-
-
 def _read_all_tls(sock, obj, incoming, want):
     """Read plaintext through a memory-BIO SSLObject until `want` bytes or
     the peer's close_notify; returns (bytes read, close_notify seen)."""
@@ -1057,7 +1046,7 @@ def test_close_flushes_queued_data_before_close_notify(loop, certs):
     size = 4 << 20
 
     def serve(sock):
-        obj, inc, out = _bio_accept(sock, certs.server_context())
+        obj, inc, out = _bio_handshake(sock, certs.server_context(), True)
         time.sleep(0.2)  # let the client queue everything and close
         got, _ = _read_all_tls(sock, obj, inc, size)
         extra, notified = 0, True
@@ -1096,7 +1085,7 @@ def test_trailing_data_reaches_a_peer_that_already_closed(loop, certs, how):
     size = 1 << 20
 
     def serve(sock):
-        obj, inc, out = _bio_accept(sock, certs.server_context())
+        obj, inc, out = _bio_handshake(sock, certs.server_context(), True)
         got, _ = _read_all_tls(sock, obj, inc, 4)
         obj.write(b"pong")
         sock.sendall(out.read())
