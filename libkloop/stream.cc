@@ -264,9 +264,9 @@ void Engine::progress(Stream *s) {
     if (s->closing && !t->handshaking && !t->failed && !t->sent_close && !s->write_failed &&
         !t->in_eof) {
       t->sent_close = true;
-      ERR_clear_error();
+      clear_ssl_errors();
       SSL_shutdown(t->ssl);  // queues close_notify through the BIO
-      ERR_clear_error();
+      clear_ssl_errors();
     }
   }
   if (want_read) {

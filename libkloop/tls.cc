@@ -595,7 +595,7 @@ void Engine::tls_socket_error(Stream *s, int err) {
 void Engine::tls_fail(Stream *s, int err, int ssl_error, bool handshake, uint32_t side) {
   TlsState *t = s->tls;
   if (t->failed) {  // reported once; the first reason stays
-    ERR_clear_error();
+    clear_ssl_errors();
     return;
   }
   if (ssl_error) {
@@ -614,7 +614,7 @@ void Engine::tls_fail(Stream *s, int err, int ssl_error, bool handshake, uint32_
         copy_text(e.verify_message, sizeof(e.verify_message), X509_verify_cert_error_string(v));
     }
   }
-  ERR_clear_error();
+  clear_ssl_errors();
   t->failed = true;
   t->pt.clear();
   s->read_done = true;
@@ -635,7 +635,7 @@ bool Engine::tls_encrypt(Stream *s, const void *buf, size_t len) {
   const char *p = static_cast<const char *>(buf);
   while (len > 0) {
     int n = len > (1u << 30) ? (1 << 30) : static_cast<int>(len);
-    ERR_clear_error();
+    clear_ssl_errors();
     int r = SSL_write(t->ssl, p, n);
     if (r <= 0) {
       tls_fail(s, -EPROTO, SSL_get_error(t->ssl, r), false, KLOOP_ERROR_WRITE);
@@ -655,7 +655,7 @@ void Engine::tls_pump(Stream *s) {
   if (!t || t->failed || s->finished || s->aborting || !t->ssl) return;
   if (t->handshaking) {
     if (s->closing) return;  // closed before it was over: no TLS any more
-    ERR_clear_error();
+    clear_ssl_errors();
     int r = SSL_do_handshake(t->ssl);
     if (r != 1) {
       int e = SSL_get_error(t->ssl, r);
@@ -705,10 +705,17 @@ void Engine::tls_pump(Stream *s) {
     size_t filled = 0;
     int e = SSL_ERROR_NONE;
     while (filled < buf_size_) {
-      ERR_clear_error();
+      clear_ssl_errors();
       int n = SSL_read(t->ssl, dst + filled, static_cast<int>(buf_size_ - filled));
       if (n > 0) {
         filled += static_cast<size_t>(n);
+        // All received ciphertext is in OpenSSL and none of it is left
+        // there: the next SSL_read() could only ask for more. Skip that
+        // call (an SSL_read, its BIO read and the error-queue check).
+        if (t->in.empty() && !t->in_eof && !t->rx_offload && !SSL_has_pending(t->ssl)) {
+          e = SSL_ERROR_WANT_READ;
+          break;
+        }
         continue;
       }
       e = SSL_get_error(t->ssl, n);
@@ -737,7 +744,7 @@ void Engine::tls_pump(Stream *s) {
       t->peer_closed = true;
       if (!drop)
         emit(s->token, 0, KLOOP_COMPLETION_MORE, 0, KLOOP_EVENT_EOF, KLOOP_EOF_UNCLEAN, -1, s);
-      ERR_clear_error();
+      clear_ssl_errors();
       return;
     }
     if (e == SSL_ERROR_ZERO_RETURN) {  // close_notify
@@ -754,7 +761,7 @@ void Engine::tls_pump(Stream *s) {
       s->read_done = true;
       if (!drop)
         emit(s->token, 0, KLOOP_COMPLETION_MORE, 0, KLOOP_EVENT_EOF, KLOOP_EOF_UNCLEAN, -1, s);
-      ERR_clear_error();
+      clear_ssl_errors();
       return;
     }
     tls_fail(s, -EPROTO, e, false, KLOOP_ERROR_READ);

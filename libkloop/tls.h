@@ -5,12 +5,23 @@
 // handed out as ordinary DATA records.
 #pragma once
 
+#include <openssl/err.h>
 #include <openssl/ssl.h>
 #include <sys/socket.h>
 
 #include "engine.h"
 
 namespace kl {
+
+// Empties this thread's OpenSSL error queue before an SSL call, so that
+// SSL_get_error() judges that call alone. ERR_clear_error() walks and frees
+// all 16 slots of the queue every time (5 % of a TLS 1.3 echo server's CPU
+// at 1 KiB per message, in a perf profile); the queue is almost always
+// empty, and ERR_peek_error() -- what SSL_get_error() consults -- says so
+// cheaply.
+inline void clear_ssl_errors() {
+  if (ERR_peek_error() != 0) ERR_clear_error();
+}
 
 // Records the kernel received and decrypted that OpenSSL must see (alerts,
 // handshake messages), each framed with the 5-byte TLS record header that
