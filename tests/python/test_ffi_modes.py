@@ -236,3 +236,64 @@ def test_library_of_another_version_falls_back(tmp_path):
     assert out["reason"].endswith(" is 0.9.0"), out
     assert out["log"] == [f"kloop DEBUG kloop: CFFI ABI mode: {out['reason']}"]
     assert same(out["library"], LIBRARY) and out["echo"] == "hello"
+
+
+# -- the GIL around calls into libkloop -----------------------------------------
+def _wrapper_body(source, name):
+    start = source.index(f"\n_cffi_f_{name}(PyObject *self, ")
+    return source[start:source.index("\n}\n", start)]
+
+
+def test_generated_wrappers_release_the_gil_only_where_a_call_can_wait(tmp_path):
+    """scripts/cffi_api.py keeps the GIL around calls that return at once and
+    releases it around those that wait (kloop_poll) or may take long, and
+    around kloop_stream_write() from 64 KiB on."""
+    c_file = tmp_path / "_cffi_api.c"
+    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "cffi_api.py"),
+                    os.path.join(PYTHON_DIR, "kloop", "_ffi.py"), c_file], check=True)
+    source = c_file.read_text()
+    released = ("kloop_poll", "kloop_wake", "kloop_create", "kloop_destroy", "kloop_probe",
+                "kloop_cancel_now", "kloop_stream_start_tls")
+    for name in released:
+        body = _wrapper_body(source, name)
+        assert "Py_BEGIN_ALLOW_THREADS" in body and "Py_END_ALLOW_THREADS" in body, name
+    for name in ("kloop_stream_write_ref", "kloop_stream_resume", "kloop_stream_pause",
+                 "kloop_submit_recv", "kloop_cancel", "kloop_get_stats"):
+        body = _wrapper_body(source, name)
+        assert "ALLOW_THREADS" not in body and "PyEval_SaveThread" not in body, name
+        assert f"{name}(x0" in body, name   # the call itself is still there
+    body = _wrapper_body(source, "kloop_stream_write")
+    assert "ALLOW_THREADS" not in body
+    assert "PyThreadState *_save = (x3 >= 65536) ? PyEval_SaveThread() : NULL;" in body
+    assert "if (_save) PyEval_RestoreThread(_save); }" in body
+    assert source.count("Py_BEGIN_ALLOW_THREADS") == len(released)
+
+
+def test_other_threads_run_while_the_loop_waits_in_poll():
+    """kloop_poll() is called with the GIL released (in both CFFI modes): while
+    a loop sleeps in it for 0.4 s, this thread keeps running Python code."""
+    import asyncio
+    import threading
+    import time
+
+    import kloop
+    inside = threading.Event()
+
+    def run():
+        loop = kloop.new_event_loop()
+        try:
+            loop.call_soon(inside.set)
+            loop.run_until_complete(asyncio.sleep(0.4))
+        finally:
+            loop.close()
+
+    th = threading.Thread(target=run)
+    th.start()
+    assert inside.wait(10)
+    gaps, last = [], time.monotonic()
+    while th.is_alive():
+        now = time.monotonic()
+        gaps.append(now - last)
+        last = now
+    th.join()
+    assert len(gaps) > 100 and max(gaps) < 0.2, (len(gaps), max(gaps))
