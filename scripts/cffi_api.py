@@ -90,8 +90,8 @@ def hold_gil(source, names, conditional=None):
             raise SystemExit(f"cffi_api.py: no wrapper _cffi_f_{name} in CFFI's output")
         body = m.group(1)
         lines = body.split("\n")
-        kept = [x for x in lines if x.strip() not in ("Py_BEGIN_ALLOW_THREADS",
-                                                     "Py_END_ALLOW_THREADS")]
+        gil_lines = ("Py_BEGIN_ALLOW_THREADS", "Py_END_ALLOW_THREADS")
+        kept = [x for x in lines if x.strip() not in gil_lines]
         if len(lines) - len(kept) != 2:
             raise SystemExit(f"cffi_api.py: _cffi_f_{name} does not release the GIL the "
                              "way this script expects; update hold_gil()")
