@@ -195,7 +195,9 @@ TEST_P(EngineKtls, StandardOpenSslPeerReadsWhatTheKernelEncrypted) {
   ASSERT_TRUE(d.RunUntil([&] { return d.DataOf(5) == "hello"; }));
   EXPECT_EQ(TxVersion(mine),
             GetParam().version == TLS1_3_VERSION ? TLS_1_3_VERSION : TLS_1_2_VERSION);
-  if (GetParam().version == TLS1_2_VERSION) EXPECT_EQ(RxVersion(mine), TLS_1_2_VERSION);
+  if (GetParam().version == TLS1_2_VERSION) {
+    EXPECT_EQ(RxVersion(mine), TLS_1_2_VERSION);
+  }
   std::string out(kTotal, '\0');
   for (size_t i = 0; i < kTotal; ++i) out[i] = static_cast<char>(PatternByte(i));
   ASSERT_GE(kloop_stream_write(d, 5, out.data(), out.size()), 0);
