@@ -14,6 +14,7 @@ import datetime
 import hashlib
 import json
 import os
+import shutil
 import socket
 import ssl
 import subprocess
@@ -545,6 +546,62 @@ def test_peer_ends_connection(loop, certs, how):
     assert bytes(pr.data) == b"bye"
     # sslproto calls eof_received() with and without close_notify.
     assert pr.events == ["made", "data", "eof", ("lost", None)]
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None,
+                    reason="the openssl command line tool (Debian's openssl, installed by "
+                           "scripts/setup.sh) is the client that asks to renegotiate")
+def test_client_renegotiation_is_refused(loop, certs):
+    """A TLS 1.2 client asking to renegotiate (openssl s_client's "R" command;
+    Python's ssl module cannot ask) is refused as OpenSSL 3.0 refuses it by
+    default: what came before arrives intact, the client's renegotiation
+    fails, and the server's connection is lost with the client's alert."""
+    async def main():
+        lp = loop.loop
+        made = []
+
+        class Echo(RecordingProtocol):
+            def connection_made(self, tr):
+                super().connection_made(tr)
+                made.append(self)
+
+            def data_received(self, data):
+                super().data_received(data)
+                self.transport.write(data)
+
+        srv = await lp.create_server(lambda: Echo(lp), "127.0.0.1", 0,
+                                     ssl=certs.server_context())
+        port = srv.sockets[0].getsockname()[1]
+        client = await asyncio.create_subprocess_exec(
+            "openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-tls1_2",
+            "-servername", "localhost", "-CAfile", certs.ca,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            client.stdin.write(b"before\n")
+            seen = b""
+            while b"before" not in seen.rpartition(b"---")[2]:   # the echo, after the banner
+                chunk = await asyncio.wait_for(client.stdout.read(4096), 10)
+                assert chunk, seen
+                seen += chunk
+            client.stdin.write(b"R\n")
+            rest = await asyncio.wait_for(client.stdout.read(), 10)
+            await asyncio.wait_for(client.wait(), 10)
+        finally:
+            if client.returncode is None:
+                client.kill()
+                await client.wait()
+        pr, = made
+        exc = await asyncio.wait_for(pr.lost, 10)
+        srv.close()
+        await srv.wait_closed()
+        return pr, exc, rest
+    pr, exc, rest = loop.run(main())
+    engine_path(loop, pr.transport)
+    assert b"RENEGOTIATING" in rest and b"no renegotiation" in rest, rest
+    assert bytes(pr.data) == b"before\n"
+    assert isinstance(exc, ssl.SSLError), exc
+    assert exc.reason == "SSLV3_ALERT_HANDSHAKE_FAILURE", exc
+    assert pr.events == ["made", "data", ("lost", "SSLError")], pr.events
 
 
 def test_handshake_timeout(loop, certs):
