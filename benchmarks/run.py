@@ -12,8 +12,9 @@ How a measurement is made (see docs/performance.md for the reasons):
   * medians over rounds with min-max; ratios are computed per round (kloop
     against uvloop and asyncio of the same round) and their median reported;
   * /proc/stat is sampled around every run: CPU time used by anything other
-    than the server and the load generator is recorded as "other" so that a
-    measurement disturbed by another process can be seen (and redone).
+    than the server and the load generator is recorded as "other", and time
+    stolen by the hypervisor as "steal", so that a measurement disturbed by
+    either can be seen (and, with --retries, redone).
 
 Tiers:
   quick     the 4 cells of the brief's target table (< 5 minutes)
@@ -698,6 +699,21 @@ def cell_label(kind, size, conns):
     return f"{KIND_TITLE.get(kind, kind)}, {size_label(size)}, {conns} conn{'s' * (conns != 1)}"
 
 
+def disturbance(rec, share):
+    """Why run record `rec` is disturbed, or None: other processes used more
+    than `share` of a core during it, or the hypervisor stole more than
+    `share` of a core's time (on a shared VM both slow a run down at random,
+    and stolen time does not show in /proc as another process's CPU)."""
+    if "error" in rec:
+        return None
+    why = []
+    if rec.get("other_cpu", 0) > share:
+        why.append(f"other processes used {rec['other_cpu']:.0%} of a core")
+    if rec.get("steal", 0) > share:
+        why.append(f"the hypervisor stole {rec['steal']:.0%} of a core")
+    return " and ".join(why) or None
+
+
 def run_matrix(env, cells, loops, rounds, duration, warmup, pipeline=1, loadgen_extra=(),
                progress=None, log=None, quiet_wait=0.0, retries=0, disturbed=0.10):
     """Run every (cell, loop) `rounds` times, interleaved and rotated per round.
@@ -705,8 +721,9 @@ def run_matrix(env, cells, loops, rounds, duration, warmup, pipeline=1, loadgen_
     cells: list of (kind, size, conns); kind "native" runs the native servers.
     quiet_wait: before each run, wait up to this many seconds for the machine
       to be idle (other processes < 10 % of a core).
-    retries: run again (up to this many times) when other processes used
-      more than 10 % of a core during the run; the last attempt is kept.
+    retries: run again (up to this many times) when the run was disturbed
+      (disturbance(): other processes or the hypervisor took more than
+      `disturbed` of a core during it); the last attempt is kept.
     Returns the list of run records (each with "round").
     """
     usable = [lp for lp in loops if env.availability(lp) is None]
@@ -726,11 +743,11 @@ def run_matrix(env, cells, loops, rounds, duration, warmup, pipeline=1, loadgen_
                                   loadgen_extra, log)
                     rec["attempt"] = attempt
                     rec["quiet_wait"] = waited
-                    if "error" in rec or rec.get("other_cpu", 0) <= disturbed:
+                    why = disturbance(rec, disturbed)
+                    if why is None:
                         break
                     if progress and attempt < retries:
-                        progress(done, total, f"  {loop}: disturbed (other processes used "
-                                 f"{rec['other_cpu']:.0%} of a core), again")
+                        progress(done, total, f"  {loop}: disturbed ({why}), again")
                 rec["round"] = rnd
                 records.append(rec)
                 done += 1
@@ -1232,7 +1249,7 @@ def inproc_matrix(env, suite, loops, rounds, scale, progress=None, log=None,
                 waited = wait_quiet(quiet_wait) if quiet_wait > 0 else 0.0
                 rec = inproc_run(env, loop, suite, scale, log)
                 rec["attempt"], rec["quiet_wait"] = attempt, waited
-                if "error" in rec or rec.get("other_cpu", 0) <= disturbed:
+                if disturbance(rec, disturbed) is None:
                     break
             rec["round"] = rnd
             records.append(rec)
@@ -1948,10 +1965,11 @@ def main(argv=None):
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
                    help="before each run wait up to S seconds for an idle machine")
     p.add_argument("--retries", type=int, default=0,
-                   help="repeat a run disturbed by other processes up to N times")
+                   help="repeat a run disturbed by other processes or by time stolen by "
+                        "the hypervisor up to N times")
     p.add_argument("--disturbed", type=float, default=0.10, metavar="SHARE",
-                   help="with --retries: a run is disturbed when other processes used more "
-                        "than SHARE of a core (default 0.10)")
+                   help="with --retries: a run is disturbed when other processes used, or "
+                        "the hypervisor stole, more than SHARE of a core (default 0.10)")
     p.add_argument("--scale", type=float, default=1.0,
                    help="micro, spawn: multiply every benchmark's operation count")
     p.add_argument("--doc", action="store_true",

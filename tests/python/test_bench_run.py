@@ -338,3 +338,33 @@ def test_chart_refused_for_tiers_without_cells(tmp_path):
     assert e.value.code == 2
     assert set(run.MATRIX_TIERS) == {"quick", "full", "custom", "tls", "http", "churn",
                                      "native", "ablation"}
+
+
+def test_disturbed_runs_include_time_stolen_by_the_hypervisor():
+    assert run.disturbance({"other_cpu": 0.02, "steal": 0.01}, 0.10) is None
+    assert run.disturbance({"other_cpu": 0.30, "steal": 0.0}, 0.10) == \
+        "other processes used 30% of a core"
+    assert run.disturbance({"other_cpu": 0.0, "steal": 1.39}, 0.10) == \
+        "the hypervisor stole 139% of a core"
+    assert run.disturbance({"other_cpu": 0.2, "steal": 0.5}, 0.10) == \
+        "other processes used 20% of a core and the hypervisor stole 50% of a core"
+    assert run.disturbance({"error": "x", "other_cpu": 0.9, "steal": 0.9}, 0.10) is None
+
+
+def test_a_run_disturbed_by_steal_is_run_again(monkeypatch):
+    """run_matrix repeats a run the hypervisor disturbed and keeps the last."""
+    steals = iter([0.8, 0.5, 0.0])
+    calls = []
+
+    def fake_run_one(env, loop, kind, size, conns, *rest):
+        calls.append(loop)
+        return {"loop": loop, "rps": 1.0, "other_cpu": 0.0, "steal": next(steals)}
+
+    class Env:
+        def availability(self, loop):
+            return None
+
+    monkeypatch.setattr(run, "run_one", fake_run_one)
+    recs = run.run_matrix(Env(), [("protocol", 1024, 10)], ["kloop"], 1, 1.0, 0.0, retries=2)
+    assert calls == ["kloop"] * 3
+    assert [(r["attempt"], r["steal"]) for r in recs] == [(2, 0.0)]
