@@ -14,12 +14,18 @@
 # REQUESTS. The server is slowed down about 50 times: use it for counts, not
 # for time. With TLS=1.2 or TLS=1.3 in the environment the echo runs over
 # TLS of that version (a throw-away self-signed certificate; the engine's
-# TLS unless KLOOP_TLS says otherwise).
+# TLS unless KLOOP_TLS says otherwise). LOOP=uvloop or LOOP=asyncio counts
+# that loop's server instead (MODE then does not apply).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 MODE=${1:-auto} REQUESTS=${2:-20000} SIZE=${3:-1024} CONNS=${4:-10}
 BUILD=${KLOOP_BUILD:-build}
+LOOP=${LOOP:-kloop}
+case $LOOP in
+  kloop | uvloop | asyncio) ;;
+  *) echo "LOOP must be kloop, uvloop or asyncio, not '$LOOP'" >&2; exit 2 ;;
+esac
 OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
 
@@ -39,7 +45,7 @@ case ${TLS:-} in
 esac
 coproc SERVER {
   exec valgrind --tool=callgrind --callgrind-out-file="$OUT/callgrind.out" \
-    /usr/bin/python3 benchmarks/servers/echo_server.py --loop kloop --kind protocol \
+    /usr/bin/python3 benchmarks/servers/echo_server.py --loop "$LOOP" --kind protocol \
     --port 0 "${server_tls[@]}" 2>"$OUT/valgrind.log"
 }
 server=$SERVER_PID
@@ -55,8 +61,13 @@ load "$REQUESTS" >"$OUT/loadgen.json"
 callgrind_control -d "$server" >/dev/null 2>&1
 kill -KILL "$server"
 wait "$server" 2>/dev/null || true
-mode=$(/usr/bin/python3 -c "from kloop import _ffi; print(_ffi.MODE)")
+if [ "$LOOP" = kloop ]; then
+  mode=$(/usr/bin/python3 -c "from kloop import _ffi; print(_ffi.MODE)")
+  what="KLOOP_FFI=$MODE (CFFI $mode mode)"
+else
+  what=$LOOP
+fi
 dump=$(ls "$OUT"/callgrind.out.* | tail -1)
 total=$(awk '/^(summary|totals):/ {print $2; exit}' "$dump")
-echo "KLOOP_FFI=$MODE (CFFI $mode mode)${TLS:+, TLS $TLS}: $total instructions for" \
+echo "$what${TLS:+, TLS $TLS}: $total instructions for" \
   "$REQUESTS requests of $SIZE bytes over $CONNS connections: $((total / REQUESTS)) per request"

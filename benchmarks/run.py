@@ -1026,7 +1026,7 @@ def profile_run(env, loop, kind, size, conns, duration, log=None):
 def profile_markdown(recs):
     out = []
     dsos = ["[kernel.kallsyms]", "python3.11", "libkloop", "_cffi_api", "_cffi_backend", "libffi",
-            "libc", "libuv", "loop.cpython"]
+            "libc", "libssl", "libcrypto", "libuv", "loop.cpython"]
     head = ["server"] + [d.strip("[]").split(".")[0] for d in dsos] + ["other", "Python calls/req"]
     out.append("| " + " | ".join(head) + " |")
     out.append("|" + "---|" + "---:|" * (len(head) - 1))
@@ -1038,7 +1038,9 @@ def profile_markdown(recs):
         shares = r.get("perf_dso_shares", {})
         row, used = [name], 0.0
         for d in dsos:
-            v = sum(pct for k, pct in shares.items() if k.startswith(d))
+            # "libc" is libc.so.6, not libcrypto.so.3: the name ends there
+            v = sum(pct for k, pct in shares.items()
+                    if k == d or k.startswith((d + ".", d + "-")))
             used += v
             row.append(f"{v:.0f} %" if v else "–")
         row.append(f"{max(0.0, sum(shares.values()) - used):.0f} %")

@@ -368,3 +368,19 @@ def test_a_run_disturbed_by_steal_is_run_again(monkeypatch):
     recs = run.run_matrix(Env(), [("protocol", 1024, 10)], ["kloop"], 1, 1.0, 0.0, retries=2)
     assert calls == ["kloop"] * 3
     assert [(r["attempt"], r["steal"]) for r in recs] == [(2, 0.0)]
+
+
+def test_profile_table_keeps_libc_and_libcrypto_apart():
+    rec = {"loop": "kloop", "kind": "tls13", "python_calls_per_request": 16.8,
+           "perf_dso_shares": {"libcrypto.so.3": 44.11, "[kernel.kallsyms]": 24.94,
+                               "libc.so.6": 18.24, "python3.11": 6.1, "libssl.so.3": 4.07,
+                               "libkloop.so.0.1.0": 1.9, "liburing.so.2.3": 0.64,
+                               "loop.cpython-311-x86_64-linux-gnu.so": 0.0}}
+    head, _, row = run.profile_markdown([rec]).splitlines()
+    cells = dict(zip([c.strip() for c in head.strip("|").split("|")],
+                     [c.strip() for c in row.strip("|").split("|")]))
+    assert cells["libc"] == "18 %" and cells["libcrypto"] == "44 %"
+    assert cells["libssl"] == "4 %" and cells["kernel"] == "25 %"
+    assert cells["libkloop"] == "2 %" and cells["python3"] == "6 %"
+    assert cells["other"] == "1 %"   # liburing
+    assert cells["Python calls/req"] == "16.8"
