@@ -1314,6 +1314,19 @@ class IouringProactor:
                 break
         return b"".join(parts)
 
+    def _run_views(self, it, off, res):
+        """Views of the arena over a run of DATA records of one stream (see
+        _join_run), the first at `off`, `res` bytes; the rest taken from `it`."""
+        view = self._arena_view
+        base = self._arena_base
+        views = [view[off:off + res]]
+        for rec in it:
+            off = rec[3] - base
+            views.append(view[off:off + rec[1]])
+            if not rec[2] & 2:
+                break
+        return views
+
     def _dispatch_records(self, it):
         get = self._streams.get
         base = self._arena_base
@@ -1338,6 +1351,10 @@ class IouringProactor:
                         except BaseException as exc:
                             t._fatal_error(exc, "Fatal error: protocol.data_received() "
                                                 "call failed.")
+                    elif flags & 2 and t._buffered and not t._rblock:
+                        # A run of this stream's records: into the
+                        # protocol's buffers without a bytes in between.
+                        t._feed_buffered_run(self._run_views(it, data - base, res))
                     else:
                         t._data_received(data - base, res)
             elif ev == 0:

@@ -344,14 +344,23 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
             self._fatal_error(exc, "Fatal error: protocol.data_received() call failed.")
 
     def _feed_buffered(self, view):
-        # Copy into the protocol's buffers, in as many pieces as they need.
+        self._feed_buffered_run((view,))
+
+    def _feed_buffered_run(self, views):
+        # Copy the bytes of `views` (one DATA record, or a run of records of
+        # this stream) into the protocol's buffers: each buffer get_buffer()
+        # returns is filled from as many records as it takes before
+        # buffer_updated() is called, as the stock loop's recv_into() fills
+        # it from what the socket holds.
         protocol = self._protocol
         run = self._context_run
-        total = len(view)
-        pos = 0
-        while pos < total:
+        left = 0
+        for v in views:
+            left += len(v)
+        i = pos = 0
+        while left:
             try:
-                buf = run(protocol.get_buffer, total - pos)
+                buf = run(protocol.get_buffer, left)
                 dst = memoryview(buf).cast("B")
                 if not len(dst):
                     raise RuntimeError("get_buffer() returned an empty buffer")
@@ -360,10 +369,19 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
             except BaseException as exc:
                 self._fatal_error(exc, "Fatal error: protocol.get_buffer() call failed.")
                 return
-            n = min(len(dst), total - pos)
-            dst[:n] = view[pos:pos + n]
+            cap = len(dst)
+            n = 0
+            while n < cap and left:
+                v = views[i]
+                take = min(cap - n, len(v) - pos)
+                dst[n:n + take] = v[pos:pos + take]
+                n += take
+                pos += take
+                left -= take
+                if pos == len(v):
+                    i += 1
+                    pos = 0
             dst.release()
-            pos += n
             try:
                 run(protocol.buffer_updated, n)
             except (SystemExit, KeyboardInterrupt):
@@ -371,10 +389,10 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
             except BaseException as exc:
                 self._fatal_error(exc, "Fatal error: protocol.buffer_updated() call failed.")
                 return
-            if pos < total and (self._rblock or self._protocol is not protocol):
+            if left and (self._rblock or self._protocol is not protocol):
                 if self._closing:
                     return
-                rest = bytes(view[pos:])
+                rest = b"".join([views[i][pos:], *views[i + 1:]])
                 if self._paused:
                     # Paused in buffer_updated(): the rest waits for
                     # resume_reading(), ahead of anything held already.

@@ -116,3 +116,55 @@ def test_bytes_that_waited_while_paused_come_in_pieces_of_bounded_size(loop):
         assert loop.run(pr.lost) is None
     finally:
         peer.close()
+
+
+class ChunkBufferedProtocol(asyncio.BufferedProtocol):
+    """Records each buffer_updated() size; its buffer has `bufsize` bytes."""
+
+    def __init__(self, loop, bufsize):
+        self.buf = bytearray(bufsize)
+        self.sizes = []
+        self.data = bytearray()
+        self.lost = loop.create_future()
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def get_buffer(self, sizehint):
+        return self.buf
+
+    def buffer_updated(self, nbytes):
+        self.sizes.append(nbytes)
+        self.data += self.buf[:nbytes]
+
+    def connection_lost(self, exc):
+        self.lost.set_result(exc)
+
+
+@pytest.mark.parametrize("bufsize", [256 * 1024, 48 * 1024], ids=["256k-buffer", "48k-buffer"])
+def test_buffered_protocol_gets_a_waiting_message_in_full_buffers(loop, bufsize):
+    # A BufferedProtocol's buffer is filled from as many of the run's
+    # records as it takes, as the stock loop's recv_into() fills it from
+    # the socket: a 160 KiB message that waits whole takes one
+    # buffer_updated() with a 256 KiB buffer, and full 48 KiB buffers (the
+    # last one partly) with a 48 KiB one, not one call per 64 KiB record.
+    size = 160 * 1024
+    tr, pr, peer = loop.run(connect_pair(loop.loop,
+                                         lambda: ChunkBufferedProtocol(loop.loop, bufsize),
+                                         family=socket.AF_UNIX))
+    try:
+        msg = pattern(size, seed=7)
+        peer.sendall(msg)
+
+        async def collect():
+            while len(pr.data) < size:
+                await asyncio.sleep(0.005)
+
+        loop.run(collect(), timeout=10)
+        assert bytes(pr.data) == msg
+        full, last = divmod(size, bufsize)
+        assert pr.sizes == [bufsize] * full + ([last] if last else [])
+        tr.close()
+        assert loop.run(pr.lost) is None
+    finally:
+        peer.close()
