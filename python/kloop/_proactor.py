@@ -720,12 +720,12 @@ class IouringProactor:
             if res < 0:
                 self._release(buf)
                 raise make_error(res)
-            out = bytes(buf[:res]) if res != nbytes else bytes(buf)
+            out = _head(buf, res) if res != nbytes else bytes(buf)
             self._release(buf)
             return out
 
         def late(res, data, aux):
-            self._stash_put(conn, (bytes(buf[:res]), None))
+            self._stash_put(conn, (_head(buf, res), None))
             self._release(buf)
 
         def from_stash(q):
@@ -791,12 +791,12 @@ class IouringProactor:
             if res < 0:
                 self._release(buf)
                 raise make_error(res)
-            out = bytes(buf[:res])
+            out = _head(buf, res)
             self._release(buf)
             return out, self._addr_of(data, aux)
 
         def late(res, data, aux):
-            self._stash_put(conn, (bytes(buf[:res]), self._addr_of(data, aux)))
+            self._stash_put(conn, (_head(buf, res), self._addr_of(data, aux)))
             self._release(buf)
 
         def from_stash(q):
@@ -1548,6 +1548,13 @@ def _unix_dgram(conn):
     after the ring reports them writable."""
     return (isinstance(conn, socket.socket) and conn.family == socket.AF_UNIX
             and conn.type == socket.SOCK_DGRAM)
+
+
+def _head(buf, n):
+    """bytes of the first n bytes of bytearray `buf`, copied once (bytes(buf[:n])
+    copies twice: the slice is a bytearray of its own)."""
+    with memoryview(buf) as m:
+        return bytes(m[:n])
 
 
 def _fileno(obj):

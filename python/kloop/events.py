@@ -15,6 +15,7 @@ mode are the stock code. kloop supplies:
   selector loop -- the signal and pipe code *is* asyncio's.
 """
 
+import _socket
 import contextvars
 import errno
 import heapq
@@ -48,6 +49,11 @@ from . import transports as _transports
 __all__ = ("IouringProactorEventLoop", "EventLoop")
 
 _unix = unix_events._UnixSelectorEventLoop
+
+# socket.socket.type without its conversion to a SocketKind (a property
+# that costs more than the send it guards).
+_sock_type = _socket.socket.type.__get__
+_SOCK_STREAM = int(socket.SOCK_STREAM)
 
 
 def _fileobj_to_fd(fileobj):
@@ -745,7 +751,30 @@ class IouringProactorEventLoop(proactor_events.BaseProactorEventLoop):
             getattr(sock, method)
         self._ensure_fd_no_transport(sock)
 
+    # sock_recv()/sock_sendall() as the selector loop has them: the system
+    # call at once on a non-blocking socket, and only a call that would
+    # block takes the remaining checks (a transport on the same fd) and the
+    # ring, which then does not try again. The call at once is made only
+    # when nothing of the same kind is on the ring for the socket and no
+    # bytes of a cancelled read are kept (they come first).
+
+    def _sock_idle(self, sock, kind):
+        p = self._proactor
+        return (isinstance(sock, socket.socket) and sock.gettimeout() == 0
+                and not p._stash and (sock.fileno(), kind) not in p._inflight
+                and not self._closed)
+
     async def sock_recv(self, sock, n):
+        base_events._check_ssl_socket(sock)
+        if self._debug and sock.gettimeout() != 0:
+            raise ValueError("the socket must be non-blocking")
+        if self._sock_idle(sock, "r"):
+            try:
+                return sock.recv(n)
+            except (BlockingIOError, InterruptedError):
+                pass
+            self._ensure_fd_no_transport(sock)
+            return await self._proactor.recv(sock, n)
         self._check_sock(sock, 'recv')
         return await self._proactor.recv(sock, n, try_now=True)
 
@@ -769,6 +798,20 @@ class IouringProactorEventLoop(proactor_events.BaseProactorEventLoop):
         return await self._proactor.recvfrom_into(sock, view, try_now=True)
 
     async def sock_sendall(self, sock, data):
+        base_events._check_ssl_socket(sock)
+        if self._debug and sock.gettimeout() != 0:
+            raise ValueError("the socket must be non-blocking")
+        if (type(data) is bytes or type(data) is bytearray) and \
+                self._sock_idle(sock, "w") and _sock_type(sock) == _SOCK_STREAM:
+            try:
+                n = sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            if n == len(data):
+                return
+            self._ensure_fd_no_transport(sock)
+            await self._proactor.send(sock, memoryview(data)[n:] if n else data)
+            return
         self._check_sock(sock, 'send')
         await self._proactor.send(sock, data, try_now=True)
 
