@@ -330,11 +330,11 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
                 return  # close() stops reading: asyncio drops what follows
             self._hold(_H_DATA, self._arena[off:off + n])
             return
-        self._feed_buffered(self._arena_view[off:off + n])
+        self._feed_buffered_run((self._arena_view[off:off + n],))
 
     def _deliver(self, data):
         if self._buffered:
-            self._feed_buffered(memoryview(data))
+            self._feed_buffered_run((memoryview(data),))
             return
         try:
             self._context_run(self._protocol_data_received, data)
@@ -342,9 +342,6 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
             raise
         except BaseException as exc:
             self._fatal_error(exc, "Fatal error: protocol.data_received() call failed.")
-
-    def _feed_buffered(self, view):
-        self._feed_buffered_run((view,))
 
     def _feed_buffered_run(self, views):
         # Copy the bytes of `views` (one DATA record, or a run of records of
