@@ -43,6 +43,7 @@ from asyncio import trsock
 from asyncio import unix_events
 from asyncio.log import logger
 
+from . import _datagram
 from . import _proactor
 from . import transports as _transports
 
@@ -302,6 +303,7 @@ class IouringProactorEventLoop(proactor_events.BaseProactorEventLoop):
         self._self_reading_future = None
         self._accept_futures = {}   # socket file descriptor => _Acceptor
         self._transports = weakref.WeakValueDictionary()
+        self._datagram_view = None  # _datagram.DatagramTransport's buffer
         self._signal_handlers = {}
         self._pid = os.getpid()
         self._generation = _proactor._fork_generation
@@ -629,14 +631,13 @@ class IouringProactorEventLoop(proactor_events.BaseProactorEventLoop):
     def _make_datagram_transport(self, sock, protocol,
                                  address=None, waiter=None, extra=None):
         # The stock Unix loop's transport, woken by the ring's polls
-        # (_add_reader/_add_writer below): it reads and sends with
-        # recvfrom(2)/sendto(2). An io_uring operation per datagram cost a
+        # (_add_reader/_add_writer below), reading a run of datagrams per
+        # wake-up: _datagram.py. An io_uring operation per datagram cost a
         # future and a buffer each (UDP echo slower than the stock loop),
         # and on kernel 6.18 an io_uring send on an AF_UNIX SOCK_DGRAM
         # socket whose receiver is full sends the datagram empty (seen with
         # plain liburing). docs/guide.md, "Datagrams".
-        return selector_events._SelectorDatagramTransport(
-            self, sock, protocol, address, waiter, extra)
+        return _datagram.DatagramTransport(self, sock, protocol, address, waiter, extra)
 
     def _make_duplex_pipe_transport(self, sock, protocol, waiter=None,
                                     extra=None):

@@ -489,3 +489,109 @@ def test_kloop_udp_echo_needs_at_most_one_ring_operation_per_datagram():
     finally:
         h.close()
     assert used <= n + 50, f"{used} io_uring operations for {n} echoed datagrams"
+
+
+def _queued_udp_pair(n):
+    """A bound UDP socket with `n` datagrams already waiting in it, and the
+    sender (both plain sockets; the caller closes the sender)."""
+    srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    srv.bind(("127.0.0.1", 0))
+    srv.setblocking(False)
+    snd = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for i in range(n):
+        snd.sendto(b"d%d" % i, srv.getsockname())
+    return srv, snd
+
+
+def test_kloop_reads_a_run_of_datagrams_per_wakeup():
+    # The stock transport reads one datagram per readiness report, so each
+    # one costs a trip through the loop (on kloop: a poll completion and a
+    # re-arm on the ring). kloop's reads until the socket is empty, up to
+    # _datagram.READ_BURST, as libuv does: 10 waiting datagrams all arrive
+    # before a callback scheduled by the first of them runs.
+    from conftest import harness_for
+    from kloop import _datagram
+    h = harness_for("kloop")
+    n = 10
+    assert n <= _datagram.READ_BURST
+
+    class Proto(asyncio.DatagramProtocol):
+        def __init__(self):
+            self.events = []
+            self.done = h.loop.create_future()
+
+        def datagram_received(self, data, addr):
+            self.events.append(data)
+            if len(self.events) == 1:
+                h.loop.call_soon(self.events.append, "callback")
+            if len([e for e in self.events if e != "callback"]) == n:
+                self.done.set_result(None)
+
+    async def main():
+        srv, snd = _queued_udp_pair(n)
+        try:
+            tr, proto = await h.loop.create_datagram_endpoint(Proto, sock=srv)
+            try:
+                await asyncio.wait_for(proto.done, 5)
+                await asyncio.sleep(0)
+            finally:
+                tr.close()
+        finally:
+            snd.close()
+        return proto.events
+
+    try:
+        events = h.run(main())
+    finally:
+        h.close()
+    assert events == [b"d%d" % i for i in range(n)] + ["callback"]
+
+
+def test_close_in_datagram_received_stops_reading(loop):
+    """A transport closed by datagram_received() gets no further datagram,
+    even with more waiting in the socket."""
+
+    class Proto(DgProto):
+        def datagram_received(self, data, addr):
+            super().datagram_received(data, addr)
+            self.transport.close()
+
+    async def main():
+        lp = loop.loop
+        srv, snd = _queued_udp_pair(5)
+        try:
+            tr, proto = await lp.create_datagram_endpoint(lambda: Proto(lp), sock=srv)
+            assert await asyncio.wait_for(proto.lost, 5) is None
+            await asyncio.sleep(0.05)
+        finally:
+            snd.close()
+        assert [d for d, _ in proto.got] == [b"d0"]
+
+    loop.run(main())
+
+
+def test_unix_datagram_larger_than_udp_allows(loop):
+    """A 150 KiB Unix datagram arrives whole (the stock transport reads up
+    to 256 KiB per datagram), and a small one after it is not mixed in."""
+    big = pattern(150 * 1024)
+
+    async def main():
+        lp = loop.loop
+        with tempfile.TemporaryDirectory() as d:
+            spath = os.path.join(d, "srv")
+            srv_tr, srv = await lp.create_datagram_endpoint(
+                lambda: DgProto(lp, expect=2), local_addr=spath, family=socket.AF_UNIX)
+            try:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as raw:
+                    raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+                    raw.setblocking(False)  # a full buffer fails, not hangs
+                    raw.sendto(big, spath)
+                    raw.sendto(b"tail", spath)
+                await asyncio.wait_for(srv.enough, 5)
+            finally:
+                srv_tr.close()
+            await srv.lost
+        assert [len(g) for g, _ in srv.got] == [len(big), 4]
+        assert srv.got[0][0] == big and srv.got[1][0] == b"tail"
+
+    loop.run(main())
