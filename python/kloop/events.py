@@ -38,7 +38,6 @@ from asyncio import events
 from asyncio import exceptions
 from asyncio import format_helpers
 from asyncio import proactor_events
-from asyncio import selector_events
 from asyncio import trsock
 from asyncio import unix_events
 from asyncio.log import logger
