@@ -333,6 +333,25 @@ class _Internal:
         self._callback(res, flags, data, aux)
 
 
+class _Ready:
+    """A ``_cache`` entry for a one-shot poll that resolves a future (a
+    C ``asyncio.Future``) with the poll's result: see IouringProactor.ready."""
+
+    __slots__ = ("_token", "_fut", "_keep", "_live")
+
+    def __init__(self, fut):
+        self._token = None
+        self._fut = fut
+        self._keep = None
+        self._live = False
+
+    def _complete(self, res, flags, data, aux):
+        self._live = False
+        fut = self._fut
+        if not fut.done():
+            fut.set_result(res)
+
+
 class _Watch:
     """An add_reader/add_writer registration: one level-triggered multishot
     poll (see IouringProactor.watch)."""
@@ -1086,6 +1105,25 @@ class IouringProactor:
         rc = self._lib.kloop_submit_poll(self._ptr, entry._token, fd, events, 0)
         self._register(entry, rc)
         return entry._token
+
+    def ready(self, fd, events):
+        """(future, token): the future gets the revents (or -errno) of a
+        one-shot poll of ``fd`` for ``events``; cancel the poll with
+        ``cancel_ready(token)`` when the future is abandoned."""
+        self._check_closed()
+        fut = self._loop.create_future()
+        entry = _Ready(fut)
+        entry._token = token = self._next_token()
+        rc = self._lib.kloop_submit_poll(self._ptr, token, fd, events, 0)
+        if rc < 0:
+            raise make_error(rc)
+        entry._live = True
+        self._cache[token] = entry
+        return fut, token
+
+    def cancel_ready(self, token):
+        if token in self._cache:
+            self._cancel_token(token)
 
     def _readiness(self, conn, events, call):
         """Future of ``call()`` run once ``conn`` is ready: for families and
