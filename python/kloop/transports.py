@@ -330,7 +330,31 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
                 return  # close() stops reading: asyncio drops what follows
             self._hold(_H_DATA, self._arena[off:off + n])
             return
-        self._feed_buffered_run((self._arena_view[off:off + n],))
+        # BufferedProtocol, one record: copied into the buffer get_buffer()
+        # returns when it fits (the common case), else piece by piece.
+        protocol = self._protocol
+        run = self._context_run
+        try:
+            dst = memoryview(run(protocol.get_buffer, n)).cast("B")
+            if dst.readonly:
+                raise TypeError("get_buffer() returned a read-only buffer")
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc, "Fatal error: protocol.get_buffer() call failed.")
+            return
+        if len(dst) < n:
+            # Smaller: filled, and more buffers asked for, piece by piece.
+            self._feed_buffered_run((self._arena_view[off:off + n],), dst)
+            return
+        dst[:n] = self._arena_view[off:off + n]
+        dst.release()
+        try:
+            run(protocol.buffer_updated, n)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc, "Fatal error: protocol.buffer_updated() call failed.")
 
     def _deliver(self, data):
         if self._buffered:
@@ -343,12 +367,13 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
         except BaseException as exc:
             self._fatal_error(exc, "Fatal error: protocol.data_received() call failed.")
 
-    def _feed_buffered_run(self, views):
+    def _feed_buffered_run(self, views, first=None):
         # Copy the bytes of `views` (one DATA record, or a run of records of
         # this stream) into the protocol's buffers: each buffer get_buffer()
         # returns is filled from as many records as it takes before
         # buffer_updated() is called, as the stock loop's recv_into() fills
-        # it from what the socket holds.
+        # it from what the socket holds. `first`: the cast view of a buffer
+        # get_buffer() already returned for these bytes.
         protocol = self._protocol
         run = self._context_run
         left = 0
@@ -357,10 +382,15 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
         i = pos = 0
         while left:
             try:
-                buf = run(protocol.get_buffer, left)
-                dst = memoryview(buf).cast("B")
+                if first is not None:
+                    dst = first
+                    first = None
+                else:
+                    dst = memoryview(run(protocol.get_buffer, left)).cast("B")
                 if not len(dst):
                     raise RuntimeError("get_buffer() returned an empty buffer")
+                if dst.readonly:
+                    raise TypeError("get_buffer() returned a read-only buffer")
             except (SystemExit, KeyboardInterrupt):
                 raise
             except BaseException as exc:

@@ -609,6 +609,38 @@ def test_signal_handler_many_signals(loop):
     loop.run(main())
 
 
+@pytest.mark.parametrize("bad,exc_type", [(b"x" * 64, TypeError), (bytearray(), RuntimeError)],
+                         ids=["read-only", "empty"])
+def test_unusable_buffer_from_get_buffer_is_a_fatal_error(loop, bad, exc_type):
+    """get_buffer() returning a read-only or an empty buffer: a fatal error
+    of the transport (the handler gets it, connection_lost(exc) runs) and
+    nothing is written into the buffer -- as on the stock loop."""
+    errors = loop.expect_errors()
+    original = bytes(bad)
+    if exc_type is TypeError:
+        loop.known_failure(
+            "uvloop", "uvloop 0.17 reports a read-only buffer as RuntimeError('unhandled "
+            "error (or an empty buffer) in get_buffer()') (measured here)")
+
+    class Bad(BufProto):
+        def get_buffer(self, sizehint):
+            return bad
+
+    async def main():
+        tr, pr, peer = await connect_pair(loop.loop, lambda: Bad(loop.loop, 1024))
+        try:
+            peer.sendall(b"data")
+            exc = await asyncio.wait_for(pr.lost, 5)
+        finally:
+            peer.close()
+        assert isinstance(exc, exc_type)
+        assert tr.is_closing()
+
+    loop.run(main())
+    assert len(errors) == 1 and isinstance(errors[0]["exception"], exc_type)
+    assert bad == original
+
+
 @pytest.mark.parametrize("where", ["get_buffer", "buffer_updated", "eof_received"])
 def test_exception_in_buffered_protocol_reaches_handler(loop, where):
     """An exception in get_buffer/buffer_updated/eof_received is a fatal
