@@ -37,33 +37,69 @@ bool is_stream_kind(OpKind k) {
 // ---------------------------------------------------------------------------
 // BlockPool
 
-char *BlockPool::take(size_t cap) {
-  if (cap == kBlockSize && head_) {
-    FreeBlock *b = head_;
-    head_ = b->next;
-    --count_;
-    return reinterpret_cast<char *>(b);
+char *BlockPool::take(size_t *cap) {
+  if (*cap <= kBlockSize) {
+    *cap = kBlockSize;
+    if (head_) {
+      FreeBlock *b = head_;
+      head_ = b->next;
+      --count_;
+      return reinterpret_cast<char *>(b);
+    }
+    return static_cast<char *>(::operator new(kBlockSize, std::nothrow));
   }
-  return static_cast<char *>(::operator new(cap, std::nothrow));
+  size_t want = (*cap + kBlockSize - 1) / kBlockSize * kBlockSize;
+  FreeBlock **link = &large_;
+  for (size_t i = 0; *link && i < kLargeScan; ++i, link = &(*link)->next) {
+    FreeBlock *b = *link;
+    if (b->cap >= want && b->cap / 2 <= want) {
+      *link = b->next;
+      large_bytes_ -= b->cap;
+      *cap = b->cap;
+      return reinterpret_cast<char *>(b);
+    }
+  }
+  char *d = static_cast<char *>(::operator new(want, std::nothrow));
+  if (d) *cap = want;
+  return d;
 }
 
 void BlockPool::give(char *data, size_t cap) {
-  if (cap != kBlockSize) {
-    ::operator delete(data);
-    return;
-  }
   auto *b = reinterpret_cast<FreeBlock *>(data);
-  b->next = head_;
-  head_ = b;
-  ++count_;
+  b->cap = cap;
+  if (cap == kBlockSize) {
+    b->next = head_;
+    head_ = b;
+    ++count_;
+  } else {
+    b->next = large_;
+    large_ = b;
+    large_bytes_ += cap;
+  }
 }
 
-void BlockPool::trim(size_t keep) {
+void BlockPool::trim(size_t keep, size_t keep_large_bytes) {
   while (count_ > keep) {
     FreeBlock *next = head_->next;
     ::operator delete(head_);
     head_ = next;
     --count_;
+  }
+  // Keep the first blocks of the list (the ones given back last) up to the
+  // byte bound; free the rest.
+  FreeBlock **link = &large_;
+  size_t kept = 0;
+  while (*link && kept + (*link)->cap <= keep_large_bytes) {
+    kept += (*link)->cap;
+    link = &(*link)->next;
+  }
+  FreeBlock *b = *link;
+  *link = nullptr;
+  while (b) {
+    FreeBlock *next = b->next;
+    large_bytes_ -= b->cap;
+    ::operator delete(b);
+    b = next;
   }
 }
 
@@ -71,8 +107,8 @@ void BlockPool::trim(size_t keep) {
 // ByteQueue
 
 namespace {
-char *alloc_block(BlockPool *pool, size_t cap) {
-  return pool ? pool->take(cap) : static_cast<char *>(::operator new(cap, std::nothrow));
+char *alloc_block(BlockPool *pool, size_t *cap) {
+  return pool ? pool->take(cap) : static_cast<char *>(::operator new(*cap, std::nothrow));
 }
 
 void free_block(BlockPool *pool, char *data, size_t cap) {
@@ -98,7 +134,7 @@ bool ByteQueue::append(const void *p, size_t n, BlockPool *pool) {
     // Allocate the new block first, so a failure leaves the queue as it was.
     size_t rest = n - take;
     size_t cap = rest < BlockPool::kBlockSize ? BlockPool::kBlockSize : rest;
-    char *d = alloc_block(pool, cap);
+    char *d = alloc_block(pool, &cap);
     if (!d) return false;
     if (!blocks_.push_back(Block{d, cap, 0, 0})) {
       free_block(pool, d, cap);
@@ -415,7 +451,7 @@ void Engine::destroy() {
   retire_streams_.clear();
   free_ops_.clear();
   free_slots_.clear();
-  wblocks_.trim(0);
+  wblocks_.trim(0, 0);
   if (wake_fd_ >= 0) close(wake_fd_);
   wake_fd_ = -1;
   if (br_) munmap(br_, br_size_);
@@ -1099,7 +1135,7 @@ int Engine::poll(kloop_completion *out, uint32_t max, int64_t timeout_ns) {
   encrypted_unsent_ = 0;
   // Write blocks freed since the last poll that the caller's writes did not
   // take again: keep the pool's bound (BlockPool).
-  wblocks_.trim(BlockPool::kMaxFree);
+  wblocks_.trim(BlockPool::kMaxFree, BlockPool::kMaxLargeBytes);
   while (dirty_) {
     Stream *s = dirty_;
     dirty_ = s->next_dirty;

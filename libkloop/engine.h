@@ -158,38 +158,48 @@ class FreeList {
   size_t count_ = 0;
 };
 
-// Free write blocks of the standard size, kept by the loop so that a stream
-// answering one message at a time does not allocate and free a block per
-// message (glibc gives a freed block at the top of the heap back to the
-// kernel: a brk call per message, and page faults when it grows again).
-// Idle streams still hold no write memory. Blocks given back are all kept
-// until the next poll starts, which trims the pool to kMaxFree: the sends
-// that complete in one poll free the blocks that the answers written after
-// it take again, however many streams take part, and between polls the
-// loop keeps at most kMaxFree blocks for all its streams. A free block
-// holds the link to the next one in its first bytes.
+// Free write blocks, kept by the loop so that a stream answering one
+// message at a time does not allocate and free a block per message (glibc
+// gives a freed block at the top of the heap back to the kernel: a brk call
+// per message, and page faults when it grows again). Idle streams still
+// hold no write memory. Blocks given back are all kept until the next poll
+// starts, which trims the pool: the sends that complete in one poll free
+// the blocks that the answers written after it take again, however many
+// streams take part, and between polls the loop keeps at most kMaxFree
+// standard blocks and kMaxLargeBytes of larger ones for all its streams.
+// Larger blocks (a write of more than kBlockSize bytes into an empty
+// queue) are made in multiples of kBlockSize, and one is taken again for a
+// request of at least half its size. A free block holds the link to the
+// next one (and its size) in its first bytes.
 class BlockPool {
  public:
-  static constexpr size_t kBlockSize = 16384;  // the smallest block a queue makes
-  static constexpr size_t kMaxFree = 32;       // 512 KiB per loop across polls
+  static constexpr size_t kBlockSize = 16384;         // the smallest block a queue makes
+  static constexpr size_t kMaxFree = 32;              // 512 KiB per loop across polls
+  static constexpr size_t kMaxLargeBytes = 2u << 20;  // larger blocks kept across polls
+  static constexpr size_t kLargeScan = 16;            // free large blocks looked at per take
   BlockPool() = default;
   BlockPool(const BlockPool &) = delete;
   BlockPool &operator=(const BlockPool &) = delete;
-  ~BlockPool() { trim(0); }
-  // A block of `cap` bytes (a pooled one when cap is the standard size),
-  // nullptr without memory.
-  char *take(size_t cap);
-  // Gives back a block take() returned with the same cap.
+  ~BlockPool() { trim(0, 0); }
+  // A block of at least *cap bytes (*cap >= kBlockSize); *cap is set to its
+  // size. nullptr without memory.
+  char *take(size_t *cap);
+  // Gives back a block take() returned, with the size take() set.
   void give(char *data, size_t cap);
-  void trim(size_t keep);  // free pooled blocks beyond `keep`
+  // Free pooled blocks beyond `keep` standard ones and `keep_large_bytes`.
+  void trim(size_t keep, size_t keep_large_bytes);
   size_t free_count() const { return count_; }
+  size_t free_large_bytes() const { return large_bytes_; }
 
  private:
   struct FreeBlock {
     FreeBlock *next;
+    size_t cap;
   };
   FreeBlock *head_ = nullptr;
   size_t count_ = 0;
+  FreeBlock *large_ = nullptr;
+  size_t large_bytes_ = 0;
 };
 
 // Chunked byte queue: append copies, consume frees. Blocks never move, so a
