@@ -109,8 +109,8 @@ TEST_F(PollCall, SignalEndsAWaitWhileSendsComplete) {
   stop = true;
   signaller.join();
   reader.join();
-  EXPECT_TRUE(n == -EINTR || n == 0) << n << (n > 0 ? " records, the first event " : "")
-                                     << (n > 0 ? c[0].event : 0);
+  EXPECT_TRUE(n == -EINTR || n == 0)
+      << n << (n > 0 ? " records, the first event " : "") << (n > 0 ? c[0].event : 0);
   EXPECT_GT(SignalGuard::hits, before);
   EXPECT_LT(dt, 1s);
 }
