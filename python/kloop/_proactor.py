@@ -403,6 +403,7 @@ class IouringProactor:
         # bytes lent to the engine by transport.write() (kloop_stream_write_ref),
         # by ref, until its WRITE_RELEASE record
         self._lent = {}
+        self._lent_bytes = 0   # bytes of the objects in _lent
         self._lend_seq = 0
 
         self._cq_len = cq_batch
@@ -1402,7 +1403,9 @@ class IouringProactor:
                 if t is not None:
                     t._on_closed(res)
             elif ev == 8:                                # KLOOP_EVENT_WRITE_RELEASE
-                lent.pop(data, None)
+                b = lent.pop(data, None)
+                if b is not None:
+                    self._lent_bytes -= len(b)
             else:
                 t = get(tok)
                 if t is not None:
@@ -1432,6 +1435,7 @@ class IouringProactor:
                 self._ptr = None
             self._cache.clear()
             self._lent.clear()
+            self._lent_bytes = 0
             self._streams.clear()
             return
 
@@ -1506,6 +1510,7 @@ class IouringProactor:
         self._lib.kloop_destroy(ptr)
         # The engine reads no lent bytes any more (no release records come).
         self._lent.clear()
+        self._lent_bytes = 0
         # Streams finished without their CLOSED event: the engine has let go
         # of their fds now.
         streams, self._destroy_first = self._destroy_first, ()

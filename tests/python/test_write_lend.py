@@ -49,28 +49,45 @@ def _kloop():
     return h, h.loop._proactor
 
 
-def test_bytes_below_one_mib_are_copied_not_lent():
+def test_lent_bytes_per_loop_are_bounded():
     # A lent object lives until its send completes: a server answering many
     # streams with 100 KiB bodies held one per stream, and glibc trimmed and
-    # regrew its heap under them (a brk and page faults per answer). Below
-    # 1 MiB the transport copies into the engine's pooled write blocks.
+    # regrew its heap under them as they were freed together (a brk and page
+    # faults per answer). Under 1 MiB, writes are lent while the loop's lent
+    # bytes stay under the budget, and copied beyond it.
     h, proactor = _kloop()
-    body = pattern(100 * 1024, seed=3)
-    edge = pattern((1 << 20) - 1, seed=4)
+    from kloop import transports
+    budget = transports.SocketTransport._lend_budget
+    bodies = [pattern(100 * 1024, seed=i) for i in range(22)]   # 2.2 MB
+    assert budget < 2 * 1024 * 1024
+    big = pattern(1 << 20, seed=99)   # lent whatever the budget
 
     async def main():
         tr, pr, peer = await connect_pair(
-            h.loop, lambda: RecordingProtocol(h.loop), family=socket.AF_INET)
+            h.loop, lambda: RecordingProtocol(h.loop), family=socket.AF_UNIX,
+            rcvbuf=32768, sndbuf=32768)
         try:
-            refs = sys.getrefcount(body), sys.getrefcount(edge)
-            tr.write(body)
-            tr.write(edge)
-            assert not proactor._lent, "a bytes write under 1 MiB was lent"
-            assert (sys.getrefcount(body), sys.getrefcount(edge)) == refs, \
-                "a written object is still referenced"
-            got, err = await h.loop.run_in_executor(
-                None, read_all, peer, len(body) + len(edge))
-            assert err is None and got == body + edge
+            refs = [sys.getrefcount(b) for b in bodies]
+            for b in bodies:
+                tr.write(b)
+            del b
+            now = [sys.getrefcount(b) for b in bodies]
+            kept = [int(n > r) for n, r in zip(now, refs)]
+            lent = len(proactor._lent)
+            assert 0 < lent < len(bodies), f"{lent} of {len(bodies)} bodies lent"
+            assert kept == [1] * lent + [0] * (len(bodies) - lent), "lent after a copy"
+            assert proactor._lent_bytes == 100 * 1024 * lent
+            assert proactor._lent_bytes - 100 * 1024 < budget
+            tr.write(big)
+            assert proactor._lent_bytes == 100 * 1024 * lent + len(big)
+            total = sum(map(len, bodies)) + len(big)
+            got, err = await h.loop.run_in_executor(None, read_all, peer, total)
+            assert err is None and got == b"".join(bodies) + big
+            for _ in range(100):
+                if not proactor._lent:
+                    break
+                await asyncio.sleep(0.01)
+            assert not proactor._lent and proactor._lent_bytes == 0
             tr.close()
             assert await pr.lost is None
         finally:
