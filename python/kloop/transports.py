@@ -341,15 +341,8 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
         # BufferedProtocol, one record: copied into the buffer get_buffer()
         # returns when it fits (the common case), else piece by piece.
         protocol = self._protocol
-        run = self._context_run
-        try:
-            dst = memoryview(run(protocol.get_buffer, n)).cast("B")
-            if dst.readonly:
-                raise TypeError("get_buffer() returned a read-only buffer")
-        except (SystemExit, KeyboardInterrupt):
-            raise
-        except BaseException as exc:
-            self._fatal_error(exc, "Fatal error: protocol.get_buffer() call failed.")
+        dst = self._protocol_buffer(protocol, n)
+        if dst is None:
             return
         if len(dst) < n:
             # Smaller: filled, and more buffers asked for, piece by piece.
@@ -358,7 +351,7 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
         dst[:n] = self._arena_view[off:off + n]
         dst.release()
         try:
-            run(protocol.buffer_updated, n)
+            self._context_run(protocol.buffer_updated, n)
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:
@@ -375,13 +368,29 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
         except BaseException as exc:
             self._fatal_error(exc, "Fatal error: protocol.data_received() call failed.")
 
+    def _protocol_buffer(self, protocol, size):
+        # The byte view of protocol.get_buffer(size), checked as the stock
+        # loop's recv_into() would find it; None after a fatal error.
+        try:
+            dst = memoryview(self._context_run(protocol.get_buffer, size)).cast("B")
+            if not len(dst):
+                raise RuntimeError("get_buffer() returned an empty buffer")
+            if dst.readonly:
+                raise TypeError("get_buffer() returned a read-only buffer")
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc, "Fatal error: protocol.get_buffer() call failed.")
+            return None
+        return dst
+
     def _feed_buffered_run(self, views, first=None):
         # Copy the bytes of `views` (one DATA record, or a run of records of
         # this stream) into the protocol's buffers: each buffer get_buffer()
         # returns is filled from as many records as it takes before
         # buffer_updated() is called, as the stock loop's recv_into() fills
-        # it from what the socket holds. `first`: the cast view of a buffer
-        # get_buffer() already returned for these bytes.
+        # it from what the socket holds. `first`: a buffer _protocol_buffer()
+        # already returned for these bytes.
         protocol = self._protocol
         run = self._context_run
         left = 0
@@ -389,21 +398,13 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
             left += len(v)
         i = pos = 0
         while left:
-            try:
-                if first is not None:
-                    dst = first
-                    first = None
-                else:
-                    dst = memoryview(run(protocol.get_buffer, left)).cast("B")
-                if not len(dst):
-                    raise RuntimeError("get_buffer() returned an empty buffer")
-                if dst.readonly:
-                    raise TypeError("get_buffer() returned a read-only buffer")
-            except (SystemExit, KeyboardInterrupt):
-                raise
-            except BaseException as exc:
-                self._fatal_error(exc, "Fatal error: protocol.get_buffer() call failed.")
-                return
+            if first is not None:
+                dst = first
+                first = None
+            else:
+                dst = self._protocol_buffer(protocol, left)
+                if dst is None:
+                    return
             cap = len(dst)
             n = 0
             while n < cap and left:
