@@ -335,18 +335,16 @@ class _Internal:
 
 class _Ready:
     """A ``_cache`` entry for a one-shot poll that resolves a future (a
-    C ``asyncio.Future``) with the poll's result: see IouringProactor.ready."""
+    C ``asyncio.Future``) with the poll's result: see IouringProactor.ready.
+    It pins no memory (a poll has no buffer)."""
 
-    __slots__ = ("_token", "_fut", "_keep", "_live")
+    __slots__ = ("_token", "_fut")
 
-    def __init__(self, fut):
-        self._token = None
+    def __init__(self, fut, token):
+        self._token = token
         self._fut = fut
-        self._keep = None
-        self._live = False
 
     def _complete(self, res, flags, data, aux):
-        self._live = False
         fut = self._fut
         if not fut.done():
             fut.set_result(res)
@@ -1113,13 +1111,11 @@ class IouringProactor:
         ``cancel_ready(token)`` when the future is abandoned."""
         self._check_closed()
         fut = self._loop.create_future()
-        entry = _Ready(fut)
-        entry._token = token = self._next_token()
+        token = self._next_token()
         rc = self._lib.kloop_submit_poll(self._ptr, token, fd, events, 0)
         if rc < 0:
             raise make_error(rc)
-        entry._live = True
-        self._cache[token] = entry
+        self._cache[token] = _Ready(fut, token)
         return fut, token
 
     def cancel_ready(self, token):

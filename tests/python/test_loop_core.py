@@ -22,35 +22,52 @@ STOCK_CANCEL_LOSS = (
     "round of test_cancel_sock_recv_in_completion_iteration_keeps_data loses its byte)")
 
 
+async def _cancel_as_data_arrives(lp, start, after_cancel):
+    """Rounds in which a byte arrives on a socketpair and the task receiving
+    it is cancelled in the same loop iteration. ``start(a)`` gives the
+    receive's coroutine and a function turning its result into bytes;
+    ``after_cancel(a)`` (a coroutine) fetches the byte a cancelled receive
+    left behind. Returns the rounds (round, got) where the byte was not
+    got; stops after three."""
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    lost = []
+    try:
+        for i in range(20):
+            if len(lost) >= 3:
+                break
+            coro, to_bytes = start(a)
+            t = asyncio.ensure_future(coro)
+            await asyncio.sleep(0)  # the task now waits for data
+            b.send(bytes([i]))  # data is in the socket ...
+            lp.call_later(0, t.cancel)  # ... and a cancel is due now
+            try:
+                got = to_bytes(await t)
+            except asyncio.CancelledError:
+                got = await after_cancel(a)
+            if got != bytes([i]):
+                lost.append((i, got))
+    finally:
+        a.close()
+        b.close()
+    return lost
+
+
 def test_cancel_sock_recv_in_completion_iteration_keeps_data(loop):
     """The data arrives and the cancel is due in the same loop iteration: the
     cancelled call must leave the byte for the next sock_recv."""
     loop.known_failure(("asyncio", "uvloop"), STOCK_CANCEL_LOSS)
+    lp = loop.loop
+
+    async def next_recv(a):
+        try:
+            return await asyncio.wait_for(lp.sock_recv(a, 100), 0.3)
+        except asyncio.TimeoutError:
+            return b""
 
     async def main():
-        a, b = socket.socketpair()
-        a.setblocking(False)
-        lost = []
-        try:
-            for i in range(20):
-                if len(lost) >= 3:
-                    break
-                t = asyncio.ensure_future(loop.loop.sock_recv(a, 100))
-                await asyncio.sleep(0)  # the task now waits for data
-                b.send(bytes([i]))  # data is in the socket ...
-                loop.loop.call_later(0, t.cancel)  # ... and a cancel is due now
-                try:
-                    got = await t
-                except asyncio.CancelledError:
-                    try:
-                        got = await asyncio.wait_for(loop.loop.sock_recv(a, 100), 0.3)
-                    except asyncio.TimeoutError:
-                        got = b""
-                if got != bytes([i]):
-                    lost.append((i, got))
-        finally:
-            a.close()
-            b.close()
+        lost = await _cancel_as_data_arrives(
+            lp, lambda a: (lp.sock_recv(a, 100), bytes), next_recv)
         assert not lost, f"bytes lost or changed (round, got): {lost}"
 
     loop.run(main())
@@ -65,36 +82,19 @@ def test_cancelled_sock_recv_leaves_the_bytes_in_the_socket(loop, method):
     inside the loop. (The stock loops read it in the readiness callback and
     then drop it: STOCK_CANCEL_LOSS.)"""
     loop.known_failure(("asyncio", "uvloop"), STOCK_CANCEL_LOSS)
+    lp = loop.loop
+
+    def start(a):
+        if method == "sock_recv":
+            return lp.sock_recv(a, 100), bytes
+        buf = bytearray(100)
+        return lp.sock_recv_into(a, buf), lambda n: bytes(buf[:n])
+
+    async def plain_recv(a):
+        return a.recv(100) if select.select([a], [], [], 0.3)[0] else b""
 
     async def main():
-        a, b = socket.socketpair()
-        a.setblocking(False)
-        lost = []
-        try:
-            for i in range(20):
-                if len(lost) >= 3:
-                    break
-                buf = bytearray(100)
-                if method == "sock_recv":
-                    t = asyncio.ensure_future(loop.loop.sock_recv(a, 100))
-                else:
-                    t = asyncio.ensure_future(loop.loop.sock_recv_into(a, buf))
-                await asyncio.sleep(0)  # the task now waits for data
-                b.send(bytes([i]))
-                loop.loop.call_later(0, t.cancel)
-                try:
-                    got = await t
-                    if method == "sock_recv_into":
-                        got = bytes(buf[:got])
-                except asyncio.CancelledError:
-                    got = b""
-                    if select.select([a], [], [], 0.3)[0]:
-                        got = a.recv(100)
-                if got != bytes([i]):
-                    lost.append((i, got))
-        finally:
-            a.close()
-            b.close()
+        lost = await _cancel_as_data_arrives(lp, start, plain_recv)
         assert not lost, f"bytes not in the socket after the cancel (round, got): {lost}"
 
     loop.run(main())
