@@ -25,6 +25,8 @@
  *     addresses) stays valid until the next kloop_poll() on the same loop.
  *  6. kloop_poll() is the only call that enters the kernel in the normal
  *     case: it submits what is queued, waits, and fills completion records.
+ *     The exception: a stream write of 16 KiB or more to an idle socket
+ *     stream is sent at once (kloop_stream_write).
  *  7. Public structs have only fixed-width fields. Those that may grow start
  *     with a `size` field that the caller sets to sizeof(the struct).
  *  8. A loop used in a child after fork() answers -EBADFD to every call but
@@ -128,6 +130,7 @@ KLOOP_API int kloop_probe(struct kloop_caps *caps);
 #define KLOOP_CONFIG_SQPOLL (1u << 0)           /* kernel submission thread (costs a core) */
 #define KLOOP_CONFIG_NO_DEFER_TASKRUN (1u << 1) /* allow use from several threads in turn */
 #define KLOOP_CONFIG_NO_SEND_GATHER (1u << 2)   /* one queued block per stream send */
+#define KLOOP_CONFIG_NO_DIRECT_SEND (1u << 3)   /* large writes always wait for the poll */
 
 /*
  * struct kloop_config - how to build a loop. Fill with kloop_config_init().
@@ -502,7 +505,13 @@ KLOOP_API int kloop_stream_resume(kloop_t *loop, uint64_t token);
 /*
  * kloop_stream_write - copy len bytes into the stream's write queue. One send
  *   is in flight per stream; queued buffers are gathered into one sendmsg;
- *   short sends are resubmitted. No completion per write.
+ *   short sends are resubmitted. No completion per write. A write of 16 KiB
+ *   or more to a socket stream with nothing queued and no send in flight
+ *   goes to the kernel at once (send(2), MSG_DONTWAIT) and only what the
+ *   socket did not take is copied and queued; any error of that send
+ *   leaves all of it queued, for the queued send to report
+ *   (KLOOP_CONFIG_NO_DIRECT_SEND turns this off; kloop_stats.direct_sends
+ *   counts it).
  * Returns: bytes now queued and not yet accepted by the kernel (>= 0, after
  *   this write), -ENOENT, -EPIPE (write side shut down, aborting, failed,
  *   or the stream has finished closing: the data is dropped), -EBADF, -EINVAL (buf NULL with len >
@@ -520,7 +529,9 @@ KLOOP_API int64_t kloop_stream_write(kloop_t *loop, uint64_t token, const void *
  *   (flags KLOOP_COMPLETION_MORE, result 0) says the engine is done with
  *   them: once the kernel has taken the last of them, or when the queue is
  *   dropped (write error, abort, close). Every call that returns >= 0 gets
- *   exactly one such record, before the stream's CLOSED. kloop_destroy()
+ *   exactly one such record, before the stream's CLOSED; when the kernel
+ *   took all of them at once (as kloop_stream_write() sends to an idle
+ *   stream), the record comes from the next poll. kloop_destroy()
  *   sends no records: once it returns the engine reads none of the bytes.
  *   Ordering, flow control and errors are those of kloop_stream_write().
  * Returns: as kloop_stream_write(); also -EINVAL (len 0: nothing to lend),
@@ -703,7 +714,8 @@ struct kloop_stats {
   uint64_t completions;    /* records returned by kloop_poll() */
   uint64_t cq_overflows;   /* kernel CQ overflow count */
   uint64_t enobufs;        /* receive re-arms after running out of buffers */
-  uint64_t reserved[6];
+  uint64_t direct_sends;   /* large stream writes sent at once (send(2)) */
+  uint64_t reserved[5];
 };
 
 /*

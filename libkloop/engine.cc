@@ -291,6 +291,7 @@ int Engine::init(const kloop_config &cfg) {
   enabled_ = en;
 
   no_send_gather_ = (cfg.flags & KLOOP_CONFIG_NO_SEND_GATHER) != 0;
+  no_direct_send_ = (cfg.flags & KLOOP_CONFIG_NO_DIRECT_SEND) != 0;
   buf_size_ = cfg.buf_size;
   buf_count_ = cfg.buf_count;
   if (!setup_buffers() || !setup_tls_buffers()) {

@@ -239,6 +239,10 @@ inline constexpr int kMaxIov = 64;
 // Past this many bytes the waiting sends go out at once (Engine::send_early).
 inline constexpr uint64_t kSendEarlyBytes = 65536;
 
+// Writes of at least this many bytes to an idle socket stream are sent at
+// once (Engine::direct_send) instead of being copied into the queue.
+inline constexpr size_t kDirectSendMin = 16384;
+
 // What a gathered send of more than one block hands the kernel. Taken from
 // the engine's pool when the send is prepared, given back when it completes:
 // idle streams hold none. Without one (no memory) a send takes one block.
@@ -341,6 +345,7 @@ class Engine {
   int stream_attach(uint64_t token, int fd, uint32_t flags);
   int stream_pause(uint64_t token, bool pause);
   int64_t stream_write(uint64_t token, const void *buf, size_t len);
+  size_t direct_send(Stream *s, const void *buf, size_t len);
   int64_t stream_write_ref(uint64_t token, const void *buf, size_t len, uint64_t ref);
   int stream_set_limits(uint64_t token, uint64_t high, uint64_t low);
   int64_t stream_write_size(uint64_t token);
@@ -451,6 +456,7 @@ class Engine {
   size_t arena_size_ = 0;
   uint32_t buf_size_ = 0, buf_count_ = 0;
   bool no_send_gather_ = false;  // KLOOP_CONFIG_NO_SEND_GATHER
+  bool no_direct_send_ = false;  // KLOOP_CONFIG_NO_DIRECT_SEND
   io_uring_buf_ring *br_ = nullptr;
   size_t br_size_ = 0;
   bool br_registered_ = false;

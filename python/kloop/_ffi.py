@@ -191,7 +191,8 @@ struct kloop_stats {
   uint64_t completions;
   uint64_t cq_overflows;
   uint64_t enobufs;
-  uint64_t reserved[6];
+  uint64_t direct_sends;
+  uint64_t reserved[5];
 };
 
 int kloop_get_stats(kloop_t *loop, struct kloop_stats *stats);
@@ -247,6 +248,7 @@ CAP_NAMES = {
 CONFIG_SQPOLL = 1 << 0
 CONFIG_NO_DEFER_TASKRUN = 1 << 1
 CONFIG_NO_SEND_GATHER = 1 << 2
+CONFIG_NO_DIRECT_SEND = 1 << 3
 
 COMPLETION_MORE = 1 << 0
 COMPLETION_DATA_NEXT = 1 << 1

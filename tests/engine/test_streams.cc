@@ -362,17 +362,19 @@ TEST_F(Streams, ManyWritesAreGathered) {
 
 // Eight 20 KiB writes queued on a fresh stream of `drv` whose socket
 // buffer holds them all: the SQEs it took to send them (the bytes are
-// checked at the peer).
+// checked at the peer). A byte written first keeps the stream busy, so
+// that none of them is sent at once (Engine::direct_send).
 uint64_t SqesToSendEightBlocks(Driver &drv) {
   auto [s, peer] = UnixPair();
   int sndbuf = 1 << 20;
   EXPECT_EQ(setsockopt(s, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf), 0);
   EXPECT_EQ(kloop_stream_attach(drv, 1, s, KLOOP_STREAM_NO_READ), 0);
   constexpr size_t kEach = 20 * 1024;
-  std::string all = Pattern(0, kEach * 8);
+  std::string all = Pattern(0, kEach * 8 + 1);
   kloop_stats before = GetStats(drv);
+  EXPECT_EQ(kloop_stream_write(drv, 1, all.data(), 1), 1);
   for (int i = 0; i < 8; ++i)
-    EXPECT_GE(kloop_stream_write(drv, 1, all.data() + i * kEach, kEach), 0);
+    EXPECT_GE(kloop_stream_write(drv, 1, all.data() + 1 + i * kEach, kEach), 0);
   EXPECT_TRUE(drv.RunUntil([&] { return kloop_stream_write_size(drv, 1) == 0; }));
   kloop_stats after = GetStats(drv);
   EXPECT_TRUE(ReadN(peer, all.size()) == all);
@@ -693,9 +695,10 @@ TEST_F(Streams, CallsWhileClosing) {
   auto [s, peer] = TcpPair();
   ShrinkBuffers(s, peer);
   ASSERT_EQ(kloop_stream_attach(d, 1, s, 0), 0);
-  ASSERT_GE(kloop_stream_write(d, 1, Pattern(0, 1 << 20).data(), 1 << 20), 0);
+  int64_t queued = kloop_stream_write(d, 1, Pattern(0, 1 << 20).data(), 1 << 20);
+  ASSERT_GT(queued, 0) << "the shrunk socket buffer took all of 1 MiB";
   ASSERT_EQ(kloop_stream_close(d, 1), 0);
-  EXPECT_EQ(kloop_stream_write(d, 1, "x", 1), (1 << 20) + 1) << "writes are taken until flushed";
+  EXPECT_EQ(kloop_stream_write(d, 1, "x", 1), queued + 1) << "writes are taken until flushed";
   EXPECT_EQ(kloop_stream_pause(d, 1), -EPIPE);
   EXPECT_EQ(kloop_stream_resume(d, 1), -EPIPE);
   EXPECT_EQ(kloop_stream_shutdown(d, 1), -EPIPE);
@@ -912,9 +915,12 @@ std::vector<uint64_t> ReleasedRefs(const Driver &d, uint64_t token) {
 TEST_F(Streams, WriteRefSendsTheCallersBytesNotACopy) {
   auto [s, peer] = TcpPair();
   ASSERT_EQ(kloop_stream_attach(d, 1, s, KLOOP_STREAM_NO_READ), 0);
+  // A byte queued first: the lent block waits behind it for the next poll
+  // (to an idle stream it would be sent at once, see DirectSend* below).
+  ASSERT_EQ(kloop_stream_write(d, 1, "<", 1), 1);
   std::string lent(100000, 'a');
   int64_t q = kloop_stream_write_ref(d, 1, lent.data(), lent.size(), 77);
-  ASSERT_EQ(q, static_cast<int64_t>(lent.size())) << "nothing is sent before the next poll";
+  ASSERT_EQ(q, static_cast<int64_t>(lent.size()) + 1) << "nothing is sent before the next poll";
   EXPECT_EQ(kloop_stream_write_size(d, 1), q);
   // Changed after the call and before the send: a copying queue would send
   // the 'a's.
@@ -925,9 +931,9 @@ TEST_F(Streams, WriteRefSendsTheCallersBytesNotACopy) {
     char buf[65536];
     ssize_t n = ::recv(peer_fd, buf, sizeof buf, MSG_DONTWAIT);
     if (n > 0) got.append(buf, static_cast<size_t>(n));
-    return got.size() >= lent.size() && !d.Of(1, KLOOP_EVENT_WRITE_RELEASE).empty();
+    return got.size() >= lent.size() + 1 && !d.Of(1, KLOOP_EVENT_WRITE_RELEASE).empty();
   }));
-  EXPECT_EQ(got, lent);
+  EXPECT_EQ(got, "<" + lent);
   EXPECT_EQ(ReleasedRefs(d, 1), std::vector<uint64_t>{77});
   EXPECT_EQ(kloop_stream_write_size(d, 1), 0);
   ASSERT_EQ(kloop_stream_close(d, 1), 0);
@@ -1044,6 +1050,142 @@ TEST_F(Streams, WriteRefArgumentErrors) {
   ASSERT_EQ(kloop_stream_abort(d, 1), 0);
   d.WaitFinal(1);
   EXPECT_TRUE(ReleasedRefs(d, 1).empty()) << "refused writes must not be released";
+}
+
+// ---- direct sends (Engine::direct_send) ---------------------------------
+
+constexpr size_t kDirectMin = 16384;  // kDirectSendMin in libkloop/engine.h
+
+// A large write to a stream with nothing queued and nothing in flight goes
+// to the kernel at once, from the caller's memory: no copy, no SQE, and the
+// peer has it before the next poll.
+TEST_F(Streams, DirectSendTakesALargeWriteToAnIdleStreamAtOnce) {
+  auto [s, peer] = UnixPair();
+  ASSERT_EQ(kloop_stream_attach(d, 1, s, KLOOP_STREAM_NO_READ), 0);
+  const std::string msg = Pattern(0, 64 * 1024);
+  kloop_stats before = GetStats(d);
+  EXPECT_EQ(kloop_stream_write(d, 1, msg.data(), msg.size()), 0) << "the write was queued";
+  kloop_stats after = GetStats(d);
+  EXPECT_EQ(after.direct_sends - before.direct_sends, 1u);
+  EXPECT_EQ(after.sqes, before.sqes);
+  EXPECT_EQ(kloop_stream_write_size(d, 1), 0);
+  EXPECT_TRUE(ReadN(peer, msg.size()) == msg) << "the bytes are not at the peer before a poll";
+  ASSERT_EQ(kloop_stream_close(d, 1), 0);
+  EXPECT_EQ(d.WaitFinal(1).event, KLOOP_EVENT_CLOSED);
+}
+
+// Below the threshold, or behind queued bytes, a write waits in the queue:
+// small writes stay gathered into the poll's one io_uring_enter, and a
+// write never overtakes bytes queued before it.
+TEST_F(Streams, DirectSendOnlyForLargeWritesToAnIdleStream) {
+  auto [s, peer] = UnixPair();
+  ASSERT_EQ(kloop_stream_attach(d, 1, s, KLOOP_STREAM_NO_READ), 0);
+  const std::string all = Pattern(0, 1 + 2 * kDirectMin + (kDirectMin - 1));
+  const char *p = all.data();
+  kloop_stats before = GetStats(d);
+  ASSERT_EQ(kloop_stream_write(d, 1, p, kDirectMin - 1), static_cast<int64_t>(kDirectMin - 1));
+  ASSERT_TRUE(Flush(1));
+  EXPECT_EQ(ReadN(peer, kDirectMin - 1), all.substr(0, kDirectMin - 1));
+  p += kDirectMin - 1;
+  ASSERT_EQ(kloop_stream_write(d, 1, p, 1), 1);  // queued: the stream is busy now
+  ASSERT_EQ(kloop_stream_write(d, 1, p + 1, kDirectMin), static_cast<int64_t>(kDirectMin + 1));
+  EXPECT_EQ(GetStats(d).direct_sends, before.direct_sends) << "a write overtook the queue";
+  ASSERT_TRUE(Flush(1));
+  p += 1 + kDirectMin;
+  ASSERT_EQ(kloop_stream_write(d, 1, p, kDirectMin), 0);  // idle again: sent at once
+  EXPECT_EQ(GetStats(d).direct_sends - before.direct_sends, 1u);
+  EXPECT_TRUE(ReadN(peer, all.size() - (kDirectMin - 1)) == all.substr(kDirectMin - 1));
+  ASSERT_EQ(kloop_stream_close(d, 1), 0);
+  d.WaitFinal(1);
+}
+
+// What the socket does not take at once is queued and follows in order.
+TEST_F(Streams, DirectSendQueuesWhatTheSocketDoesNotTake) {
+  auto [s, peer] = TcpPair();
+  ShrinkBuffers(s, peer);
+  ASSERT_EQ(kloop_stream_attach(d, 1, s, KLOOP_STREAM_NO_READ), 0);
+  const std::string all = Pattern(0, 3 << 20);
+  kloop_stats before = GetStats(d);
+  int64_t q = kloop_stream_write(d, 1, all.data(), 1 << 20);
+  ASSERT_GT(q, 0) << "the shrunk socket buffer took all of 1 MiB";
+  EXPECT_LT(q, 1 << 20) << "nothing was sent at once";
+  EXPECT_EQ(GetStats(d).direct_sends - before.direct_sends, 1u);
+  ASSERT_GE(kloop_stream_write(d, 1, all.data() + (1 << 20), 2 << 20), q);
+  PatternReader reader(peer, all.size(), 65536, 1ms, 1 << 19);
+  reader.StopAtExpected();
+  ASSERT_TRUE(d.RunUntil([&] { return kloop_stream_write_size(d, 1) == 0; }, 30s));
+  reader.Join();
+  EXPECT_EQ(reader.got(), all.size());
+  EXPECT_EQ(reader.mismatch(), -1) << "first wrong byte";
+  ASSERT_EQ(kloop_stream_close(d, 1), 0);
+  d.WaitFinal(1);
+}
+
+// KLOOP_CONFIG_NO_DIRECT_SEND (the ablation switch): every write waits for
+// the poll.
+TEST_F(Streams, NoDirectSendQueuesLargeWrites) {
+  kloop_config cfg = DefaultConfig();
+  cfg.flags |= KLOOP_CONFIG_NO_DIRECT_SEND;
+  Driver d2(&cfg);
+  ASSERT_EQ(d2.create_rc(), 0);
+  auto [s, peer] = UnixPair();
+  ASSERT_EQ(kloop_stream_attach(d2, 1, s, KLOOP_STREAM_NO_READ), 0);
+  const std::string msg = Pattern(0, 64 * 1024);
+  EXPECT_EQ(kloop_stream_write(d2, 1, msg.data(), msg.size()), static_cast<int64_t>(msg.size()));
+  EXPECT_TRUE(d2.RunUntil([&] { return kloop_stream_write_size(d2, 1) == 0; }));
+  EXPECT_TRUE(ReadN(peer, msg.size()) == msg);
+  EXPECT_EQ(GetStats(d2).direct_sends, 0u);
+  ASSERT_EQ(kloop_stream_close(d2, 1), 0);
+  d2.WaitFinal(1);
+}
+
+// A pipe (KLOOP_STREAM_FILE) may be in blocking mode: never written at once.
+TEST_F(Streams, DirectSendNeverOnAFileStream) {
+  auto [r, w] = Pipe();
+  ASSERT_EQ(kloop_stream_attach(d, 2, w, KLOOP_STREAM_FILE | KLOOP_STREAM_NO_READ), 0);
+  const std::string msg = Pattern(0, 32 * 1024);
+  EXPECT_EQ(kloop_stream_write(d, 2, msg.data(), msg.size()), static_cast<int64_t>(msg.size()));
+  EXPECT_EQ(GetStats(d).direct_sends, 0u);
+  ASSERT_TRUE(Flush(2));
+  EXPECT_TRUE(ReadN(r, msg.size()) == msg);
+  ASSERT_EQ(kloop_stream_close(d, 2), 0);
+  d.WaitFinal(2);
+}
+
+// A lent block the kernel took whole at once is released by the next poll
+// (kloop_stream_write_ref's promise: one WRITE_RELEASE per accepted call).
+TEST_F(Streams, DirectSendOfALentBlockReleasesItAtTheNextPoll) {
+  auto [s, peer] = UnixPair();
+  ASSERT_EQ(kloop_stream_attach(d, 1, s, KLOOP_STREAM_NO_READ), 0);
+  const std::string msg = Pattern(0, 64 * 1024);
+  EXPECT_EQ(kloop_stream_write_ref(d, 1, msg.data(), msg.size(), 42), 0);
+  EXPECT_EQ(GetStats(d).direct_sends, 1u);
+  EXPECT_TRUE(ReadN(peer, msg.size()) == msg);
+  d.Poll(0);
+  EXPECT_EQ(ReleasedRefs(d, 1), std::vector<uint64_t>{42});
+  ASSERT_EQ(kloop_stream_close(d, 1), 0);
+  EXPECT_EQ(d.WaitFinal(1).event, KLOOP_EVENT_CLOSED);
+  EXPECT_EQ(ReleasedRefs(d, 1), std::vector<uint64_t>{42}) << "released twice";
+}
+
+// A broken connection fails the direct send quietly: the bytes are queued
+// and the queued send reports the error as it would have without it.
+TEST_F(Streams, DirectSendToAResetConnectionReportsAWriteError) {
+  auto [s, peer] = TcpPair();
+  ASSERT_EQ(kloop_stream_attach(d, 1, s, KLOOP_STREAM_NO_READ), 0);
+  linger lg{1, 0};
+  ::setsockopt(peer, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+  peer.reset();
+  std::this_thread::sleep_for(10ms);
+  const std::string msg = Pattern(0, 64 * 1024);
+  EXPECT_EQ(kloop_stream_write(d, 1, msg.data(), msg.size()), static_cast<int64_t>(msg.size()));
+  EXPECT_EQ(GetStats(d).direct_sends, 0u);
+  Event err = d.WaitEvent(1, KLOOP_EVENT_ERROR);
+  EXPECT_EQ(err.aux & KLOOP_ERROR_WRITE, KLOOP_ERROR_WRITE);
+  EXPECT_TRUE(err.result == -ECONNRESET || err.result == -EPIPE) << err.result;
+  EXPECT_EQ(kloop_stream_write(d, 1, msg.data(), msg.size()), -EPIPE);
+  ASSERT_EQ(kloop_stream_close(d, 1), 0);
+  d.WaitFinal(1);
 }
 
 TEST_F(Streams, DestroyWithBorrowedBytesQueuedReadsThemNoMore) {
