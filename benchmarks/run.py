@@ -142,6 +142,9 @@ ABLATIONS = {
     "kloop-no-send-gather": ({"KLOOP_DISABLE": "send_gather"},
                              "write gathering", "one queued block per send instead of "
                              "up to 64 in one sendmsg"),
+    "kloop-no-direct-send": ({"KLOOP_DISABLE": "direct_send"},
+                             "direct send", "a large write to an idle stream is copied "
+                             "into the queue and sent by the next poll"),
     "kloop-no-batch": ({"KLOOP_CQ_BATCH": "1"},
                        "completion batching", "one completion record per kloop_poll() "
                        "call instead of up to 256"),

@@ -89,8 +89,9 @@ CQ_BATCH = 256
 
 # Switches to measure what each engine feature gives (benchmarks/run.py
 # ablation; docs/performance.md): KLOOP_DISABLE lists capabilities to treat
-# as absent (names as `python -m kloop info` prints them) and "send_gather"
-# (KLOOP_CONFIG_NO_SEND_GATHER); KLOOP_CQ_BATCH sets the records per poll.
+# as absent (names as `python -m kloop info` prints them), "send_gather"
+# (KLOOP_CONFIG_NO_SEND_GATHER) and "direct_send" (KLOOP_CONFIG_NO_DIRECT_SEND);
+# KLOOP_CQ_BATCH sets the records per poll.
 DISABLE_ENV = "KLOOP_DISABLE"
 CQ_BATCH_ENV = "KLOOP_CQ_BATCH"
 
@@ -105,11 +106,13 @@ def _config_from_env(environ=os.environ):
         for name in names:
             if name == "send_gather":
                 config["flags"] |= _ffi.CONFIG_NO_SEND_GATHER
+            elif name == "direct_send":
+                config["flags"] |= _ffi.CONFIG_NO_DIRECT_SEND
             elif name in by_name:
                 config["disable"] |= by_name[name]
             else:
                 raise ValueError(
-                    f"{DISABLE_ENV}: unknown feature {name!r} (known: send_gather, "
+                    f"{DISABLE_ENV}: unknown feature {name!r} (known: send_gather, direct_send, "
                     + ", ".join(sorted(by_name)) + ")")
     batch = environ.get(CQ_BATCH_ENV, "")
     if not batch:
@@ -401,7 +404,6 @@ class IouringProactor:
         # bytes lent to the engine by transport.write() (kloop_stream_write_ref),
         # by ref, until its WRITE_RELEASE record
         self._lent = {}
-        self._lent_bytes = 0   # bytes of the objects in _lent
         self._lend_seq = 0
 
         self._cq_len = cq_batch
@@ -486,7 +488,7 @@ class IouringProactor:
             raise make_error(rc)
         return {name: getattr(st, name) for name in (
             "ops_in_flight", "streams", "buffers_in_use", "polls", "enters", "sqes",
-            "cqes", "completions", "cq_overflows", "enobufs")}
+            "cqes", "completions", "cq_overflows", "enobufs", "direct_sends")}
 
     def wake(self):
         """Make a waiting select() return; safe from any thread."""
@@ -1399,9 +1401,7 @@ class IouringProactor:
                 if t is not None:
                     t._on_closed(res)
             elif ev == 8:                                # KLOOP_EVENT_WRITE_RELEASE
-                b = lent.pop(data, None)
-                if b is not None:
-                    self._lent_bytes -= len(b)
+                lent.pop(data, None)
             else:
                 t = get(tok)
                 if t is not None:
@@ -1431,7 +1431,6 @@ class IouringProactor:
                 self._ptr = None
             self._cache.clear()
             self._lent.clear()
-            self._lent_bytes = 0
             self._streams.clear()
             return
 
@@ -1506,7 +1505,6 @@ class IouringProactor:
         self._lib.kloop_destroy(ptr)
         # The engine reads no lent bytes any more (no release records come).
         self._lent.clear()
-        self._lent_bytes = 0
         # Streams finished without their CLOSED event: the engine has let go
         # of their fds now.
         streams, self._destroy_first = self._destroy_first, ()

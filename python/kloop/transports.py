@@ -97,17 +97,14 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
     _sendfile_compatible = constants._SendfileMode.TRY_NATIVE
 
     # bytes objects this large are lent to the engine, not copied
-    # (kloop_stream_write_ref): 16 KiB is where the copy costs more than
-    # the release record and the bookkeeping. But a lent object lives until
-    # its send completes, and when a loop holds many at once (a server
-    # answering many streams), glibc trims and regrows its heap under them
-    # as they are freed together: a brk and page faults per answer. So
-    # below _lend_always, a write is lent only while the loop's lent bytes
-    # stay under _lend_budget, and copied into the engine's pooled write
-    # blocks beyond it. docs/design.md, "Lent writes".
-    _lend_min = 16384
-    _lend_budget = 1 << 20
-    _lend_always = 1 << 20
+    # (kloop_stream_write_ref). Smaller ones go to kloop_stream_write(),
+    # which sends a write of 16 KiB or more to an idle stream at once and
+    # copies only what waits: a lent object would live until its send
+    # completes, and a server answering many streams would free many
+    # together, which makes glibc trim and regrow its heap (a brk and page
+    # faults per answer). From 1 MiB, objects come from mmap, not the heap,
+    # and copying them is what costs. docs/design.md, "Lent writes".
+    _lend_min = 1 << 20
 
     def __init__(self, loop, sock, protocol, waiter=None, extra=None, server=None,
                  context=None):
@@ -526,14 +523,11 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
         # it (bytes cannot change). The proactor keeps it alive until the
         # engine's WRITE_RELEASE record for `ref`.
         proactor = self._loop._proactor
-        if n < self._lend_always and proactor._lent_bytes >= self._lend_budget:
-            return self._kwrite(self._kptr, self._token, data, n)
         ref = proactor._lend_seq = proactor._lend_seq + 1
         buf = _ffi.ffi.from_buffer(data)
         size = self._klib.kloop_stream_write_ref(self._kptr, self._token, buf, n, ref)
         if size >= 0:
             proactor._lent[ref] = buf   # the cdata keeps `data` alive
-            proactor._lent_bytes += n
         return size
 
     def _write_slow(self, data):

@@ -1,5 +1,6 @@
 """The switches benchmarks/run.py's ablation tier measures kloop with:
-KLOOP_DISABLE (capabilities treated as absent, and "send_gather") and
+KLOOP_DISABLE (capabilities treated as absent, "send_gather" and
+"direct_send") and
 KLOOP_CQ_BATCH (completion records per poll). Each must really change what
 the engine does, leave the loop correct, and refuse what it does not know."""
 
@@ -42,6 +43,7 @@ async def main():
     p = loop._proactor
     print(json.dumps({"enabled": p.caps()["enabled"], "cq_len": p._cq_len,
                       "sqes": after["sqes"] - before["sqes"],
+                      "direct_sends": after["direct_sends"] - before["direct_sends"],
                       "polls": after["polls"] - before["polls"]}))
 
 kloop.run(main())
@@ -83,6 +85,16 @@ def test_no_send_gather_costs_sends():
     # Each answer is written in two pieces and, gathered, leaves in one send;
     # without gathering the echo needs more submissions.
     assert off["sqes"] > base["sqes"], (base, off)
+
+
+def test_no_direct_send_queues_every_write():
+    # The client's 75 KiB writes find its stream idle: sent at once, unless
+    # switched off.
+    base = _result()
+    off = _result(KLOOP_DISABLE="direct_send")
+    assert off["enabled"] == base["enabled"]
+    assert base["direct_sends"] > 0, base
+    assert off["direct_sends"] == 0, off
 
 
 def test_cq_batch_sets_records_per_poll():

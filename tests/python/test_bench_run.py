@@ -166,7 +166,7 @@ def test_ablation_tier_runs_kloop_against_one_switch_each():
         assert run.LOOP_VARIANTS[name] == ("kloop", env)
         assert len(env) == 1 and what and instead
     assert {e.get("KLOOP_DISABLE") for e, _, _ in run.ABLATIONS.values()} >= {
-        "multishot_recv", "buf_ring", "defer_taskrun", "send_gather"}
+        "multishot_recv", "buf_ring", "defer_taskrun", "send_gather", "direct_send"}
     assert {"KLOOP_CQ_BATCH": "1"} in [e for e, _, _ in run.ABLATIONS.values()]
 
 

@@ -50,7 +50,7 @@ def test_get_stats_counts_the_engine_work(kloop_mod):
     before, during, after = kloop_mod.run(main())
     assert during["streams"] >= 2  # both ends of the connection are engine streams
     assert set(before) >= {"ops_in_flight", "streams", "buffers_in_use", "polls", "enters",
-                           "sqes", "cqes", "completions", "cq_overflows", "enobufs",
+                           "sqes", "cqes", "completions", "cq_overflows", "enobufs", "direct_sends",
                            "sqes_per_poll", "enters_per_poll"}
     assert after["polls"] > before["polls"]
     assert after["sqes"] > before["sqes"]
