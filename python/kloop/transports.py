@@ -45,6 +45,8 @@ __all__ = ("SocketTransport", "SSLEngineTransport", "TLSTransport")
 _STREAM_PAUSED = _ffi.STREAM_PAUSED
 _ENOENT = errno.ENOENT
 _EPIPE = errno.EPIPE
+_from_buffer = _ffi.ffi.from_buffer
+_release = _ffi.ffi.release
 
 # Held read events (while reading is paused): kinds
 _H_DATA = 0
@@ -501,20 +503,35 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
     # -- writing ------------------------------------------------------------
 
     def write(self, data):
-        # Fast path: bytes, on a transport that takes writes (_wok is false
-        # after write_eof(), during sendfile and once the connection is lost).
-        if self._wok and type(data) is bytes:
-            n = len(data)
-            if n:
+        # Fast path: bytes (and bytearray, which the engine copies or sends
+        # before this returns), on a transport that takes writes (_wok is
+        # false after write_eof(), during sendfile and once the connection
+        # is lost).
+        if self._wok:
+            t = type(data)
+            if t is bytes:
+                n = len(data)
+                if not n:
+                    return
                 if n < self._lend_min:
                     size = self._kwrite(self._kptr, self._token, data, n)
                 else:
                     size = self._lend(data, n)
-                if size > self._high_water:
-                    if not self._protocol_paused:
-                        self._pause_protocol()
-                elif size < 0:
-                    self._write_failed(size)
+            elif t is bytearray:
+                n = len(data)
+                if not n:
+                    return
+                buf = _from_buffer(data)
+                size = self._kwrite(self._kptr, self._token, buf, n)
+                _release(buf)
+            else:
+                self._write_slow(data)
+                return
+            if size > self._high_water:
+                if not self._protocol_paused:
+                    self._pause_protocol()
+            elif size < 0:
+                self._write_failed(size)
             return
         self._write_slow(data)
 
