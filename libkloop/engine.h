@@ -241,6 +241,10 @@ inline constexpr uint64_t kSendEarlyBytes = 65536;
 
 // Writes of at least this many bytes to an idle socket stream are sent at
 // once (Engine::direct_send) instead of being copied into the queue.
+// The receive buffers the ring holds at first and at least (Engine::
+// flush_recycled()).
+inline constexpr uint32_t kRingMinBuffers = 16;
+
 inline constexpr size_t kDirectSendMin = 16384;
 
 // What a gathered send of more than one block hands the kernel. Taken from
@@ -406,6 +410,12 @@ class Engine {
   bool setup_tls_buffers();
   char *buf_addr(uint32_t bid) const { return arena_ + static_cast<size_t>(bid) * buf_size_; }
   void recycle(uint32_t bid);
+  void took_ring_buffer() {
+    ++buffers_in_use_;
+    --ring_avail_;
+    ++ring_taken_;
+  }
+  void ring_starved();
   int take_own_buffer();
   void flush_recycled();
 
@@ -463,6 +473,13 @@ class Engine {
   Vec<uint32_t> handed_out_;  // returned by the last poll
   Vec<uint32_t> own_free_;    // free list without buffer ring
   uint32_t buffers_in_use_ = 0;
+  // With the buffer ring: the ring holds only about ring_target_ buffers at
+  // a time, topped up at each poll from ring_spare_, the buffers returned
+  // since, most recently returned first. See Engine::flush_recycled().
+  Vec<uint32_t> ring_spare_;
+  uint32_t ring_avail_ = 0;   // buffers in the ring the kernel has not taken
+  uint32_t ring_target_ = 0;  // what the ring is topped up to at each poll
+  uint32_t ring_taken_ = 0;   // buffers the kernel took since the last top-up
   // TLS plaintext buffers: the arena's last tls_buf_count_ buffers, never
   // given to the kernel; bids buf_count_ .. buf_count_ + tls_buf_count_ - 1
   uint32_t tls_buf_count_ = 0;

@@ -330,7 +330,7 @@ void Engine::handle_stream_cqe(OpHead *op, int res, uint32_t cflags) {
       int32_t bid = -1;
       if (cflags & IORING_CQE_F_BUFFER) {
         bid = static_cast<int32_t>(cflags >> IORING_CQE_BUFFER_SHIFT);
-        ++buffers_in_use_;
+        took_ring_buffer();
       } else if (!(enabled_ & KLOOP_CAP_BUF_RING)) {
         bid = static_cast<int32_t>(op->bid);  // own buffer, counted when taken
       }
@@ -349,7 +349,7 @@ void Engine::handle_stream_cqe(OpHead *op, int res, uint32_t cflags) {
           s->read_done = true;
           emit(s->token, 0, KLOOP_COMPLETION_MORE, 0, KLOOP_EVENT_EOF, 0, -1, s);
         } else if (res == -ENOBUFS) {
-          ++st_.enobufs;
+          ring_starved();
           add_starved(s);
         } else if (res == -EAGAIN && !s->recv_cancel && (s->flags & KLOOP_STREAM_FILE)) {
           // O_NONBLOCK pipe or tty: wait for readability, then read again.

@@ -393,7 +393,7 @@ bool Engine::tls_recv_cqe(Stream *s, OpHead *op, int res, uint32_t cflags) {
     bid = static_cast<int32_t>(op->bid);  // a TLS buffer
   } else if (cflags & IORING_CQE_F_BUFFER) {
     bid = static_cast<int32_t>(cflags >> IORING_CQE_BUFFER_SHIFT);
-    ++buffers_in_use_;
+    took_ring_buffer();
   }
   if (!t || s->finished) {
     if (bid >= 0) recycle(static_cast<uint32_t>(bid));
@@ -422,7 +422,7 @@ bool Engine::tls_recv_cqe(Stream *s, OpHead *op, int res, uint32_t cflags) {
     if (res == 0) {
       if (!s->read_done) tls_socket_eof(s);
     } else if (res == -ENOBUFS) {
-      ++st_.enobufs;
+      ring_starved();
       add_starved(s);
     } else if (res == -ECANCELED && cancelled) {
       // re-armed below in the mode the stream needs now

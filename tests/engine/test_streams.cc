@@ -3,6 +3,7 @@
 #include <sys/socket.h>
 
 #include <atomic>
+#include <set>
 #include <thread>
 
 #include "common.h"
@@ -226,6 +227,73 @@ TEST_F(Streams, DataNextMarksRunsOfOneStreamWithinOnePollArray) {
   ASSERT_EQ(kloop_stream_close(d2, 2), 0);
   EXPECT_EQ(d2.WaitFinal(1).event, KLOOP_EVENT_CLOSED);
   EXPECT_EQ(d2.WaitFinal(2).event, KLOOP_EVENT_CLOSED);
+}
+
+// ---- the receive ring stays short (Engine::flush_recycled) ---------------
+
+// Sends `rounds` messages of 1 KiB from `peer`, one at a time, each received
+// by stream `token` of `d`: the distinct receive buffers their DATA records
+// pointed into.
+size_t DistinctReceiveBuffers(Driver &d, uint64_t token, int peer, int rounds) {
+  std::set<uint64_t> seen;
+  const std::string msg = Pattern(0, 1024);
+  size_t got = 0;
+  d.on_record = [&](const kloop_completion &c) {
+    if (c.token == token && c.event == KLOOP_EVENT_DATA) {
+      seen.insert(c.data);
+      got += static_cast<size_t>(c.result);
+    }
+  };
+  for (int i = 0; i < rounds; ++i) {
+    EXPECT_TRUE(WriteAll(peer, msg));
+    size_t want = got + msg.size();
+    if (!d.RunUntil([&] { return got >= want; })) {
+      ADD_FAILURE() << "message " << i << " did not arrive";
+      break;
+    }
+  }
+  d.on_record = nullptr;
+  return seen.size();
+}
+
+// The ring holds about as many buffers as the load takes, filled with the
+// ones returned last: a steady trickle reuses a few warm buffers instead of
+// walking through all 256 (whose memory had gone cold by its turn).
+TEST_F(Streams, SteadyReceivesReuseAFewBuffers) {
+  auto [s, peer] = UnixPair();
+  ASSERT_EQ(kloop_stream_attach(d, 1, s, 0), 0);
+  size_t distinct = DistinctReceiveBuffers(d, 1, peer, 300);
+  EXPECT_LE(distinct, 32u) << "300 receives went through " << distinct << " buffers";
+  ASSERT_EQ(kloop_stream_abort(d, 1), 0);
+  d.WaitFinal(1);
+}
+
+// A burst wider than the short ring: streams that ran out are served as the
+// ring grows, nothing is lost; once the burst is over the ring is short
+// again.
+TEST_F(Streams, ReceiveRingGrowsForABurstAndShrinksAfterIt) {
+  constexpr int kN = 64;
+  std::vector<std::pair<Fd, Fd>> pairs;
+  for (int i = 0; i < kN; ++i) {
+    pairs.push_back(UnixPair());
+    ASSERT_EQ(kloop_stream_attach(d, 100 + i, pairs[i].first, 0), 0);
+  }
+  d.Poll(0);  // the receives are armed
+  kloop_stats before = GetStats(d);
+  for (int i = 0; i < kN; ++i) ASSERT_TRUE(WriteAll(pairs[i].second, Pattern(i, 3000)));
+  ASSERT_TRUE(d.RunUntil([&] {
+    for (int i = 0; i < kN; ++i)
+      if (d.DataSizeOf(100 + i) < 3000) return false;
+    return true;
+  }));
+  for (int i = 0; i < kN; ++i) EXPECT_TRUE(d.DataOf(100 + i) == Pattern(i, 3000)) << i;
+  EXPECT_GT(GetStats(d).enobufs, before.enobufs) << "64 streams at once fit the short ring";
+  // What the ring grew to is used up first; then a trickle again.
+  DistinctReceiveBuffers(d, 100, pairs[0].second, 200);
+  size_t distinct = DistinctReceiveBuffers(d, 100, pairs[0].second, 300);
+  EXPECT_LE(distinct, 32u) << "the ring did not shrink after the burst";
+  for (int i = 0; i < kN; ++i) ASSERT_EQ(kloop_stream_abort(d, 100 + i), 0);
+  for (int i = 0; i < kN; ++i) d.WaitFinal(100 + i);
 }
 
 TEST_F(Streams, EofAfterData) {
