@@ -1064,7 +1064,7 @@ void Engine::handle_op_cqe(Op *op, int res, uint32_t cflags) {
 // buffers in order, so in a ring of all buf_count buffers a returned buffer
 // waited behind every other one, and the kernel wrote into memory that had
 // not been touched for a long time: a 100 KiB echo at 10 connections used
-// 42-44 MiB of RSS (28-31 MiB now) and 3-6 % more CPU per message.
+// 42-44 MiB of RSS (28-31 MiB now) and a few per cent more CPU per message.
 void Engine::flush_recycled() {
   if (!handed_out_.empty()) {
     for (uint32_t bid : handed_out_) recycle(bid);
@@ -1123,9 +1123,6 @@ void Engine::recycle(uint32_t bid) {
     own_free_.push_back(bid);
   }
 }
-
-// A stream's receive ended with ENOBUFS: the ring was too short.
-void Engine::ring_starved() { ++st_.enobufs; }
 
 int Engine::take_own_buffer() {
   if (own_free_.empty()) return -1;

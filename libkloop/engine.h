@@ -241,11 +241,11 @@ inline constexpr uint64_t kSendEarlyBytes = 65536;
 
 // Writes of at least this many bytes to an idle socket stream are sent at
 // once (Engine::direct_send) instead of being copied into the queue.
+inline constexpr size_t kDirectSendMin = 16384;
+
 // The receive buffers the ring holds at first and at least (Engine::
 // flush_recycled()).
 inline constexpr uint32_t kRingMinBuffers = 16;
-
-inline constexpr size_t kDirectSendMin = 16384;
 
 // What a gathered send of more than one block hands the kernel. Taken from
 // the engine's pool when the send is prepared, given back when it completes:
@@ -415,7 +415,6 @@ class Engine {
     --ring_avail_;
     ++ring_taken_;
   }
-  void ring_starved();
   int take_own_buffer();
   void flush_recycled();
 

@@ -349,7 +349,7 @@ void Engine::handle_stream_cqe(OpHead *op, int res, uint32_t cflags) {
           s->read_done = true;
           emit(s->token, 0, KLOOP_COMPLETION_MORE, 0, KLOOP_EVENT_EOF, 0, -1, s);
         } else if (res == -ENOBUFS) {
-          ring_starved();
+          ++st_.enobufs;
           add_starved(s);
         } else if (res == -EAGAIN && !s->recv_cancel && (s->flags & KLOOP_STREAM_FILE)) {
           // O_NONBLOCK pipe or tty: wait for readability, then read again.

@@ -422,7 +422,7 @@ bool Engine::tls_recv_cqe(Stream *s, OpHead *op, int res, uint32_t cflags) {
     if (res == 0) {
       if (!s->read_done) tls_socket_eof(s);
     } else if (res == -ENOBUFS) {
-      ring_starved();
+      ++st_.enobufs;
       add_starved(s);
     } else if (res == -ECANCELED && cancelled) {
       // re-armed below in the mode the stream needs now
