@@ -23,6 +23,8 @@ import collections
 import contextvars
 import errno
 import os
+import selectors
+import socket
 import ssl
 import sys
 import warnings
@@ -47,6 +49,13 @@ _ENOENT = errno.ENOENT
 _EPIPE = errno.EPIPE
 _from_buffer = _ffi.ffi.from_buffer
 _release = _ffi.ffi.release
+_EVENT_READ = selectors.EVENT_READ
+_MSG_DONTWAIT = socket.MSG_DONTWAIT
+
+
+def _call(fn):
+    return fn()
+
 
 # Held read events (while reading is paused): kinds
 _H_DATA = 0
@@ -92,8 +101,13 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
         "_close_pending", "_closing", "_conn_lost", "_context_run", "_drain_limits",
         "_empty_waiter", "_engine_closed", "_eof", "_fast", "_held", "_klib", "_kptr",
         "_kwrite", "_loop_closing", "_paused", "_protocol", "_protocol_connected",
-        "_protocol_data_received", "_rblock_", "_read_done", "_server", "_sock",
-        "_sock_fd", "_started", "_token", "_wok", "__dict__", "__weakref__")
+        "_protocol_data_received", "_rblock_", "_read_done", "_rmode", "_rwatching",
+        "_server", "_sock", "_sock_fd", "_started", "_token", "_wok", "__dict__",
+        "__weakref__")
+
+    # Whether a BufferedProtocol may read by readiness (see _read_ready);
+    # not for TLS, where the engine must see every byte.
+    _readiness_ok = True
 
     _start_tls_compatible = True
     _sendfile_compatible = constants._SendfileMode.TRY_NATIVE
@@ -132,6 +146,8 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
         self._protocol_paused = False
         self._rblock_ = True           # read events must take the slow path
         self._fast = False             # not _rblock and not _buffered
+        self._rmode = False            # reading by readiness (_read_ready)
+        self._rwatching = False        # ... and the fd is watched now
         self.set_protocol(protocol)
         self._server = server
         self._closing = False          # close() or a fatal error happened
@@ -164,6 +180,12 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
             proactor._streams[token] = self
             return
         self._token = proactor.stream_attach(self, self._sock_fd, _STREAM_PAUSED)
+        # A transport born with a BufferedProtocol reads as the selector
+        # loop does: when the socket is readable, get_buffer() and recv(2)
+        # straight into it; the engine stream only writes. A later
+        # set_protocol() with a plain Protocol hands reading to the engine
+        # for good.
+        self._rmode = self._buffered and self._readiness_ok
 
         # Bytes a cancelled sock_recv() took out of the kernel come first.
         stashed = proactor.take_stashed_bytes(sock)
@@ -225,6 +247,8 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
         else:
             self._buffered = False
         self._protocol = protocol
+        if self._rmode and not self._buffered:
+            self._leave_rmode()
         # IouringProactor._dispatch() calls it, through self._context_run,
         # with the bytes of a DATA record while self._fast holds (no
         # functools.partial of the two: 192 bytes per connection for ~4 ns
@@ -256,7 +280,7 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
                 return
         self._rblock = False
         if not self._read_done:
-            self._engine_call(self._klib.kloop_stream_resume)
+            self._read_resume()
 
     def pause_reading(self):
         if self._closing or self._paused:
@@ -264,7 +288,7 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
         self._paused = True
         self._rblock = True
         if self._started and not self._read_done:
-            self._engine_call(self._klib.kloop_stream_pause)
+            self._read_pause()
         if self._loop.get_debug():
             logger.debug("%r pauses reading", self)
 
@@ -280,7 +304,7 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
             else:
                 self._rblock = False
                 if not self._read_done:
-                    self._engine_call(self._klib.kloop_stream_resume)
+                    self._read_resume()
         if self._loop.get_debug():
             logger.debug("%r resumes reading", self)
 
@@ -292,7 +316,67 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
             return
         self._rblock = False
         if not self._read_done:
+            self._read_resume()
+
+    def _read_resume(self):
+        if not self._rmode:
             self._engine_call(self._klib.kloop_stream_resume)
+        elif not self._rwatching:
+            from .events import _Handle
+            self._rwatching = True
+            handle = _Handle(self._read_ready, (), self._loop, self._context_run.__self__)
+            self._loop._proactor.watch(self._sock_fd, self._sock, _EVENT_READ, handle)
+
+    def _read_pause(self):
+        if not self._rmode:
+            self._engine_call(self._klib.kloop_stream_pause)
+        elif self._rwatching:
+            self._rwatching = False
+            self._loop._proactor.unwatch(self._sock_fd, _EVENT_READ)
+
+    def _leave_rmode(self):
+        # A plain Protocol now: the engine reads from here on (nothing it
+        # holds can be older than what was read here: it never read).
+        reading = self._rwatching
+        self._read_pause()
+        self._rmode = False
+        if reading:
+            self._engine_call(self._klib.kloop_stream_resume)
+
+    def _read_ready(self):
+        # Readable (readiness mode): asyncio's _read_ready__get_buffer().
+        if self._conn_lost or self._closing:
+            return
+        protocol = self._protocol
+        try:
+            buf = protocol.get_buffer(-1)
+            if not len(buf):
+                raise RuntimeError("get_buffer() returned an empty buffer")
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc, "Fatal error: protocol.get_buffer() call failed.")
+            return
+        try:
+            nbytes = self._sock.recv_into(buf, 0, _MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._read_error(exc)
+            return
+        if not nbytes:
+            self._read_done = True
+            self._read_pause()
+            self._eof_received(_call)
+            return
+        try:
+            protocol.buffer_updated(nbytes)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc, "Fatal error: protocol.buffer_updated() call failed.")
 
     def _deliver_held(self):
         held = self._held
@@ -462,11 +546,13 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
             return  # close() stopped reading, as the selector loop's does
         self._eof_received()
 
-    def _eof_received(self):
+    def _eof_received(self, run=None):
+        # `run`: how to call the protocol (_read_ready runs in its context
+        # already).
         if self._loop.get_debug():
             logger.debug("%r received EOF", self)
         try:
-            keep_open = self._context_run(self._protocol.eof_received)
+            keep_open = (run or self._context_run)(self._protocol.eof_received)
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:
@@ -739,6 +825,8 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
         self._closing = True
         self._rblock = True
         self._held = None
+        if self._rwatching:
+            self._read_pause()
         if self._engine_size() == 0 and not self._protocol_paused:
             self._close_now()
         else:
@@ -750,7 +838,7 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
             # writes once kloop_stream_close() is called, so that call waits
             # until the queue is empty.
             if self._started and not self._read_done:
-                self._engine_call(self._klib.kloop_stream_pause)
+                self._read_pause()
             self._close_pending = True
             self._drain_watch()
 
@@ -792,6 +880,8 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
         self._closing = True
         self._rblock = True
         self._held = None
+        if self._rwatching:
+            self._read_pause()
         self._close_pending = False
         self._conn_lost += 1
         self._update_wok()
@@ -911,6 +1001,7 @@ class SSLEngineTransport(SocketTransport):
 
     _start_tls_compatible = True
     _sendfile_compatible = constants._SendfileMode.FALLBACK
+    _readiness_ok = False
 
     _tls_state = _HS
     _hs_handle = None
@@ -1372,11 +1463,11 @@ def start_tls_in_place(loop, old, protocol, sslcontext, server_side, server_host
         # transport resumes reading.
         reading = old._started and not old._paused
         if reading:
-            old._engine_call(old._klib.kloop_stream_pause)
+            old._read_pause()
         rc = old._klib.kloop_stream_start_tls(old._kptr, old._token, _ffi.ffi.cast("void *", ptr))
         if rc < 0:
             if reading:
-                old._engine_call(old._klib.kloop_stream_resume)
+                old._read_resume()
             reason = f"kloop_stream_start_tls() failed: {os.strerror(-rc)}"
     if reason is not None:
         _tls.log_path(loop, what, _tls.SSLPROTO, reason)

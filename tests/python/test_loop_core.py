@@ -423,6 +423,122 @@ def test_buffered_protocol_receives_everything(loop, size):
     loop.run(main())
 
 
+def test_buffered_protocol_is_asked_for_a_buffer_when_data_is_there(loop):
+    """get_buffer(-1) right before the read, as the selector loop asks: the
+    protocol's buffer is read into straight from the socket (no size hint
+    from bytes read ahead)."""
+    loop.known_failure("uvloop", "uvloop 0.17 passes libuv's suggested read size as the "
+                       "hint (seen here: get_buffer(65536) every time)")
+    hints = []
+
+    class Hints(BufProto):
+        def get_buffer(self, sizehint):
+            hints.append(sizehint)
+            return super().get_buffer(sizehint)
+
+    payload = pattern(300000, seed=8)
+
+    async def main():
+        tr, pr, peer = await connect_pair(loop.loop, lambda: Hints(loop.loop, 65536))
+        try:
+            await loop.loop.run_in_executor(None, peer.sendall, payload)
+            peer.shutdown(socket.SHUT_WR)
+            assert await pr.lost is None
+        finally:
+            peer.close()
+        assert bytes(pr.data) == payload
+
+    loop.run(main())
+    assert hints and set(hints) == {-1}, sorted(set(hints))[:5]
+
+
+def test_paused_buffered_protocol_leaves_the_rest_in_the_socket(loop):
+    """Reading paused in buffer_updated(): what was not read yet stays in the
+    kernel's receive queue (as on the stock loops), not in the loop."""
+    import fcntl
+    import struct
+    import termios
+
+    class PauseFirst(BufProto):
+        def buffer_updated(self, nbytes):
+            super().buffer_updated(nbytes)
+            if self.calls == 1:
+                self.transport.pause_reading()
+                self.first.set_result(None)
+
+    payload = pattern(100000, seed=9)
+
+    async def main():
+        def factory():
+            pr = PauseFirst(loop.loop, 1000)
+            pr.first = loop.loop.create_future()
+            return pr
+        tr, pr, peer = await connect_pair(loop.loop, factory, family=socket.AF_UNIX)
+        try:
+            peer.sendall(payload)
+            await pr.first
+            for _ in range(5):
+                await asyncio.sleep(0.01)
+            waiting = struct.unpack("i", fcntl.ioctl(
+                tr.get_extra_info("socket").fileno(), termios.FIONREAD, b"\0" * 4))[0]
+            assert len(pr.data) == 1000
+            assert waiting == len(payload) - 1000, "bytes were taken out of the socket"
+            tr.resume_reading()
+            peer.shutdown(socket.SHUT_WR)
+            assert await pr.lost is None
+        finally:
+            peer.close()
+        assert bytes(pr.data) == payload
+
+    loop.run(main())
+
+
+def test_switching_buffered_and_plain_protocols_keeps_every_byte(loop):
+    """set_protocol() from a BufferedProtocol to a Protocol and back, between
+    bursts of data: every byte reaches the protocol of its time, in order
+    (on kloop the first switch hands reading from Python's recv_into() to
+    the engine)."""
+    part = 200000
+    payload = pattern(3 * part, seed=10)
+
+    class Plain(asyncio.Protocol):
+        def __init__(self):
+            self.data = bytearray()
+
+        def data_received(self, data):
+            self.data += data
+
+    async def until(pred):
+        for _ in range(5000):
+            if pred():
+                return
+            await asyncio.sleep(0.001)
+        raise AssertionError("the data did not arrive")
+
+    async def main():
+        tr, first, peer = await connect_pair(loop.loop, lambda: BufProto(loop.loop, 4096))
+        run = loop.loop.run_in_executor
+        try:
+            await run(None, peer.sendall, payload[:part])
+            await until(lambda: len(first.data) >= part)
+            plain = Plain()
+            tr.set_protocol(plain)
+            await run(None, peer.sendall, payload[part:2 * part])
+            await until(lambda: len(plain.data) >= part)
+            last = BufProto(loop.loop, 4096)
+            tr.set_protocol(last)
+            await run(None, peer.sendall, payload[2 * part:])
+            peer.shutdown(socket.SHUT_WR)
+            assert await last.lost is None
+        finally:
+            peer.close()
+        assert bytes(first.data) == payload[:part]
+        assert bytes(plain.data) == payload[part:2 * part]
+        assert bytes(last.data) == payload[2 * part:]
+
+    loop.run(main())
+
+
 def test_buffered_protocol_empty_buffer_is_an_error(loop):
     """get_buffer() returning an empty buffer is a fatal error reported to the
     exception handler, as asyncio does."""
