@@ -402,25 +402,31 @@ class BufProto(asyncio.BufferedProtocol):
         self.lost.set_result(exc)
 
 
-@pytest.mark.parametrize("size", [7, 65536])
-def test_buffered_protocol_receives_everything(loop, size):
-    total = 2 * 1024 * 1024 if size > 100 else 64 * 1024
-    payload = pattern(total, seed=5)
-
+def _receive_all(loop, factory, payload):
+    """Connect a transport of `loop` with factory's protocol, send `payload`
+    and EOF from the peer, wait for connection_lost(None): the protocol."""
     async def main():
-        tr, pr, peer = await connect_pair(loop.loop, lambda: BufProto(loop.loop, size))
+        tr, pr, peer = await connect_pair(loop.loop, factory)
         try:
             await loop.loop.run_in_executor(None, peer.sendall, payload)
             peer.shutdown(socket.SHUT_WR)
             assert await pr.lost is None
         finally:
             peer.close()
-        assert bytes(pr.data) == payload
-        assert pr.max_len <= size
-        if size == 7:
-            assert pr.calls >= total // 7
+        return pr
 
-    loop.run(main())
+    return loop.run(main())
+
+
+@pytest.mark.parametrize("size", [7, 65536])
+def test_buffered_protocol_receives_everything(loop, size):
+    total = 2 * 1024 * 1024 if size > 100 else 64 * 1024
+    payload = pattern(total, seed=5)
+    pr = _receive_all(loop, lambda: BufProto(loop.loop, size), payload)
+    assert bytes(pr.data) == payload
+    assert pr.max_len <= size
+    if size == 7:
+        assert pr.calls >= total // 7
 
 
 def test_buffered_protocol_is_asked_for_a_buffer_when_data_is_there(loop):
@@ -437,18 +443,8 @@ def test_buffered_protocol_is_asked_for_a_buffer_when_data_is_there(loop):
             return super().get_buffer(sizehint)
 
     payload = pattern(300000, seed=8)
-
-    async def main():
-        tr, pr, peer = await connect_pair(loop.loop, lambda: Hints(loop.loop, 65536))
-        try:
-            await loop.loop.run_in_executor(None, peer.sendall, payload)
-            peer.shutdown(socket.SHUT_WR)
-            assert await pr.lost is None
-        finally:
-            peer.close()
-        assert bytes(pr.data) == payload
-
-    loop.run(main())
+    pr = _receive_all(loop, lambda: Hints(loop.loop, 65536), payload)
+    assert bytes(pr.data) == payload
     assert hints and set(hints) == {-1}, sorted(set(hints))[:5]
 
 
