@@ -267,6 +267,8 @@ struct kloop_completion {
  *               > 0 wait at most that long.
  * Receive buffers handed out by the previous kloop_poll() are recycled at
  * the start of this call. Completions that do not fit stay for the next call.
+ * While it waits, the engine gives the pages of receive buffers it has not
+ * used for a while back to the kernel (kloop_stats.buffers_released).
  * Returns: number of records filled (0 on timeout), -EINTR when a signal
  *   arrived while waiting (records may still be pending: poll again),
  *   -EBADF, -EINVAL (out NULL or max 0), -EBADFD (after fork), or another
@@ -715,7 +717,8 @@ struct kloop_stats {
   uint64_t cq_overflows;   /* kernel CQ overflow count */
   uint64_t enobufs;        /* receive re-arms after running out of buffers */
   uint64_t direct_sends;   /* large stream writes sent at once (send(2)) */
-  uint64_t reserved[5];
+  uint64_t buffers_released; /* idle receive buffers whose pages went back to the kernel */
+  uint64_t reserved[4];
 };
 
 /*

@@ -15,6 +15,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <new>
 
 #include "compat.h"
@@ -38,6 +39,16 @@ bool is_stream_kind(OpKind k) {
 // BlockPool
 
 char *BlockPool::take(size_t *cap) {
+  if (*cap <= kSmallBlock) {
+    *cap = kSmallBlock;
+    if (small_) {
+      FreeBlock *b = small_;
+      small_ = b->next;
+      --small_count_;
+      return reinterpret_cast<char *>(b);
+    }
+    return static_cast<char *>(::operator new(kSmallBlock, std::nothrow));
+  }
   if (*cap <= kBlockSize) {
     *cap = kBlockSize;
     if (head_) {
@@ -71,6 +82,10 @@ void BlockPool::give(char *data, size_t cap) {
     b->next = head_;
     head_ = b;
     ++count_;
+  } else if (cap == kSmallBlock) {
+    b->next = small_;
+    small_ = b;
+    ++small_count_;
   } else {
     b->next = large_;
     large_ = b;
@@ -78,12 +93,18 @@ void BlockPool::give(char *data, size_t cap) {
   }
 }
 
-void BlockPool::trim(size_t keep, size_t keep_large_bytes) {
+void BlockPool::trim(size_t keep, size_t keep_small, size_t keep_large_bytes) {
   while (count_ > keep) {
     FreeBlock *next = head_->next;
     ::operator delete(head_);
     head_ = next;
     --count_;
+  }
+  while (small_count_ > keep_small) {
+    FreeBlock *next = small_->next;
+    ::operator delete(small_);
+    small_ = next;
+    --small_count_;
   }
   // Keep the first blocks of the list (the ones given back last) up to the
   // byte bound; free the rest.
@@ -134,6 +155,7 @@ bool ByteQueue::append(const void *p, size_t n, BlockPool *pool) {
     // Allocate the new block first, so a failure leaves the queue as it was.
     size_t rest = n - take;
     size_t cap = rest < BlockPool::kBlockSize ? BlockPool::kBlockSize : rest;
+    if (blocks_.empty() && rest <= BlockPool::kSmallBlock) cap = BlockPool::kSmallBlock;
     char *d = alloc_block(pool, &cap);
     if (!d) return false;
     if (!blocks_.push_back(Block{d, cap, 0, 0})) {
@@ -326,6 +348,8 @@ bool Engine::setup_buffers() {
     return false;
   }
   arena_ = static_cast<char *>(a);
+  long page = sysconf(_SC_PAGESIZE);
+  can_trim_ = page > 0 && buf_size_ % static_cast<uint32_t>(page) == 0;
   if (enabled_ & KLOOP_CAP_BUF_RING) {
     br_size_ = sizeof(io_uring_buf) * buf_count_;
     void *r = mmap(nullptr, br_size_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -347,6 +371,7 @@ bool Engine::setup_buffers() {
       if (!ring_spare_.reserve(buf_count_)) return false;
       ring_target_ = buf_count_ < kRingMinBuffers ? buf_count_ : kRingMinBuffers;
       for (uint32_t i = buf_count_; i-- > ring_target_;) ring_spare_.push_back(i);
+      spare_trim_.cold = spare_trim_.low = static_cast<uint32_t>(ring_spare_.size());  // untouched
       int mask = io_uring_buf_ring_mask(buf_count_);
       for (uint32_t i = 0; i < ring_target_; ++i)
         io_uring_buf_ring_add(br_, buf_addr(i), buf_size_, static_cast<unsigned short>(i), mask,
@@ -364,6 +389,7 @@ bool Engine::setup_buffers() {
 bool Engine::setup_tls_buffers() {
   if (!tls_free_.reserve(tls_buf_count_)) return false;
   for (uint32_t i = tls_buf_count_; i-- > 0;) tls_free_.push_back(buf_count_ + i);
+  tls_trim_.cold = tls_trim_.low = tls_buf_count_;  // untouched
   return true;
 }
 
@@ -456,7 +482,7 @@ void Engine::destroy() {
   retire_streams_.clear();
   free_ops_.clear();
   free_slots_.clear();
-  wblocks_.trim(0, 0);
+  wblocks_.trim(0, 0, 0);
   if (wake_fd_ >= 0) close(wake_fd_);
   wake_fd_ = -1;
   if (br_) munmap(br_, br_size_);
@@ -1090,6 +1116,7 @@ void Engine::flush_recycled() {
       io_uring_buf_ring_advance(br_, pending_recycle_);
       pending_recycle_ = 0;
     }
+    trim_taken(spare_trim_, ring_spare_.size());
   }
   for (Op *op : retire_ops_) free_op(op);
   retire_ops_.clear();
@@ -1108,6 +1135,50 @@ void Engine::flush_recycled() {
       s = next;
     }
   }
+}
+
+// Whether free receive (or TLS plaintext) buffers may be worth giving back:
+// more than kTrimKeep + kTrimMinBatch above the cold ones (checked before a
+// wait).
+bool Engine::trim_wanted() const {
+  return can_trim_ &&
+         (trim_worth(spare_trim_, ring_spare_.size()) || trim_worth(tls_trim_, tls_free_.size()));
+}
+
+// Gives the pages of free buffers that no poll took since trim_since_ back
+// to the kernel, once that is kTrimAfterNs ago: the spare stack of the
+// receive ring and the free TLS plaintext buffers. Called before the
+// engine waits: a loop that runs without waiting is not idle, and keeps
+// its buffers. A buffer given back costs a page fault per page the next
+// time it is filled.
+void Engine::trim_spare(int64_t now) {
+  if (now - trim_since_ < kTrimAfterNs) return;
+  release_cold(ring_spare_, spare_trim_);
+  release_cold(tls_free_, tls_trim_);
+  trim_since_ = now;
+}
+
+// Both stacks hand out the buffers returned last first, so the ones no poll
+// took are the bottom t.low entries; the kTrimKeep just below the rest stay,
+// for a load that grows a little.
+void Engine::release_cold(Vec<uint32_t> &stack, IdleTrim &t) {
+  uint32_t end = t.low > kTrimKeep ? t.low - kTrimKeep : 0;
+  if (end >= t.cold + kTrimMinBatch) {
+    uint32_t *first = stack.begin() + t.cold;
+    uint32_t *last = stack.begin() + end;
+    std::sort(first, last);  // these are all cold: order does not matter
+    for (uint32_t *run = first; run != last;) {
+      uint32_t *next = run + 1;
+      while (next != last && *next == next[-1] + 1) ++next;
+      // Cannot fail on a private anonymous mapping we own; if it did, the
+      // pages would only stay.
+      (void)madvise(buf_addr(*run), static_cast<size_t>(next - run) * buf_size_, MADV_DONTNEED);
+      run = next;
+    }
+    st_.buffers_released += end - t.cold;
+    t.cold = end;
+  }
+  t.low = static_cast<uint32_t>(stack.size());
 }
 
 void Engine::recycle(uint32_t bid) {
@@ -1163,7 +1234,7 @@ int Engine::poll(kloop_completion *out, uint32_t max, int64_t timeout_ns) {
   encrypted_unsent_ = 0;
   // Write blocks freed since the last poll that the caller's writes did not
   // take again: keep the pool's bound (BlockPool).
-  wblocks_.trim(BlockPool::kMaxFree, BlockPool::kMaxLargeBytes);
+  wblocks_.trim(BlockPool::kMaxFree, BlockPool::kMaxFreeSmall, BlockPool::kMaxLargeBytes);
   while (dirty_) {
     Stream *s = dirty_;
     dirty_ = s->next_dirty;
@@ -1226,22 +1297,43 @@ int Engine::poll(kloop_completion *out, uint32_t max, int64_t timeout_ns) {
       // records -> return them; a CQE that did work (a wake-up, a send) ->
       // return 0; only record-less internal CQEs -> wait again for the
       // rest of the time; nothing at all before the deadline -> -EINTR.
-      const int64_t deadline = timeout_ns > 0 ? now_ns() + timeout_ns : -1;
+      //
+      // An engine that is about to wait is idle: spare receive buffers it
+      // has not used for a while give their pages back (trim_spare()). The
+      // wait is cut short for that when it would be longer, and goes on
+      // after it; the caller sees one wait.
+      int64_t now = timeout_ns > 0 || trim_wanted() ? now_ns() : 0;
+      const int64_t deadline = timeout_ns > 0 ? now + timeout_ns : -1;
       int64_t remaining = timeout_ns;
       for (;;) {
+        int64_t wait = remaining;
+        bool trim_wait = false;
+        if (trim_wanted()) {
+          trim_spare(now);
+          if (trim_wanted()) {
+            int64_t due = trim_since_ + kTrimAfterNs - now;
+            if (due < 1000000) due = 1000000;
+            if (wait < 0 || due < wait) {
+              wait = due;
+              trim_wait = true;
+            }
+          }
+        }
         uint64_t real_before = st_.cqes;
         uint64_t ignored_before = ignored_cqes_;
-        int rc = wait_once(remaining);
+        int rc = wait_once(wait);
         reap(max - filled);
         drain();
         if (filled) break;
         if (st_.cqes != real_before) break;
         if (rc < 0 && rc != -ETIME && rc != -EINTR && rc != -EAGAIN && rc != -EBUSY) return rc;
+        if (deadline >= 0 || trim_wait) now = now_ns();
         if (deadline >= 0) {
-          remaining = deadline - now_ns();
+          remaining = deadline - now;
           if (remaining <= 0) break;
         }
         if (ignored_cqes_ != ignored_before || rc == -EBUSY || rc == -EAGAIN) continue;
+        if (trim_wait && rc == -ETIME) continue;  // the trim's own time ran out
         return -EINTR;
       }
     }

@@ -169,26 +169,36 @@ class FreeList {
 // standard blocks and kMaxLargeBytes of larger ones for all its streams.
 // Larger blocks (a write of more than kBlockSize bytes into an empty
 // queue) are made in multiples of kBlockSize, and one is taken again for a
-// request of at least half its size. A free block holds the link to the
-// next one (and its size) in its first bytes.
+// request of at least half its size. A write of at most kSmallBlock bytes
+// into an empty queue -- the answer to one small request -- takes a small
+// block: when thousands of streams answer at once, the blocks in flight
+// together are what the heap grows by (and keeps, touched, once they are
+// freed), and 16 KiB blocks would spread each answer over pages of its own.
+// A free block holds the link to the next one (and its size) in its first
+// bytes.
 class BlockPool {
  public:
-  static constexpr size_t kBlockSize = 16384;         // the smallest block a queue makes
+  static constexpr size_t kBlockSize = 16384;         // a queue's standard block
+  static constexpr size_t kSmallBlock = 2048;         // the first block of a small write
   static constexpr size_t kMaxFree = 32;              // 512 KiB per loop across polls
+  static constexpr size_t kMaxFreeSmall = 32;         // 64 KiB per loop across polls
   static constexpr size_t kMaxLargeBytes = 2u << 20;  // larger blocks kept across polls
   static constexpr size_t kLargeScan = 16;            // free large blocks looked at per take
   BlockPool() = default;
   BlockPool(const BlockPool &) = delete;
   BlockPool &operator=(const BlockPool &) = delete;
-  ~BlockPool() { trim(0, 0); }
-  // A block of at least *cap bytes (*cap >= kBlockSize); *cap is set to its
-  // size. nullptr without memory.
+  ~BlockPool() { trim(0, 0, 0); }
+  // A block of at least *cap bytes (kSmallBlock when *cap is at most that,
+  // else at least kBlockSize); *cap is set to its size. nullptr without
+  // memory.
   char *take(size_t *cap);
   // Gives back a block take() returned, with the size take() set.
   void give(char *data, size_t cap);
-  // Free pooled blocks beyond `keep` standard ones and `keep_large_bytes`.
-  void trim(size_t keep, size_t keep_large_bytes);
+  // Free pooled blocks beyond `keep` standard ones, `keep_small` small ones
+  // and `keep_large_bytes`.
+  void trim(size_t keep, size_t keep_small, size_t keep_large_bytes);
   size_t free_count() const { return count_; }
+  size_t free_small_count() const { return small_count_; }
   size_t free_large_bytes() const { return large_bytes_; }
 
  private:
@@ -198,6 +208,8 @@ class BlockPool {
   };
   FreeBlock *head_ = nullptr;
   size_t count_ = 0;
+  FreeBlock *small_ = nullptr;
+  size_t small_count_ = 0;
   FreeBlock *large_ = nullptr;
   size_t large_bytes_ = 0;
 };
@@ -246,6 +258,34 @@ inline constexpr size_t kDirectSendMin = 16384;
 // The receive buffers the ring holds at first and at least (Engine::
 // flush_recycled()).
 inline constexpr uint32_t kRingMinBuffers = 16;
+
+// Returning idle receive memory (Engine::trim_spare()): spare buffers no
+// poll took for kTrimAfterNs give their pages back to the kernel, all but
+// the kTrimKeep just below the ones in use, and only kTrimMinBatch or more
+// at a time.
+inline constexpr int64_t kTrimAfterNs = 100'000'000;
+inline constexpr uint32_t kTrimKeep = 16;
+inline constexpr uint32_t kTrimMinBatch = 8;
+
+// A stack of free buffers (handed out last in, first out) whose bottom
+// entries give their pages back when the engine is idle (Engine::
+// trim_spare()).
+struct IdleTrim {
+  uint32_t cold = 0;  // entries [0, cold) hold no pages (never touched, or given back)
+  uint32_t low = 0;   // the fewest entries the stack held since Engine::trim_since_
+};
+
+// After entries were taken from the stack, which now holds `size`.
+inline void trim_taken(IdleTrim &t, size_t size) {
+  auto n = static_cast<uint32_t>(size);
+  if (n < t.low) t.low = n;
+  if (n < t.cold) t.cold = n;
+}
+
+// Whether enough of the stack's `size` entries may be given back.
+inline bool trim_worth(const IdleTrim &t, size_t size) {
+  return size >= size_t{t.cold} + kTrimKeep + kTrimMinBatch;
+}
 
 // What a gathered send of more than one block hands the kernel. Taken from
 // the engine's pool when the send is prepared, given back when it completes:
@@ -417,6 +457,9 @@ class Engine {
   }
   int take_own_buffer();
   void flush_recycled();
+  bool trim_wanted() const;
+  void trim_spare(int64_t now);
+  void release_cold(Vec<uint32_t> &stack, IdleTrim &t);
 
   // streams
   Stream *find_stream(uint64_t token) const;
@@ -479,10 +522,14 @@ class Engine {
   uint32_t ring_avail_ = 0;   // buffers in the ring the kernel has not taken
   uint32_t ring_target_ = 0;  // what the ring is topped up to at each poll
   uint32_t ring_taken_ = 0;   // buffers the kernel took since the last top-up
+  IdleTrim spare_trim_;       // of ring_spare_
+  int64_t trim_since_ = 0;    // see Engine::trim_spare()
+  bool can_trim_ = false;     // buffers are whole pages
   // TLS plaintext buffers: the arena's last tls_buf_count_ buffers, never
   // given to the kernel; bids buf_count_ .. buf_count_ + tls_buf_count_ - 1
   uint32_t tls_buf_count_ = 0;
   Vec<uint32_t> tls_free_;
+  IdleTrim tls_trim_;  // of tls_free_
   uint32_t tls_in_use_ = 0;
   bool ktls_ulp_missing_ = false;  // setsockopt(TCP_ULP, "tls") said ENOENT once
   Stream *tls_starved_ = nullptr;  // intrusive (TlsState::next_starved): TLS

@@ -455,6 +455,7 @@ int Engine::take_tls_buffer() {
   if (tls_free_.empty()) return -1;
   uint32_t bid = tls_free_.back();
   tls_free_.pop_back();
+  trim_taken(tls_trim_, tls_free_.size());
   ++tls_in_use_;
   return static_cast<int>(bid);
 }

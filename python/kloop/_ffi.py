@@ -192,7 +192,8 @@ struct kloop_stats {
   uint64_t cq_overflows;
   uint64_t enobufs;
   uint64_t direct_sends;
-  uint64_t reserved[5];
+  uint64_t buffers_released;
+  uint64_t reserved[4];
 };
 
 int kloop_get_stats(kloop_t *loop, struct kloop_stats *stats);

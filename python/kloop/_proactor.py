@@ -488,7 +488,8 @@ class IouringProactor:
             raise make_error(rc)
         return {name: getattr(st, name) for name in (
             "ops_in_flight", "streams", "buffers_in_use", "polls", "enters", "sqes",
-            "cqes", "completions", "cq_overflows", "enobufs", "direct_sends")}
+            "cqes", "completions", "cq_overflows", "enobufs", "direct_sends",
+            "buffers_released")}
 
     def wake(self):
         """Make a waiting select() return; safe from any thread."""

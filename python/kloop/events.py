@@ -456,8 +456,8 @@ class IouringProactorEventLoop(proactor_events.BaseProactorEventLoop):
 
         ``ops_in_flight``, ``streams``, ``buffers_in_use`` (now); ``polls``,
         ``enters``, ``sqes``, ``cqes``, ``completions``, ``cq_overflows``,
-        ``enobufs``, ``direct_sends`` (since the loop was created); and the derived
-        ``sqes_per_poll`` and ``enters_per_poll``.
+        ``enobufs``, ``direct_sends``, ``buffers_released`` (since the loop was
+        created); and the derived ``sqes_per_poll`` and ``enters_per_poll``.
         """
         st = self._proactor.stats()
         polls = st["polls"] or 1

@@ -49,7 +49,8 @@ LAYOUT(struct kloop_stats, size, 0);
 LAYOUT(struct kloop_stats, ops_in_flight, 8);
 LAYOUT(struct kloop_stats, enobufs, 80);
 LAYOUT(struct kloop_stats, direct_sends, 88);
-LAYOUT(struct kloop_stats, reserved, 96);
+LAYOUT(struct kloop_stats, buffers_released, 96);
+LAYOUT(struct kloop_stats, reserved, 104);
 
 _Static_assert(KLOOP_VERSION ==
                    ((KLOOP_VERSION_MAJOR << 16) | (KLOOP_VERSION_MINOR << 8) | KLOOP_VERSION_PATCH),

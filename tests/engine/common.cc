@@ -389,6 +389,18 @@ std::string Pattern(uint64_t start, size_t n) {
   return s;
 }
 
+size_t ResidentPages(const std::set<uint64_t> &addrs) {
+  const long page = sysconf(_SC_PAGESIZE);
+  size_t n = 0;
+  for (uint64_t a : addrs) {
+    unsigned char v = 0;
+    void *p = reinterpret_cast<void *>(a & ~static_cast<uint64_t>(page - 1));
+    EXPECT_EQ(::mincore(p, 1, &v), 0) << strerror(errno);
+    n += v & 1;
+  }
+  return n;
+}
+
 volatile sig_atomic_t SignalGuard::hits = 0;
 
 SignalGuard::SignalGuard(int sig) : sig_(sig) {

@@ -23,6 +23,7 @@
 #include <cstring>
 #include <functional>
 #include <map>
+#include <set>
 #include <string>
 #include <utility>
 #include <vector>
@@ -235,6 +236,9 @@ bool WaitReadable(int fd, std::chrono::nanoseconds limit = kDeadline);
 // Deterministic pattern for large transfers.
 inline uint8_t PatternByte(uint64_t i) { return static_cast<uint8_t>((i * 131u) ^ (i >> 11)); }
 std::string Pattern(uint64_t start, size_t n);
+
+// How many of the pages holding these addresses are in memory (mincore).
+size_t ResidentPages(const std::set<uint64_t> &addrs);
 
 // A signal handler installed without SA_RESTART; restores the old one.
 class SignalGuard {

@@ -19,8 +19,8 @@ namespace {
 std::atomic<bool> g_counting{false};
 std::atomic<size_t> g_big_nothrow{0};
 
-// The smallest write block the engine makes (its queue's block size).
-constexpr size_t kBlock = 16384;
+// The smallest write block the engine makes (the first block of a small write).
+constexpr size_t kBlock = 2048;
 
 void *Allocate(size_t n) { return std::malloc(n ? n : 1); }
 }  // namespace

@@ -296,6 +296,60 @@ TEST_F(Streams, ReceiveRingGrowsForABurstAndShrinksAfterIt) {
   for (int i = 0; i < kN; ++i) d.WaitFinal(100 + i);
 }
 
+// An engine that waits after a burst gives the pages of the receive
+// buffers it no longer needs back to the kernel, inside a wait that still
+// lasts as long as the caller asked; the buffers given back receive again
+// afterwards.
+TEST_F(Streams, IdleEngineGivesBackReceiveBuffersOfABurst) {
+  constexpr int kN = 128;
+  std::vector<std::pair<Fd, Fd>> pairs;
+  for (int i = 0; i < kN; ++i) {
+    pairs.push_back(UnixPair());
+    ASSERT_EQ(kloop_stream_attach(d, 100 + i, pairs[i].first, 0), 0);
+  }
+  d.Poll(0);
+  std::set<uint64_t> burst;
+  d.on_record = [&](const kloop_completion &c) {
+    if (c.event == KLOOP_EVENT_DATA) burst.insert(c.data);
+  };
+  for (int i = 0; i < kN; ++i) ASSERT_TRUE(WriteAll(pairs[i].second, Pattern(i, 3000)));
+  ASSERT_TRUE(d.RunUntil([&] {
+    for (int i = 0; i < kN; ++i)
+      if (d.DataSizeOf(100 + i) < 3000) return false;
+    return true;
+  }));
+  d.on_record = nullptr;
+  for (int i = 0; i < kN; ++i) EXPECT_TRUE(d.DataOf(100 + i) == Pattern(i, 3000)) << i;
+  ASSERT_GE(burst.size(), 64u) << "the burst did not take many buffers";
+  EXPECT_GE(ResidentPages(burst), burst.size() - 8) << "the burst's buffers were not in memory";
+  // A trickle uses up what the ring grew to: the rest waits in the engine.
+  DistinctReceiveBuffers(d, 100, pairs[0].second, 300);
+  d.Poll(0);
+  kloop_stats before = GetStats(d);
+
+  // Idle: one poll with a timeout, nothing arrives.
+  auto start = Clock::now();
+  kloop_completion recs[8];
+  EXPECT_EQ(kloop_poll(d, recs, 8, 300'000'000), 0);
+  EXPECT_GE(Clock::now() - start, 290ms) << "the wait ended before its time";
+  kloop_stats after = GetStats(d);
+  EXPECT_GE(after.buffers_released - before.buffers_released, burst.size() - 32)
+      << "the idle engine kept its buffers";
+  EXPECT_LE(ResidentPages(burst), 32u) << "their pages are still in memory";
+
+  // Every buffer still receives, the ones given back too.
+  for (int i = 0; i < kN; ++i) ASSERT_TRUE(WriteAll(pairs[i].second, Pattern(i + 1, 3000)));
+  ASSERT_TRUE(d.RunUntil([&] {
+    for (int i = 0; i < kN; ++i)
+      if (d.DataSizeOf(100 + i) < 6000 + (i == 0 ? 300 * 1024 : 0)) return false;
+    return true;
+  }));
+  for (int i = 1; i < kN; ++i)
+    EXPECT_TRUE(d.DataOf(100 + i) == Pattern(i, 3000) + Pattern(i + 1, 3000)) << i;
+  for (int i = 0; i < kN; ++i) ASSERT_EQ(kloop_stream_abort(d, 100 + i), 0);
+  for (int i = 0; i < kN; ++i) d.WaitFinal(100 + i);
+}
+
 TEST_F(Streams, EofAfterData) {
   auto [s, peer] = TcpPair();
   ASSERT_EQ(kloop_stream_attach(d, 1, s, 0), 0);

@@ -519,6 +519,63 @@ TEST_F(Tls, ManyConnectionsAtOnce) {
   EXPECT_EQ(GetStats(d).buffers_in_use, 0u);
 }
 
+// Plaintext buffers touched by a burst go back to the kernel while the
+// engine waits, as receive buffers do (test_streams:
+// IdleEngineGivesBackReceiveBuffersOfABurst).
+TEST_F(Tls, IdleEngineGivesBackPlaintextBuffersOfABurst) {
+  constexpr int kConns = 48;
+  std::vector<SslPtr> ssls;
+  std::vector<Fd> fds;
+  for (int i = 0; i < kConns; ++i) {
+    auto [a, b] = TcpPair();
+    uint64_t tc = 100 + 2 * static_cast<uint64_t>(i), ts = tc + 1;
+    ssls.push_back(Client(cctx.get()));
+    ssls.push_back(Server(sctx.get()));
+    ASSERT_EQ(kloop_stream_attach(d, tc, b, 0), 0);
+    ASSERT_EQ(kloop_stream_attach(d, ts, a, 0), 0);
+    ASSERT_EQ(kloop_stream_start_tls(d, tc, ssls[ssls.size() - 2].get()), 0);
+    ASSERT_EQ(kloop_stream_start_tls(d, ts, ssls.back().get()), 0);
+    fds.push_back(std::move(a));
+    fds.push_back(std::move(b));
+  }
+  for (int i = 0; i < kConns; ++i) {
+    Event hs = d.WaitEvent(101 + 2 * static_cast<uint64_t>(i), KLOOP_EVENT_HANDSHAKE, 30s);
+    ASSERT_EQ(hs.result, 0) << Describe(hs);
+  }
+  std::set<uint64_t> burst;
+  d.on_record = [&](const kloop_completion &c) {
+    if (c.event == KLOOP_EVENT_DATA && c.token % 2 == 1) burst.insert(c.data);
+  };
+  // Every client sends at once: the servers decrypt it all in a few polls.
+  for (int i = 0; i < kConns; ++i)
+    ASSERT_GE(
+        kloop_stream_write(d, 100 + 2 * static_cast<uint64_t>(i), Pattern(i, 8000).data(), 8000),
+        0);
+  ASSERT_TRUE(d.RunUntil(
+      [&] {
+        for (int i = 0; i < kConns; ++i)
+          if (d.DataSizeOf(101 + 2 * static_cast<uint64_t>(i)) < 8000) return false;
+        return true;
+      },
+      30s));
+  d.on_record = nullptr;
+  for (int i = 0; i < kConns; ++i)
+    EXPECT_TRUE(d.DataOf(101 + 2 * static_cast<uint64_t>(i)) == Pattern(i, 8000)) << i;
+  ASSERT_GE(burst.size(), 32u) << "the burst did not take many plaintext buffers";
+  EXPECT_GE(ResidentPages(burst), burst.size() - 4) << "the burst's buffers were not in memory";
+  kloop_stats before = GetStats(d);
+
+  kloop_completion recs[8];
+  auto start = std::chrono::steady_clock::now();
+  int n = kloop_poll(d, recs, 8, 300'000'000);
+  EXPECT_GE(std::chrono::steady_clock::now() - start, 290ms) << "the wait ended early: " << n;
+  EXPECT_GE(GetStats(d).buffers_released - before.buffers_released, burst.size() - 24);
+  EXPECT_LE(ResidentPages(burst), 24u) << "their pages are still in memory";
+
+  for (int i = 0; i < 2 * kConns; ++i) kloop_stream_abort(d, 100 + static_cast<uint64_t>(i));
+  for (int i = 0; i < 2 * kConns; ++i) d.WaitFinal(100 + static_cast<uint64_t>(i));
+}
+
 TEST_F(Tls, BadCalls) {
   SslPtr c = Client(cctx.get());
   auto [a, b] = TcpPair();

@@ -51,7 +51,7 @@ def test_get_stats_counts_the_engine_work(kloop_mod):
     assert during["streams"] >= 2  # both ends of the connection are engine streams
     assert set(before) >= {"ops_in_flight", "streams", "buffers_in_use", "polls", "enters",
                            "sqes", "cqes", "completions", "cq_overflows", "enobufs", "direct_sends",
-                           "sqes_per_poll", "enters_per_poll"}
+                           "buffers_released", "sqes_per_poll", "enters_per_poll"}
     assert after["polls"] > before["polls"]
     assert after["sqes"] > before["sqes"]
     assert after["completions"] >= before["completions"]
@@ -59,6 +59,48 @@ def test_get_stats_counts_the_engine_work(kloop_mod):
     # at most one io_uring_enter per poll (plus the server's immediate accept cancel)
     assert after["enters"] <= after["polls"] + 2
     assert after["sqes_per_poll"] == pytest.approx(after["sqes"] / after["polls"])
+
+
+def test_idle_loop_gives_back_receive_buffers_of_a_burst(kloop_mod):
+    # Many connections send at once, one goes on a while, then everything
+    # is quiet: a loop that sleeps returns the receive buffers the burst
+    # touched to the kernel (those the receive ring still holds stay).
+    async def main():
+        loop = asyncio.get_running_loop()
+        got = 0
+        done = asyncio.Event()
+
+        class Sink(asyncio.Protocol):
+            def data_received(self, data):
+                nonlocal got
+                got += len(data)
+                if got >= 128 * 3000:
+                    done.set()
+
+        server = await loop.create_server(Sink, "127.0.0.1", 0, backlog=256)
+        port = server.sockets[0].getsockname()[1]
+        writers = []
+        for _ in range(128):
+            writers.append((await asyncio.open_connection("127.0.0.1", port))[1])
+        for w in writers:
+            w.write(b"b" * 3000)
+        await asyncio.wait_for(done.wait(), 10)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for _ in range(300):
+            writer.write(b"t" * 1000)
+            await asyncio.sleep(0)
+        writer.close()
+        before = loop.get_stats()["buffers_released"]
+        await asyncio.sleep(0.5)
+        after = loop.get_stats()["buffers_released"]
+        for w in writers:
+            w.close()
+        server.close()
+        await server.wait_closed()
+        return before, after
+
+    before, after = kloop_mod.run(main())
+    assert after - before >= 16, (before, after)
 
 
 def test_slow_callback_warning_carries_engine_state(kloop_mod):
