@@ -100,20 +100,26 @@ class Memory : public ::testing::Test {
                                static_cast<size_t>(c.result)) < 0)
           return false;
       }
+      ReadPeers();
       done = 0;
-      for (size_t i = 0; i < kStreams; ++i) {
-        char buf[kMsg];
-        ssize_t r;
-        while ((r = ::recv(peers_[i], buf, sizeof buf, MSG_DONTWAIT)) > 0)
-          echoed_[i] += static_cast<size_t>(r);
+      for (size_t i = 0; i < kStreams; ++i)
         if (echoed_[i] == kMsg && kloop_stream_write_size(loop_, 1 + i) == 0) ++done;
-      }
     }
     // Two more polls: records returned and memory retired by the last one
     // are recycled at the start of the next.
     kloop_poll(loop_, recs_, kBatch, 0);
     kloop_poll(loop_, recs_, kBatch, 0);
     return done == kStreams;
+  }
+
+  // Reads what the streams sent to their peers so far (into echoed_).
+  void ReadPeers() {
+    for (size_t i = 0; i < kStreams; ++i) {
+      char buf[kMsg];
+      ssize_t r;
+      while ((r = ::recv(peers_[i], buf, sizeof buf, MSG_DONTWAIT)) > 0)
+        echoed_[i] += static_cast<size_t>(r);
+    }
   }
 
   // Echo one message on each of kWarm streams of their own, all at once,
@@ -218,14 +224,9 @@ TEST_F(Memory, SmallAnswersQueuedTogetherTakeSmallBlocks) {
   auto end = Clock::now() + kDeadline;
   while (done < kStreams && Clock::now() < end) {
     kloop_poll(loop_, recs_, kBatch, kMs);
+    ReadPeers();
     done = 0;
-    for (size_t i = 0; i < kStreams; ++i) {
-      char buf[kMsg];
-      ssize_t r;
-      while ((r = ::recv(peers_[i], buf, sizeof buf, MSG_DONTWAIT)) > 0)
-        echoed_[i] += static_cast<size_t>(r);
-      done += echoed_[i] == kMsg;
-    }
+    for (size_t i = 0; i < kStreams; ++i) done += echoed_[i] == kMsg;
   }
   EXPECT_EQ(done, kStreams) << "not every answer arrived";
 }

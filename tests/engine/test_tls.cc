@@ -44,9 +44,28 @@ class Tls : public ::testing::Test {
     d.WaitFinal(2);
   }
 
+  // n engine client/server pairs on TCP: client tokens 100, 102, ...,
+  // each one's server the token after it; TLS started on all of them.
+  void TlsPairs(int n) {
+    for (int i = 0; i < n; ++i) {
+      auto [a, b] = TcpPair();
+      uint64_t tc = 100 + 2 * static_cast<uint64_t>(i), ts = tc + 1;
+      ssls.push_back(Client(cctx.get()));
+      ssls.push_back(Server(sctx.get()));
+      ASSERT_EQ(kloop_stream_attach(d, tc, b, 0), 0);
+      ASSERT_EQ(kloop_stream_attach(d, ts, a, 0), 0);
+      ASSERT_EQ(kloop_stream_start_tls(d, tc, ssls[ssls.size() - 2].get()), 0);
+      ASSERT_EQ(kloop_stream_start_tls(d, ts, ssls.back().get()), 0);
+      fds.push_back(std::move(a));
+      fds.push_back(std::move(b));
+    }
+  }
+
   Driver d;
   Fd cli_fd, srv_fd;
   CtxPtr sctx = ServerCtx(), cctx = ClientCtx();
+  std::vector<SslPtr> ssls;  // TlsPairs()
+  std::vector<Fd> fds;
 };
 
 TEST_F(Tls, HandshakeThenDataBothWays) {
@@ -492,21 +511,9 @@ TEST_F(Tls, StartTlsInPlaceAfterPlainBytes) {
 
 TEST_F(Tls, ManyConnectionsAtOnce) {
   constexpr int kConns = 40;
-  std::vector<SslPtr> ssls;
-  std::vector<Fd> fds;
-  for (int i = 0; i < kConns; ++i) {
-    auto [a, b] = TcpPair();
-    uint64_t tc = 100 + 2 * static_cast<uint64_t>(i), ts = tc + 1;
-    ssls.push_back(Client(cctx.get()));
-    ssls.push_back(Server(sctx.get()));
-    ASSERT_EQ(kloop_stream_attach(d, tc, b, 0), 0);
-    ASSERT_EQ(kloop_stream_attach(d, ts, a, 0), 0);
-    ASSERT_EQ(kloop_stream_start_tls(d, tc, ssls[ssls.size() - 2].get()), 0);
-    ASSERT_EQ(kloop_stream_start_tls(d, ts, ssls.back().get()), 0);
-    ASSERT_GE(kloop_stream_write(d, tc, "m", 1), 0);
-    fds.push_back(std::move(a));
-    fds.push_back(std::move(b));
-  }
+  ASSERT_NO_FATAL_FAILURE(TlsPairs(kConns));
+  for (int i = 0; i < kConns; ++i)
+    ASSERT_GE(kloop_stream_write(d, 100 + 2 * static_cast<uint64_t>(i), "m", 1), 0);
   ASSERT_TRUE(d.RunUntil(
       [&] {
         for (int i = 0; i < kConns; ++i)
@@ -524,20 +531,7 @@ TEST_F(Tls, ManyConnectionsAtOnce) {
 // IdleEngineGivesBackReceiveBuffersOfABurst).
 TEST_F(Tls, IdleEngineGivesBackPlaintextBuffersOfABurst) {
   constexpr int kConns = 48;
-  std::vector<SslPtr> ssls;
-  std::vector<Fd> fds;
-  for (int i = 0; i < kConns; ++i) {
-    auto [a, b] = TcpPair();
-    uint64_t tc = 100 + 2 * static_cast<uint64_t>(i), ts = tc + 1;
-    ssls.push_back(Client(cctx.get()));
-    ssls.push_back(Server(sctx.get()));
-    ASSERT_EQ(kloop_stream_attach(d, tc, b, 0), 0);
-    ASSERT_EQ(kloop_stream_attach(d, ts, a, 0), 0);
-    ASSERT_EQ(kloop_stream_start_tls(d, tc, ssls[ssls.size() - 2].get()), 0);
-    ASSERT_EQ(kloop_stream_start_tls(d, ts, ssls.back().get()), 0);
-    fds.push_back(std::move(a));
-    fds.push_back(std::move(b));
-  }
+  ASSERT_NO_FATAL_FAILURE(TlsPairs(kConns));
   for (int i = 0; i < kConns; ++i) {
     Event hs = d.WaitEvent(101 + 2 * static_cast<uint64_t>(i), KLOOP_EVENT_HANDSHAKE, 30s);
     ASSERT_EQ(hs.result, 0) << Describe(hs);
