@@ -198,7 +198,6 @@ class BlockPool {
   // and `keep_large_bytes`.
   void trim(size_t keep, size_t keep_small, size_t keep_large_bytes);
   size_t free_count() const { return count_; }
-  size_t free_small_count() const { return small_count_; }
   size_t free_large_bytes() const { return large_bytes_; }
 
  private:
