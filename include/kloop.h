@@ -633,6 +633,11 @@ KLOOP_API int kloop_stream_abort(kloop_t *loop, uint64_t token);
  *   kernel cannot change the key.
  * The caller must not read or write through `ssl` while the engine drives
  *   it; queries (peer certificate, cipher, ALPN protocol, session) are fine.
+ * SSL_MODE_RELEASE_BUFFERS (OpenSSL 3.0.14 and later): the engine clears
+ *   the mode on `ssl` while it drives it, keeps OpenSSL's record buffers
+ *   while the stream is in use and frees them once a kloop_poll() has been
+ *   idle for 100 to 200 ms since the stream's last record; the mode is set
+ *   again when the stream finishes.
  * Returns: 0, -ENOENT, -EINVAL (ssl NULL), -EALREADY (TLS already started),
  *   -EPIPE (stream closing, or reading already ended), -EOPNOTSUPP
  *   (KLOOP_STREAM_FILE or KLOOP_STREAM_NO_READ stream), -ENOMEM, -EBADF.

@@ -1137,24 +1137,29 @@ void Engine::flush_recycled() {
   }
 }
 
-// Whether free receive (or TLS plaintext) buffers may be worth giving back:
-// more than kTrimKeep + kTrimMinBatch above the cold ones (checked before a
-// wait).
+// Whether an idle trim has work (checked before a wait): free receive (or
+// TLS plaintext) buffers worth giving back, more than kTrimKeep +
+// kTrimMinBatch above the cold ones; or TLS streams whose OpenSSL record
+// buffers the engine frees (tls_trim()).
 bool Engine::trim_wanted() const {
-  return can_trim_ &&
-         (trim_worth(spare_trim_, ring_spare_.size()) || trim_worth(tls_trim_, tls_free_.size()));
+  return tls_warm_ || (can_trim_ && (trim_worth(spare_trim_, ring_spare_.size()) ||
+                                     trim_worth(tls_trim_, tls_free_.size())));
 }
 
 // Gives the pages of free buffers that no poll took since trim_since_ back
 // to the kernel, once that is kTrimAfterNs ago: the spare stack of the
-// receive ring and the free TLS plaintext buffers. Called before the
+// receive ring and the free TLS plaintext buffers; and frees the OpenSSL
+// record buffers of TLS streams untouched since (tls_trim()). Called before the
 // engine waits: a loop that runs without waiting is not idle, and keeps
 // its buffers. A buffer given back costs a page fault per page the next
 // time it is filled.
 void Engine::trim_spare(int64_t now) {
   if (now - trim_since_ < kTrimAfterNs) return;
-  release_cold(ring_spare_, spare_trim_);
-  release_cold(tls_free_, tls_trim_);
+  if (can_trim_) {
+    release_cold(ring_spare_, spare_trim_);
+    release_cold(tls_free_, tls_trim_);
+  }
+  tls_trim();
   trim_since_ = now;
 }
 

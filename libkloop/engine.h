@@ -480,6 +480,9 @@ class Engine {
   void tls_fail(Stream *s, int err, int ssl_error, bool handshake, uint32_t side);
   bool tls_encrypt(Stream *s, const void *buf, size_t len);
   void tls_release(Stream *s);
+  inline void tls_touch(Stream *s);  // tls.h
+  static void tls_unwarm(Stream *s);
+  void tls_trim();
   int take_tls_buffer();
   void tls_unstarve();
   bool tls_prep_send(Stream *s, io_uring_sqe *sqe);
@@ -533,6 +536,9 @@ class Engine {
   bool ktls_ulp_missing_ = false;  // setsockopt(TCP_ULP, "tls") said ENOENT once
   Stream *tls_starved_ = nullptr;  // intrusive (TlsState::next_starved): TLS
                                    // streams waiting for a plaintext buffer
+  Stream *tls_warm_ = nullptr;     // intrusive, doubly linked (TlsState::
+                                   // next_warm): SSLs that may hold record
+                                   // buffers the engine frees when idle
   int pending_recycle_ = 0;        // buffers added to the ring, not yet published
 
   IntMap<uint64_t, Op *> ops_;

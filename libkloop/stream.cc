@@ -264,6 +264,7 @@ void Engine::progress(Stream *s) {
     if (s->closing && !t->handshaking && !t->failed && !t->sent_close && !s->write_failed &&
         !t->in_eof) {
       t->sent_close = true;
+      tls_touch(s);
       clear_ssl_errors();
       SSL_shutdown(t->ssl);  // queues close_notify through the BIO
       clear_ssl_errors();

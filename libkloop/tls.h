@@ -82,6 +82,13 @@ struct TlsState {
   bool sent_close = false;   // our close_notify is queued
   bool starved = false;      // on Engine::tls_starved_
   Stream *next_starved = nullptr;
+  // OpenSSL's record buffers (Engine::tls_touch(), Engine::tls_trim()):
+  // with own_buffers the engine, not SSL_MODE_RELEASE_BUFFERS, frees them.
+  bool own_buffers = false;  // the mode was set; cleared on the SSL meanwhile
+  bool used = false;         // an SSL call since the last idle trim
+  bool warm = false;         // on Engine::tls_warm_
+  Stream *next_warm = nullptr;
+  Stream **prev_warm = nullptr;  // the pointer that points at this stream
   kloop_tls_error err{};
 
   // kernel TLS (receive side, TLS 1.2): during the handshake the engine
@@ -110,6 +117,24 @@ struct TlsState {
   alignas(8) unsigned char cmsg[32] = {};
   msghdr tx_msg{};  // the send in flight (a control record carries cmsg)
 };
+
+// Before an SSL call that may fill OpenSSL's record buffers.
+inline void Engine::tls_touch(Stream *s) {
+  TlsState *t = s->tls;
+  t->used = true;
+  if (!t->own_buffers || t->warm) return;
+  t->warm = true;
+  t->next_warm = tls_warm_;
+  t->prev_warm = &tls_warm_;
+  if (tls_warm_) tls_warm_->tls->prev_warm = &t->next_warm;
+  tls_warm_ = s;
+}
+
+// Whether SSL_free_buffers() refuses a buffer still in use: before OpenSSL
+// 3.0.14, 3.1.6, 3.2.2 and 3.3.1 it could free a record header waiting for
+// its body, or a record read only in part (CVE-2024-4741). `v` is
+// OpenSSL_version_num() (0xMNN00PP0).
+bool ssl_free_buffers_safe(unsigned long v);
 
 // The most an exact read asks for: one TLS record (header, 2^14 bytes,
 // the largest expansion OpenSSL allows).

@@ -16,6 +16,48 @@ using namespace kt;
 
 namespace {
 
+// Every allocation OpenSSL makes in this process, counted: installed by a
+// static initializer, before OpenSSL's first allocation.
+struct SslHeap {
+  static constexpr size_t kHead = 16;  // the size, kept in front; keeps alignment
+  static inline std::atomic<long> allocs{0};
+  static inline std::atomic<long> live{0};       // bytes
+  static inline std::atomic<long> allocated{0};  // bytes, ever
+  static void *Malloc(size_t n, const char *, int) {
+    auto *p = static_cast<size_t *>(malloc(n + kHead));
+    if (!p) return nullptr;
+    *p = n;
+    ++allocs;
+    live += static_cast<long>(n);
+    allocated += static_cast<long>(n);
+    return reinterpret_cast<char *>(p) + kHead;
+  }
+  static void Free(void *q, const char *, int) {
+    if (!q) return;
+    auto *p = reinterpret_cast<size_t *>(static_cast<char *>(q) - kHead);
+    live -= static_cast<long>(*p);
+    free(p);
+  }
+  static void *Realloc(void *q, size_t n, const char *file, int line) {
+    if (!q) return Malloc(n, file, line);
+    if (n == 0) {
+      Free(q, file, line);
+      return nullptr;
+    }
+    auto *p = reinterpret_cast<size_t *>(static_cast<char *>(q) - kHead);
+    size_t old = *p;
+    auto *np = static_cast<size_t *>(realloc(p, n + kHead));
+    if (!np) return nullptr;
+    *np = n;
+    ++allocs;
+    live += static_cast<long>(n) - static_cast<long>(old);
+    allocated += static_cast<long>(n);
+    return reinterpret_cast<char *>(np) + kHead;
+  }
+};
+const bool g_ssl_heap_counted =
+    CRYPTO_set_mem_functions(SslHeap::Malloc, SslHeap::Realloc, SslHeap::Free) == 1;
+
 class Tls : public ::testing::Test {
  protected:
   void SetUp() override { ASSERT_EQ(d.Create(nullptr), 0); }
@@ -568,6 +610,76 @@ TEST_F(Tls, IdleEngineGivesBackPlaintextBuffersOfABurst) {
 
   for (int i = 0; i < 2 * kConns; ++i) kloop_stream_abort(d, 100 + static_cast<uint64_t>(i));
   for (int i = 0; i < 2 * kConns; ++i) d.WaitFinal(100 + static_cast<uint64_t>(i));
+}
+
+// Python's ssl contexts set SSL_MODE_RELEASE_BUFFERS: OpenSSL would free
+// a connection's record buffers after every SSL_read/SSL_write and
+// allocate them again for the next. The engine keeps them while the
+// stream is in use and frees them once it has been idle for a trim period.
+TEST_F(Tls, BusyStreamKeepsOpenSslBuffersIdleStreamFreesThem) {
+  ASSERT_TRUE(g_ssl_heap_counted) << "OpenSSL allocated before the counting hooks";
+  SSL_CTX_set_mode(cctx.get(), SSL_MODE_RELEASE_BUFFERS);
+  SSL_CTX_set_mode(sctx.get(), SSL_MODE_RELEASE_BUFFERS);
+  constexpr int kConns = 8;
+  ASSERT_NO_FATAL_FAILURE(TlsPairs(kConns));
+  for (int i = 0; i < kConns; ++i) {
+    Event hs = d.WaitEvent(101 + 2 * static_cast<uint64_t>(i), KLOOP_EVENT_HANDSHAKE, 30s);
+    ASSERT_EQ(hs.result, 0) << Describe(hs);
+  }
+  EXPECT_EQ(SSL_get_mode(ssls[0].get()) & SSL_MODE_RELEASE_BUFFERS, 0u)
+      << "the engine frees the buffers itself";
+  size_t sent = 0;
+  // One 1 KiB message from every client to its server, all received.
+  auto round = [&] {
+    for (int i = 0; i < kConns; ++i)
+      ASSERT_GE(
+          kloop_stream_write(d, 100 + 2 * static_cast<uint64_t>(i), Pattern(i, 1024).data(), 1024),
+          0);
+    sent += 1024;
+    ASSERT_TRUE(d.RunUntil([&] {
+      for (int i = 0; i < kConns; ++i)
+        if (d.DataSizeOf(101 + 2 * static_cast<uint64_t>(i)) < sent) return false;
+      return true;
+    }));
+  };
+  ASSERT_NO_FATAL_FAILURE(round());
+  // 20 more, 20 ms apart: the loop waits between them, across three trim
+  // periods, and the streams are in use in each.
+  long allocs_before = SslHeap::allocs, bytes_before = SslHeap::allocated;
+  constexpr int kRounds = 20;
+  for (int r = 0; r < kRounds; ++r) {
+    d.Drain(20ms);
+    ASSERT_NO_FATAL_FAILURE(round());
+  }
+  long allocs = SslHeap::allocs - allocs_before;
+  long bytes = SslHeap::allocated - bytes_before;
+  // With the mode, each record sent and each received takes a buffer of
+  // about 17 KiB (5 MiB in all); without it OpenSSL allocates some 40
+  // bytes per record here. The bound leaves room for one trim of all of
+  // them, should the machine stall a round for longer than a trim period.
+  EXPECT_LT(bytes, kConns * kRounds * 4096L) << "OpenSSL allocated " << allocs << " times";
+
+  long live_before = SslHeap::live;
+  kloop_completion recs[8];
+  auto start = std::chrono::steady_clock::now();
+  int n = kloop_poll(d, recs, 8, 300'000'000);
+  EXPECT_GE(std::chrono::steady_clock::now() - start, 290ms) << "the wait ended early: " << n;
+  long freed = live_before - SslHeap::live;
+  // Each of the 2 * kConns SSLs held a read and a write buffer of about
+  // 17 KiB: count at least one of the two.
+  EXPECT_GE(freed, 2 * kConns * 16384L) << "idle streams kept OpenSSL's buffers";
+
+  // They work on: the buffers come back for the next record.
+  ASSERT_NO_FATAL_FAILURE(round());
+  for (int i = 0; i < kConns; ++i) {
+    std::string want;
+    for (size_t k = 0; k < sent / 1024; ++k) want += Pattern(i, 1024);
+    EXPECT_TRUE(d.DataOf(101 + 2 * static_cast<uint64_t>(i)) == want) << i;
+  }
+  for (int i = 0; i < 2 * kConns; ++i) kloop_stream_abort(d, 100 + static_cast<uint64_t>(i));
+  for (int i = 0; i < 2 * kConns; ++i) d.WaitFinal(100 + static_cast<uint64_t>(i));
+  EXPECT_NE(SSL_get_mode(ssls[0].get()) & SSL_MODE_RELEASE_BUFFERS, 0u)
+      << "the caller's mode is back once the engine lets go of the SSL";
 }
 
 TEST_F(Tls, BadCalls) {

@@ -880,6 +880,65 @@ def test_fallback_reason_is_logged(kloop_module, certs, caplog, monkeypatch):
                for r in caplog.records)
 
 
+def _malloc_in_use():
+    """Bytes the C heap has handed out (glibc's mallinfo2)."""
+    import ctypes
+
+    class Mallinfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+            "uordblks", "fordblks", "keepcost")]
+
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = Mallinfo2
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+def test_idle_tls_connections_give_back_openssl_buffers(kloop_module, certs):
+    # Python's contexts set SSL_MODE_RELEASE_BUFFERS; on the engine path
+    # OpenSSL's record buffers (about 17 KiB each way) stay while a
+    # connection is in use and are freed once the loop has been idle.
+    loop = kloop_module.new_event_loop()
+    conns = 16
+    try:
+        async def main():
+            srv, port, made = await echo_server(loop, certs.server_context())
+            cctx = certs.client_context()
+            pairs = []
+            for _ in range(conns):
+                pairs.append(await loop.create_connection(
+                    lambda: RecordingProtocol(loop), "127.0.0.1", port, ssl=cctx,
+                    server_hostname="localhost"))
+            for tr, pr in pairs:
+                tr.write(b"x" * 1024)
+            for tr, pr in pairs:
+                await wait_for_data(pr, 1024)
+            from kloop import transports
+            assert isinstance(pairs[0][0], transports.TLSTransport), pairs[0][0]
+            busy = _malloc_in_use()
+            await asyncio.sleep(0.35)
+            idle = _malloc_in_use()
+            # The connections work on after it.
+            for tr, pr in pairs:
+                tr.write(b"y" * 1024)
+            for tr, pr in pairs:
+                await wait_for_data(pr, 2048)
+                assert bytes(pr.data) == b"x" * 1024 + b"y" * 1024
+            for tr, pr in pairs:
+                tr.close()
+                await pr.lost
+            srv.close()
+            await srv.wait_closed()
+            return busy, idle
+        busy, idle = loop.run_until_complete(main())
+    finally:
+        loop.close()
+    # 2 * conns SSLs (client and server ends), each with a read and a
+    # write buffer: count at least one of the two.
+    assert busy - idle >= 2 * conns * 16384, (busy, idle)
+
+
 # -- the layout assumption ------------------------------------------------------
 
 def test_ssl_pointer_layout_is_proven(kloop_module, certs):
