@@ -611,7 +611,10 @@ KLOOP_API int kloop_stream_abort(kloop_t *loop, uint64_t token);
  *     neither reads nor writes (nor reports a write error); close or abort it.
  *   - DATA records carry plaintext (in engine buffers, as for plain streams);
  *     kloop_stream_write() takes plaintext; kloop_stream_write_size() counts
- *     plaintext not yet encrypted plus encrypted bytes not yet sent.
+ *     plaintext not yet encrypted plus encrypted bytes not yet sent. Writes
+ *     that leave at most 16 KiB of plaintext waiting are encrypted at the
+ *     next kloop_poll(), together: the pieces one iteration wrote share a
+ *     record. A larger write encrypts what waits, then itself, at once.
  *   - EOF: aux 0 after the peer's close_notify, KLOOP_EOF_UNCLEAN when the
  *     connection ended without it.
  *   - ERROR with KLOOP_ERROR_TLS in aux: a TLS failure (alert received,

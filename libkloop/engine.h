@@ -250,6 +250,13 @@ inline constexpr int kMaxIov = 64;
 // Past this many bytes the waiting sends go out at once (Engine::send_early).
 inline constexpr uint64_t kSendEarlyBytes = 65536;
 
+// TLS writes that leave the waiting plaintext at most this large wait for
+// the next poll and are encrypted together (Engine::tls_flush_pt()): one
+// record for the pieces an iteration wrote, as a response written as head
+// and body, instead of one record each. Also the most one record carries
+// (RFC 8446 5.1).
+inline constexpr size_t kTlsRecordMax = 16384;
+
 // Writes of at least this many bytes to an idle socket stream are sent at
 // once (Engine::direct_send) instead of being copied into the queue.
 inline constexpr size_t kDirectSendMin = 16384;
@@ -479,6 +486,7 @@ class Engine {
   void tls_socket_error(Stream *s, int err);
   void tls_fail(Stream *s, int err, int ssl_error, bool handshake, uint32_t side);
   bool tls_encrypt(Stream *s, const void *buf, size_t len);
+  bool tls_flush_pt(Stream *s);
   void tls_release(Stream *s);
   inline void tls_touch(Stream *s);  // tls.h
   static void tls_unwarm(Stream *s);

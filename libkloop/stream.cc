@@ -250,6 +250,8 @@ void Engine::progress(Stream *s) {
   bool want_read = !(s->flags & KLOOP_STREAM_NO_READ) && !s->paused && !s->read_done && !s->closing;
   if (s->tls) {
     TlsState *t = s->tls;
+    // Small writes since the last poll, in as few records as they fit.
+    if (t->pt.size() && !t->handshaking && !t->failed && reserve_records(1)) tls_flush_pt(s);
     want_read = (want_read && !t->failed) || tls_must_read(s);
     // A recv armed in another mode (multishot before the handshake, exact
     // reads after it) is cancelled and re-armed in the right one.
@@ -512,16 +514,22 @@ int64_t Engine::stream_write(uint64_t token, const void *buf, size_t len) {
   if (s->tls) {
     TlsState *t = s->tls;
     if (t->failed || t->sent_close) return -EPIPE;
-    if (len && (t->handshaking || t->pt.size())) {
-      if (!t->pt.append(buf, len)) return -ENOMEM;
-    } else if (len && t->tx_offload && !t->ctrl_type) {
+    if (!len) {
+    } else if (t->handshaking) {
+      if (!t->pt.append(buf, len, &wblocks_)) return -ENOMEM;
+    } else if (t->tx_offload && !t->ctrl_type && !t->pt.size()) {
       // The kernel encrypts: plaintext goes to the socket as it is.
       if (!s->wq.append(buf, len, &wblocks_)) return -ENOMEM;
       t->appended += len;
       if (!s->send_inflight) mark_dirty(s);
-    } else if (len) {
+    } else if (t->pt.size() + len <= kTlsRecordMax) {
+      // Waits for the poll, to share a record with the iteration's other
+      // small writes (tls_flush_pt()).
+      if (!reserve_records(1) || !t->pt.append(buf, len, &wblocks_)) return -ENOMEM;
+      mark_dirty(s);
+    } else {
       if (!reserve_records(1)) return -ENOMEM;
-      if (!tls_encrypt(s, buf, len)) return t->failed ? -EPIPE : -ENOMEM;
+      if (!tls_flush_pt(s) || !tls_encrypt(s, buf, len)) return t->failed ? -EPIPE : -ENOMEM;
       encrypted_unsent_ += len;
       if (encrypted_unsent_ >= kSendEarlyBytes) send_early();
     }

@@ -630,7 +630,7 @@ void Engine::tls_fail(Stream *s, int err, int ssl_error, bool handshake, uint32_
   }
   clear_ssl_errors();
   t->failed = true;
-  t->pt.clear();
+  t->pt.clear(&wblocks_);
   s->read_done = true;
   if (handshake) {
     t->handshaking = false;
@@ -662,6 +662,33 @@ bool Engine::tls_encrypt(Stream *s, const void *buf, size_t len) {
   return true;
 }
 
+// Encrypts the plaintext waiting in TlsState::pt (written during the
+// handshake, or small writes since the last poll), in order, in records of
+// up to kTlsRecordMax: the pieces of several writes share a record. False
+// when TLS failed (reported) or on ENOMEM.
+bool Engine::tls_flush_pt(Stream *s) {
+  TlsState *t = s->tls;
+  while (t->pt.size()) {
+    iovec iov[kMaxIov];
+    int n = t->pt.fill_iov(iov, kMaxIov, kTlsRecordMax);
+    const void *p = iov[0].iov_base;
+    size_t len = iov[0].iov_len;
+    char joined[kTlsRecordMax];
+    if (n > 1) {
+      len = 0;
+      for (int i = 0; i < n; ++i) {
+        memcpy(joined + len, iov[i].iov_base, iov[i].iov_len);
+        len += iov[i].iov_len;
+      }
+      p = joined;
+    }
+    if (!tls_encrypt(s, p, len)) return false;
+    encrypted_unsent_ += len;
+    t->pt.consume(len, &wblocks_);
+  }
+  return true;
+}
+
 // Advance TLS as far as the data at hand allows: the handshake, then
 // plaintext into TLS buffers as DATA records (unless paused), or, while a
 // graceful close waits, reading up to the peer's close_notify.
@@ -687,19 +714,7 @@ void Engine::tls_pump(Stream *s) {
     uint32_t offload = (t->tx_offload ? KLOOP_HANDSHAKE_KTLS_TX : 0u) |
                        (t->rx_offload ? KLOOP_HANDSHAKE_KTLS_RX : 0u);
     emit(s->token, 0, KLOOP_COMPLETION_MORE, 0, KLOOP_EVENT_HANDSHAKE, offload);
-    if (t->pt.size()) {
-      // Plaintext written during the handshake, in order.
-      while (t->pt.size()) {
-        iovec iov[kMaxIov];
-        int n = t->pt.fill_iov(iov, kMaxIov);
-        size_t done = 0;
-        for (int i = 0; i < n; ++i) {
-          if (!tls_encrypt(s, iov[i].iov_base, iov[i].iov_len)) return;
-          done += iov[i].iov_len;
-        }
-        t->pt.consume(done);
-      }
-    }
+    if (!tls_flush_pt(s)) return;  // plaintext written during the handshake
   }
   if (t->peer_closed || (s->paused && !s->closing)) return;
   // Receiving offloaded: data went out as DATA already; OpenSSL only sees
@@ -795,7 +810,7 @@ void Engine::tls_release(Stream *s) {
     recycle(static_cast<uint32_t>(t->in.front().bid));
     t->in.pop_front();
   }
-  t->pt.clear();
+  t->pt.clear(&wblocks_);
   t->rx_ctl.clear();
   if (t->starved) {
     for (Stream **pp = &tls_starved_; *pp; pp = &((*pp)->tls->next_starved))

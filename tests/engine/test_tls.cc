@@ -263,6 +263,50 @@ TEST_F(Tls, LargeWriteIsSentBeforeTheNextPoll) {
 
 // Below that, writes of many streams wait for the poll and leave together;
 // the write that crosses it takes the others' sends along in its one enter.
+// TLS 1.3 records of application data an SSL received (the inner content
+// type of each record it decrypted, through OpenSSL's message callback).
+void CountDataRecords(int write_p, int, int content_type, const void *buf, size_t len, SSL *,
+                      void *arg) {
+  if (!write_p && content_type == SSL3_RT_INNER_CONTENT_TYPE && len == 1 &&
+      *static_cast<const unsigned char *>(buf) == SSL3_RT_APPLICATION_DATA)
+    ++*static_cast<int *>(arg);
+}
+
+// A response written as head and body (or in more pieces) within one
+// iteration goes out as one record, not one per write: a record costs
+// both ends a header, a tag and a pass through the cipher.
+TEST_F(Tls, SmallWritesOfAnIterationShareARecord) {
+  SslPtr c = Client(cctx.get()), s = Server(sctx.get());
+  int records = 0;
+  SSL_set_msg_callback(s.get(), CountDataRecords);
+  SSL_set_msg_callback_arg(s.get(), &records);
+  Pair(c.get(), s.get());
+  Handshake();
+  std::string want;
+  for (const char *piece : {"HTTP/1.1 200 OK\r\n", "Content-Length: 5\r\n\r\n", "hello"}) {
+    ASSERT_GE(kloop_stream_write(d, 1, piece, strlen(piece)), 0);
+    want += piece;
+  }
+  EXPECT_EQ(kloop_stream_write_size(d, 1), static_cast<int64_t>(want.size()))
+      << "waiting plaintext counts as queued";
+  ASSERT_TRUE(d.RunUntil([&] { return d.DataOf(2) == want; })) << d.DataOf(2);
+  EXPECT_EQ(records, 1);
+
+  // More than a record's worth: records of up to 16 KiB, in order, a
+  // large write after the small ones that wait.
+  records = 0;
+  std::string a = Pattern(1, 10000), b = Pattern(2, 10000), big = Pattern(3, 50000);
+  for (const std::string *w : {&a, &b, &big, &a})
+    ASSERT_GE(kloop_stream_write(d, 1, w->data(), w->size()), 0);
+  want += a + b + big + a;
+  ASSERT_TRUE(d.RunUntil([&] { return d.DataSizeOf(2) >= want.size(); }));
+  EXPECT_TRUE(d.DataOf(2) == want);
+  // a (waiting, sent when b would not fit with it), b, the large write
+  // (4 records of 16 KiB at most), a again at the poll
+  EXPECT_EQ(records, 1 + 1 + 4 + 1);
+  CloseBoth();
+}
+
 TEST_F(Tls, SmallWritesWaitForThePollAndLeaveTogether) {
   SSL_CTX_set_num_tickets(sctx.get(), 0);
   SslPtr s1, s2;
