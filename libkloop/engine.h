@@ -487,6 +487,8 @@ class Engine {
   void tls_fail(Stream *s, int err, int ssl_error, bool handshake, uint32_t side);
   bool tls_encrypt(Stream *s, const void *buf, size_t len);
   bool tls_flush_pt(Stream *s);
+  bool tls_stage(TlsState *t, const void *buf, size_t len);
+  void tls_drop_stage(TlsState *t);
   void tls_release(Stream *s);
   inline void tls_touch(Stream *s);  // tls.h
   static void tls_unwarm(Stream *s);

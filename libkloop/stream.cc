@@ -251,7 +251,7 @@ void Engine::progress(Stream *s) {
   if (s->tls) {
     TlsState *t = s->tls;
     // Small writes since the last poll, in as few records as they fit.
-    if (t->pt.size() && !t->handshaking && !t->failed && reserve_records(1)) tls_flush_pt(s);
+    if (plain_waiting(t) && !t->handshaking && !t->failed && reserve_records(1)) tls_flush_pt(s);
     want_read = (want_read && !t->failed) || tls_must_read(s);
     // A recv armed in another mode (multishot before the handshake, exact
     // reads after it) is cancelled and re-armed in the right one.
@@ -517,15 +517,15 @@ int64_t Engine::stream_write(uint64_t token, const void *buf, size_t len) {
     if (!len) {
     } else if (t->handshaking) {
       if (!t->pt.append(buf, len, &wblocks_)) return -ENOMEM;
-    } else if (t->tx_offload && !t->ctrl_type && !t->pt.size()) {
+    } else if (t->tx_offload && !t->ctrl_type && !plain_waiting(t)) {
       // The kernel encrypts: plaintext goes to the socket as it is.
       if (!s->wq.append(buf, len, &wblocks_)) return -ENOMEM;
       t->appended += len;
       if (!s->send_inflight) mark_dirty(s);
-    } else if (t->pt.size() + len <= kTlsRecordMax) {
+    } else if (!t->pt.size() && t->stage_len + len <= kTlsRecordMax) {
       // Waits for the poll, to share a record with the iteration's other
       // small writes (tls_flush_pt()).
-      if (!reserve_records(1) || !t->pt.append(buf, len, &wblocks_)) return -ENOMEM;
+      if (!reserve_records(1) || !tls_stage(t, buf, len)) return -ENOMEM;
       mark_dirty(s);
     } else {
       if (!reserve_records(1)) return -ENOMEM;
@@ -542,7 +542,7 @@ int64_t Engine::stream_write(uint64_t token, const void *buf, size_t len) {
       if (!s->send_inflight) mark_dirty(s);
     }
   }
-  uint64_t size = s->wq.size() + (s->tls ? s->tls->pt.size() : 0);
+  uint64_t size = s->wq.size() + (s->tls ? plain_waiting(s->tls) : 0);
   if (size > s->high) s->over_high = true;
   return static_cast<int64_t>(size);
 }
@@ -585,7 +585,7 @@ int Engine::stream_set_limits(uint64_t token, uint64_t high, uint64_t low) {
 int64_t Engine::stream_write_size(uint64_t token) {
   Stream *s = find_stream(token);
   if (!s) return -ENOENT;
-  return static_cast<int64_t>(s->wq.size() + (s->tls ? s->tls->pt.size() : 0));
+  return static_cast<int64_t>(s->wq.size() + (s->tls ? plain_waiting(s->tls) : 0));
 }
 
 int Engine::stream_shutdown(uint64_t token) {

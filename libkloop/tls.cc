@@ -169,6 +169,7 @@ void delete_stream(Stream *s) {
       if (t->own_buffers) SSL_set_mode(t->ssl, SSL_MODE_RELEASE_BUFFERS);
       SSL_free(t->ssl);
     }
+    ::operator delete(t->stage);  // a write-pool block (BlockPool::take)
     delete t;
   }
   delete s->slot;  // a send still held it: the engine is being destroyed
@@ -631,6 +632,7 @@ void Engine::tls_fail(Stream *s, int err, int ssl_error, bool handshake, uint32_
   clear_ssl_errors();
   t->failed = true;
   t->pt.clear(&wblocks_);
+  tls_drop_stage(t);
   s->read_done = true;
   if (handshake) {
     t->handshaking = false;
@@ -662,10 +664,35 @@ bool Engine::tls_encrypt(Stream *s, const void *buf, size_t len) {
   return true;
 }
 
+// Adds a small write to the stream's staged plaintext (at most
+// kTlsRecordMax in all), in a write-pool block: a small block first, a
+// standard one once that is full.
+bool Engine::tls_stage(TlsState *t, const void *buf, size_t len) {
+  size_t need = t->stage_len + len;
+  if (need > t->stage_cap) {
+    size_t cap = need;
+    char *b = wblocks_.take(&cap);
+    if (!b) return false;
+    if (t->stage_len) memcpy(b, t->stage, t->stage_len);
+    if (t->stage) wblocks_.give(t->stage, t->stage_cap);
+    t->stage = b;
+    t->stage_cap = cap;
+  }
+  memcpy(t->stage + t->stage_len, buf, len);
+  t->stage_len = need;
+  return true;
+}
+
+void Engine::tls_drop_stage(TlsState *t) {
+  if (t->stage) wblocks_.give(t->stage, t->stage_cap);
+  t->stage = nullptr;
+  t->stage_len = t->stage_cap = 0;
+}
+
 // Encrypts the plaintext waiting in TlsState::pt (written during the
-// handshake, or small writes since the last poll), in order, in records of
-// up to kTlsRecordMax: the pieces of several writes share a record. False
-// when TLS failed (reported) or on ENOMEM.
+// handshake) in records of up to kTlsRecordMax, then the staged small
+// writes of the last iteration as one record: the pieces of several writes
+// share a record. False when TLS failed (reported) or on ENOMEM.
 bool Engine::tls_flush_pt(Stream *s) {
   TlsState *t = s->tls;
   while (t->pt.size()) {
@@ -685,6 +712,18 @@ bool Engine::tls_flush_pt(Stream *s) {
     if (!tls_encrypt(s, p, len)) return false;
     encrypted_unsent_ += len;
     t->pt.consume(len, &wblocks_);
+  }
+  if (t->stage_len) {
+    // Taken off the stream first: a failure inside drops what TLS holds.
+    char *block = t->stage;
+    size_t len = t->stage_len;
+    size_t cap = t->stage_cap;
+    t->stage = nullptr;
+    t->stage_len = t->stage_cap = 0;
+    bool ok = tls_encrypt(s, block, len);
+    wblocks_.give(block, cap);
+    if (!ok) return false;
+    encrypted_unsent_ += len;
   }
   return true;
 }
@@ -811,6 +850,7 @@ void Engine::tls_release(Stream *s) {
     t->in.pop_front();
   }
   t->pt.clear(&wblocks_);
+  tls_drop_stage(t);
   t->rx_ctl.clear();
   if (t->starved) {
     for (Stream **pp = &tls_starved_; *pp; pp = &((*pp)->tls->next_starved))

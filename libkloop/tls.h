@@ -74,8 +74,14 @@ struct TlsState {
   SSL *ssl = nullptr;  // our reference (SSL_up_ref), dropped by tls_release
   BIO *bio = nullptr;  // owned by ssl
   Fifo<TlsChunk> in;
-  bool in_eof = false;       // the socket reached end of file
-  ByteQueue pt;              // plaintext written before the handshake ended
+  bool in_eof = false;  // the socket reached end of file
+  ByteQueue pt;         // plaintext written before the handshake ended
+  // Small writes since the last poll, in one write-pool block, encrypted
+  // together at the poll (Engine::tls_stage(), Engine::tls_flush_pt());
+  // freed with ::operator delete if the stream is deleted with it.
+  char *stage = nullptr;
+  size_t stage_len = 0;
+  size_t stage_cap = 0;
   bool handshaking = true;   // HANDSHAKE not reported yet
   bool failed = false;       // no more TLS I/O: handshake failed or fatal error
   bool peer_closed = false;  // the peer's close_notify arrived
@@ -117,6 +123,9 @@ struct TlsState {
   alignas(8) unsigned char cmsg[32] = {};
   msghdr tx_msg{};  // the send in flight (a control record carries cmsg)
 };
+
+// Plaintext not yet encrypted: waiting for the handshake, or staged.
+inline size_t plain_waiting(const TlsState *t) { return t->pt.size() + t->stage_len; }
 
 // Before an SSL call that may fill OpenSSL's record buffers.
 inline void Engine::tls_touch(Stream *s) {
