@@ -253,6 +253,29 @@ size_t crypto_info_len(const void *p) {
   if (head.version != TLS_1_2_VERSION && head.version != TLS_1_3_VERSION) return 0;
   return len;
 }
+
+// Whether SSL_free_buffers() refuses a buffer still in use: before OpenSSL
+// 3.0.14, 3.1.6, 3.2.2 and 3.3.1 it could free a record header waiting for
+// its body, or a record read only in part (CVE-2024-4741). `v` is
+// OpenSSL_version_num() (0xMNN00PP0).
+bool ssl_free_buffers_safe(unsigned long v) {
+  unsigned long major = v >> 28;
+  unsigned long minor = (v >> 20) & 0xff;
+  unsigned long patch = (v >> 4) & 0xff;
+  if (major != 3) return major > 3;
+  switch (minor) {
+    case 0:
+      return patch >= 14;
+    case 1:
+      return patch >= 6;
+    case 2:
+      return patch >= 2;
+    case 3:
+      return patch >= 1;
+    default:
+      return true;
+  }
+}
 }  // namespace
 
 // OpenSSL offers the keys of one direction (kCtrlSetKtls). The socket gets
@@ -899,25 +922,6 @@ void Engine::tls_trim() {
       tls_unwarm(s);
     }
     s = next;
-  }
-}
-
-bool ssl_free_buffers_safe(unsigned long v) {
-  unsigned long major = v >> 28;
-  unsigned long minor = (v >> 20) & 0xff;
-  unsigned long patch = (v >> 4) & 0xff;
-  if (major != 3) return major > 3;
-  switch (minor) {
-    case 0:
-      return patch >= 14;
-    case 1:
-      return patch >= 6;
-    case 2:
-      return patch >= 2;
-    case 3:
-      return patch >= 1;
-    default:
-      return true;
   }
 }
 

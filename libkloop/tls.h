@@ -139,12 +139,6 @@ inline void Engine::tls_touch(Stream *s) {
   tls_warm_ = s;
 }
 
-// Whether SSL_free_buffers() refuses a buffer still in use: before OpenSSL
-// 3.0.14, 3.1.6, 3.2.2 and 3.3.1 it could free a record header waiting for
-// its body, or a record read only in part (CVE-2024-4741). `v` is
-// OpenSSL_version_num() (0xMNN00PP0).
-bool ssl_free_buffers_safe(unsigned long v);
-
 // The most an exact read asks for: one TLS record (header, 2^14 bytes,
 // the largest expansion OpenSSL allows).
 inline constexpr uint32_t kTlsHsBuf = 16384 + 2048 + 5;

@@ -263,6 +263,37 @@ TEST_F(Tls, LargeWriteIsSentBeforeTheNextPoll) {
 
 // Below that, writes of many streams wait for the poll and leave together;
 // the write that crosses it takes the others' sends along in its one enter.
+TEST_F(Tls, SmallWritesWaitForThePollAndLeaveTogether) {
+  SSL_CTX_set_num_tickets(sctx.get(), 0);
+  SslPtr s1, s2;
+  PlainPeer p1 = ServeTlsTo(d, 2, sctx.get(), cctx.get(), &s1);
+  PlainPeer p2 = ServeTlsTo(d, 3, sctx.get(), cctx.get(), &s2);
+  std::string small = Pattern(0, 1024);
+  ASSERT_GE(kloop_stream_write(d, 2, small.data(), small.size()), 0);
+  ASSERT_GE(kloop_stream_write(d, 3, small.data(), small.size()), 0);
+  EXPECT_EQ(Unread(p1.fd), 0);
+  EXPECT_EQ(Unread(p2.fd), 0);
+  EXPECT_EQ(ReadTls(d, p1, small.size()), small);
+  EXPECT_EQ(ReadTls(d, p2, small.size()), small);
+
+  std::string half = Pattern(7, 40 * 1024);
+  ASSERT_GE(kloop_stream_write(d, 2, half.data(), half.size()), 0);
+  EXPECT_EQ(Unread(p1.fd), 0) << "40 KiB waits for the poll";
+  kloop_stats before = GetStats(d);
+  ASSERT_GE(kloop_stream_write(d, 3, half.data(), half.size()), 0);
+  kloop_stats after = GetStats(d);
+  EXPECT_GT(Unread(p1.fd), 0);
+  EXPECT_GT(Unread(p2.fd), 0);
+  EXPECT_EQ(after.sqes - before.sqes, 2u);
+  EXPECT_EQ(after.enters - before.enters, 1u);
+  EXPECT_EQ(ReadTls(d, p1, half.size()), half);
+  EXPECT_EQ(ReadTls(d, p2, half.size()), half);
+  kloop_stream_abort(d, 2);
+  kloop_stream_abort(d, 3);
+  d.WaitFinal(2);
+  d.WaitFinal(3);
+}
+
 // TLS 1.3 records of application data an SSL received (the inner content
 // type of each record it decrypted, through OpenSSL's message callback).
 void CountDataRecords(int write_p, int, int content_type, const void *buf, size_t len, SSL *,
@@ -305,37 +336,6 @@ TEST_F(Tls, SmallWritesOfAnIterationShareARecord) {
   // (4 records of 16 KiB at most), a again at the poll
   EXPECT_EQ(records, 1 + 1 + 4 + 1);
   CloseBoth();
-}
-
-TEST_F(Tls, SmallWritesWaitForThePollAndLeaveTogether) {
-  SSL_CTX_set_num_tickets(sctx.get(), 0);
-  SslPtr s1, s2;
-  PlainPeer p1 = ServeTlsTo(d, 2, sctx.get(), cctx.get(), &s1);
-  PlainPeer p2 = ServeTlsTo(d, 3, sctx.get(), cctx.get(), &s2);
-  std::string small = Pattern(0, 1024);
-  ASSERT_GE(kloop_stream_write(d, 2, small.data(), small.size()), 0);
-  ASSERT_GE(kloop_stream_write(d, 3, small.data(), small.size()), 0);
-  EXPECT_EQ(Unread(p1.fd), 0);
-  EXPECT_EQ(Unread(p2.fd), 0);
-  EXPECT_EQ(ReadTls(d, p1, small.size()), small);
-  EXPECT_EQ(ReadTls(d, p2, small.size()), small);
-
-  std::string half = Pattern(7, 40 * 1024);
-  ASSERT_GE(kloop_stream_write(d, 2, half.data(), half.size()), 0);
-  EXPECT_EQ(Unread(p1.fd), 0) << "40 KiB waits for the poll";
-  kloop_stats before = GetStats(d);
-  ASSERT_GE(kloop_stream_write(d, 3, half.data(), half.size()), 0);
-  kloop_stats after = GetStats(d);
-  EXPECT_GT(Unread(p1.fd), 0);
-  EXPECT_GT(Unread(p2.fd), 0);
-  EXPECT_EQ(after.sqes - before.sqes, 2u);
-  EXPECT_EQ(after.enters - before.enters, 1u);
-  EXPECT_EQ(ReadTls(d, p1, half.size()), half);
-  EXPECT_EQ(ReadTls(d, p2, half.size()), half);
-  kloop_stream_abort(d, 2);
-  kloop_stream_abort(d, 3);
-  d.WaitFinal(2);
-  d.WaitFinal(3);
 }
 
 TEST_F(Tls, UntrustedCertificateFailsWithVerifyReason) {
