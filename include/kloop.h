@@ -131,6 +131,7 @@ KLOOP_API int kloop_probe(struct kloop_caps *caps);
 #define KLOOP_CONFIG_NO_DEFER_TASKRUN (1u << 1) /* allow use from several threads in turn */
 #define KLOOP_CONFIG_NO_SEND_GATHER (1u << 2)   /* one queued block per stream send */
 #define KLOOP_CONFIG_NO_DIRECT_SEND (1u << 3)   /* large writes always wait for the poll */
+#define KLOOP_CONFIG_NO_TLS_SEAL (1u << 4)      /* OpenSSL encrypts every TLS record */
 
 /*
  * struct kloop_config - how to build a loop. Fill with kloop_config_init().

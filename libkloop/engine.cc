@@ -179,6 +179,27 @@ bool ByteQueue::append(const void *p, size_t n, BlockPool *pool) {
   return true;
 }
 
+char *ByteQueue::tail(size_t n, BlockPool *pool) {
+  if (!blocks_.empty()) {
+    Block &b = blocks_.at(blocks_.size() - 1);
+    if (b.cap - b.end >= n) return b.data + b.end;  // never a borrowed block: cap == end
+  }
+  size_t cap = n < BlockPool::kBlockSize ? BlockPool::kBlockSize : n;
+  if (blocks_.empty() && n <= BlockPool::kSmallBlock) cap = BlockPool::kSmallBlock;
+  char *d = alloc_block(pool, &cap);
+  if (!d) return nullptr;
+  if (!blocks_.push_back(Block{d, cap, 0, 0})) {
+    free_block(pool, d, cap);
+    return nullptr;
+  }
+  return d;
+}
+
+void ByteQueue::grow(size_t n) {
+  blocks_.at(blocks_.size() - 1).end += n;
+  bytes_ += n;
+}
+
 bool ByteQueue::append_borrowed(const void *p, size_t n, uint64_t ref) {
   // cap == end: append() never copies into a borrowed block.
   Block b{static_cast<char *>(const_cast<void *>(p)), n, 0, n};
@@ -314,6 +335,7 @@ int Engine::init(const kloop_config &cfg) {
 
   no_send_gather_ = (cfg.flags & KLOOP_CONFIG_NO_SEND_GATHER) != 0;
   no_direct_send_ = (cfg.flags & KLOOP_CONFIG_NO_DIRECT_SEND) != 0;
+  no_tls_seal_ = (cfg.flags & KLOOP_CONFIG_NO_TLS_SEAL) != 0;
   buf_size_ = cfg.buf_size;
   buf_count_ = cfg.buf_count;
   if (!setup_buffers() || !setup_tls_buffers()) {

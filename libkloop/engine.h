@@ -227,6 +227,11 @@ class ByteQueue {
   bool append(const void *p, size_t n, BlockPool *pool = nullptr);
   // Queues n bytes at p without copying them; false on ENOMEM.
   bool append_borrowed(const void *p, size_t n, uint64_t ref);
+  // Room for n contiguous bytes at the end (a new block if the last one
+  // has less); grow() then queues what was written there. nullptr on
+  // ENOMEM.
+  char *tail(size_t n, BlockPool *pool = nullptr);
+  void grow(size_t n);
   // Both report each borrowed block they let go of to `release`, if given.
   void consume(size_t n, BlockPool *pool = nullptr, ReleaseFn release = nullptr,
                void *ctx = nullptr);
@@ -486,6 +491,8 @@ class Engine {
   void tls_socket_error(Stream *s, int err);
   void tls_fail(Stream *s, int err, int ssl_error, bool handshake, uint32_t side);
   bool tls_encrypt(Stream *s, const void *buf, size_t len);
+  bool tls_seal(Stream *s, uint8_t type, const void *buf, size_t len);
+  static bool tls_seal_key(TlsState *t, const void *crypto_info);
   bool tls_flush_pt(Stream *s);
   bool tls_stage(TlsState *t, const void *buf, size_t len);
   void tls_drop_stage(TlsState *t);
@@ -521,6 +528,7 @@ class Engine {
   uint32_t buf_size_ = 0, buf_count_ = 0;
   bool no_send_gather_ = false;  // KLOOP_CONFIG_NO_SEND_GATHER
   bool no_direct_send_ = false;  // KLOOP_CONFIG_NO_DIRECT_SEND
+  bool no_tls_seal_ = false;     // KLOOP_CONFIG_NO_TLS_SEAL
   io_uring_buf_ring *br_ = nullptr;
   size_t br_size_ = 0;
   bool br_registered_ = false;

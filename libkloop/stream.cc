@@ -517,7 +517,7 @@ int64_t Engine::stream_write(uint64_t token, const void *buf, size_t len) {
     if (!len) {
     } else if (t->handshaking) {
       if (!t->pt.append(buf, len, &wblocks_)) return -ENOMEM;
-    } else if (t->tx_offload && !t->ctrl_type && !plain_waiting(t)) {
+    } else if (t->tx_offload && !t->seal && !t->ctrl_type && !plain_waiting(t)) {
       // The kernel encrypts: plaintext goes to the socket as it is.
       if (!s->wq.append(buf, len, &wblocks_)) return -ENOMEM;
       t->appended += len;

@@ -25,6 +25,7 @@ namespace kl {
 namespace {
 
 BIO_METHOD *g_bio_method = nullptr;
+int g_bio_type = 0;
 constexpr const char *kKeyUpdateText =
     "TLS 1.3 key update on a kernel TLS socket (the kernel cannot change the send key)";
 pthread_once_t g_bio_once = PTHREAD_ONCE_INIT;
@@ -90,7 +91,8 @@ int bio_create(BIO *b) {
 }
 
 void make_bio_method() {
-  BIO_METHOD *m = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK, "kloop stream");
+  int type = BIO_get_new_index() | BIO_TYPE_SOURCE_SINK;
+  BIO_METHOD *m = BIO_meth_new(type, "kloop stream");
   if (!m) return;
   if (!BIO_meth_set_read(m, bio_read) || !BIO_meth_set_write(m, bio_write) ||
       !BIO_meth_set_ctrl(m, bio_ctrl) || !BIO_meth_set_create(m, bio_create)) {
@@ -98,6 +100,40 @@ void make_bio_method() {
     return;
   }
   g_bio_method = m;
+  g_bio_type = type;
+}
+
+// The key log OpenSSL writes when a context has a callback for it: one
+// line per secret, "LABEL <client random> <secret>" in hex. Installed by
+// the engine on contexts that have none, to learn the TLS 1.3 send traffic
+// secret of the streams whose records it seals (a key update derives the
+// next key from it). Lines of other SSLs are ignored.
+void keylog_line(const SSL *ssl, const char *line) {
+  BIO *b = SSL_get_wbio(ssl);
+  if (!b || BIO_method_type(b) != g_bio_type) return;
+  auto *t = static_cast<TlsState *>(BIO_get_data(b));
+  if (!t || !t->seal_ok || t->seal) return;
+  const char *want = SSL_is_server(ssl) ? "SERVER_TRAFFIC_SECRET_0 " : "CLIENT_TRAFFIC_SECRET_0 ";
+  size_t want_len = strlen(want);
+  if (strncmp(line, want, want_len) != 0) return;
+  const char *p = strchr(line + want_len, ' ');  // past the client random
+  if (!p) return;
+  ++p;
+  size_t n = 0;
+  auto nibble = [](char c) -> int {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+  };
+  while (p[0] && p[1] && n < sizeof t->tx_secret) {
+    int hi = nibble(p[0]);
+    int lo = nibble(p[1]);
+    if (hi < 0 || lo < 0) break;
+    t->tx_secret[n++] = static_cast<unsigned char>((hi << 4) | lo);
+    p += 2;
+  }
+  t->tx_secret_len = static_cast<uint32_t>(n);
 }
 
 void copy_text(char *dst, size_t cap, const char *src) {
@@ -170,6 +206,8 @@ void delete_stream(Stream *s) {
       SSL_free(t->ssl);
     }
     ::operator delete(t->stage);  // a write-pool block (BlockPool::take)
+    delete t->seal;
+    OPENSSL_cleanse(t->tx_secret, sizeof t->tx_secret);
     delete t;
   }
   delete s->slot;  // a send still held it: the engine is being destroyed
@@ -205,6 +243,22 @@ int Engine::tls_bio_read(TlsState *t, char *out, size_t len) {
 bool Engine::tls_bio_write(TlsState *t, const char *in, size_t len) {
   Stream *s = t->s;
   if (s->aborting || s->write_failed) return true;  // nothing goes out any more: drop
+  if (t->seal) {
+    // The engine seals: OpenSSL's own records (alerts, tickets, a key
+    // update) arrive here as plaintext with their type, application data
+    // without one.
+    auto type = static_cast<uint8_t>(t->ctrl_type ? t->ctrl_type : 23);
+    t->ctrl_type = 0;
+    bool key_update =
+        type == 22 && len > 0 && static_cast<unsigned char>(in[0]) == 24 && t->seal->tls13();
+    if (!tls_seal(s, type, in, len)) return false;
+    if (key_update && !t->seal->update_key()) {
+      tls_fail(s, -EPROTO, 0, false, KLOOP_ERROR_WRITE);
+      copy_text(t->err.message, sizeof t->err.message, "TLS 1.3 key update failed");
+      return false;
+    }
+    return true;
+  }
   if (t->ctrl_type) {
     // A record other than application data on an offloaded send side.
     // OpenSSL 3.0 changes only its own key on a TLS 1.3 KeyUpdate (type 22,
@@ -286,7 +340,9 @@ bool ssl_free_buffers_safe(unsigned long v) {
 // kernel decrypts from the next byte on.
 bool Engine::tls_set_key(TlsState *t, bool tx, const void *crypto_info) {
   Stream *s = t->s;
-  if (!t->ktls_ok || ktls_ulp_missing_ || s->finished || s->aborting || t->failed) return false;
+  if (s->finished || s->aborting || t->failed) return false;
+  if (t->seal_ok) return tx && tls_seal_key(t, crypto_info);
+  if (!t->ktls_ok || ktls_ulp_missing_) return false;
   size_t len = crypto_info_len(crypto_info);
   if (len == 0 || len > sizeof t->tx_key) return false;
   if (tx ? (t->tx_offload || s->write_failed)
@@ -315,6 +371,52 @@ bool Engine::tls_set_key(TlsState *t, bool tx, const void *crypto_info) {
 
 // Before a send: install the send key once everything queued before it
 // has gone out. Returns false when the stream failed.
+bool Engine::tls_seal_key(TlsState *t, const void *crypto_info) {
+  Stream *s = t->s;
+  size_t len = crypto_info_len(crypto_info);
+  bool ok = false;
+  if (len && !t->seal && !s->write_failed) {
+    auto *seal = new (std::nothrow) RecordSealer;
+    ok = seal && seal->init(crypto_info, len, t->ssl, t->tx_secret, t->tx_secret_len);
+    if (ok) {
+      t->seal = seal;
+      t->tx_offload = true;  // OpenSSL hands the BIO plaintext from here on
+    } else {
+      delete seal;
+    }
+  }
+  OPENSSL_cleanse(t->tx_secret, sizeof t->tx_secret);
+  t->tx_secret_len = 0;
+  return ok;  // false: OpenSSL goes on encrypting itself
+}
+
+// Seals `len` bytes of content type `type` into the write queue, in
+// records of at most kSealRecordMax bytes, each written where it will be
+// sent from (no copy after encrypting).
+bool Engine::tls_seal(Stream *s, uint8_t type, const void *buf, size_t len) {
+  TlsState *t = s->tls;
+  const auto *p = static_cast<const unsigned char *>(buf);
+  do {
+    size_t n = len < kSealRecordMax ? len : kSealRecordMax;
+    auto *out = reinterpret_cast<unsigned char *>(s->wq.tail(n + kSealOverhead, &wblocks_));
+    if (!out) return false;
+    size_t rec = t->seal->seal(type, p, n, out);
+    if (rec == 0) {
+      if (!t->failed) {
+        tls_fail(s, -EPROTO, 0, false, KLOOP_ERROR_WRITE);
+        copy_text(t->err.message, sizeof t->err.message, "sealing a TLS record failed");
+      }
+      return false;
+    }
+    s->wq.grow(rec);
+    t->appended += rec;
+    p += n;
+    len -= n;
+  } while (len > 0);
+  if (!s->send_inflight) mark_dirty(s);
+  return true;
+}
+
 bool Engine::tls_apply_tx_key(Stream *s) {
   TlsState *t = s->tls;
   while (!t->marks.empty() && t->marks.front().type == 0 && t->consumed == t->marks.front().at) {
@@ -568,6 +670,14 @@ int Engine::stream_start_tls(uint64_t token, void *ssl_ptr) {
     SSL_set_options(ssl, SSL_OP_ENABLE_KTLS);
     t->ktls_ok = true;
     t->rx_capable = (enabled_ & KLOOP_CAP_BUF_RING) != 0;
+  } else if (!no_tls_seal_) {
+    // No TLS in the kernel: the send key OpenSSL offers a kernel-TLS BIO
+    // goes to the engine's sealer. TLS 1.3 needs the traffic secret too
+    // (key updates), from the context's key log if nobody else uses it.
+    SSL_set_options(ssl, SSL_OP_ENABLE_KTLS);
+    t->seal_ok = true;
+    SSL_CTX *ctx = SSL_get_SSL_CTX(ssl);
+    if (ctx && !SSL_CTX_get_keylog_callback(ctx)) SSL_CTX_set_keylog_callback(ctx, keylog_line);
   }
   BIO_set_data(bio, t);
   SSL_set_bio(ssl, bio, bio);  // one reference, now the SSL's
@@ -671,6 +781,12 @@ void Engine::tls_fail(Stream *s, int err, int ssl_error, bool handshake, uint32_
 
 bool Engine::tls_encrypt(Stream *s, const void *buf, size_t len) {
   TlsState *t = s->tls;
+  // Sealed by the engine unless OpenSSL has a message of its own to send
+  // first (a key update the peer asked for, a post-handshake request):
+  // SSL_write() sends it, and the data after it, through the BIO.
+  if (t->seal && SSL_is_init_finished(t->ssl) &&
+      SSL_get_key_update_type(t->ssl) == SSL_KEY_UPDATE_NONE)
+    return tls_seal(s, 23, buf, len);
   tls_touch(s);
   const char *p = static_cast<const char *>(buf);
   while (len > 0) {
@@ -773,7 +889,7 @@ void Engine::tls_pump(Stream *s) {
       return;
     }
     t->handshaking = false;
-    uint32_t offload = (t->tx_offload ? KLOOP_HANDSHAKE_KTLS_TX : 0u) |
+    uint32_t offload = (t->tx_offload && !t->seal ? KLOOP_HANDSHAKE_KTLS_TX : 0u) |
                        (t->rx_offload ? KLOOP_HANDSHAKE_KTLS_RX : 0u);
     emit(s->token, 0, KLOOP_COMPLETION_MORE, 0, KLOOP_EVENT_HANDSHAKE, offload);
     if (!tls_flush_pt(s)) return;  // plaintext written during the handshake
@@ -820,7 +936,8 @@ void Engine::tls_pump(Stream *s) {
     } else {
       recycle(static_cast<uint32_t>(bid));
     }
-    if (t->tx_offload && SSL_get_key_update_type(t->ssl) != SSL_KEY_UPDATE_NONE && !t->failed) {
+    if (t->tx_offload && !t->seal && SSL_get_key_update_type(t->ssl) != SSL_KEY_UPDATE_NONE &&
+        !t->failed) {
       // The peer asked for a TLS 1.3 key update: OpenSSL would answer and
       // change its own send key, the kernel would keep the old one, and
       // the peer could decrypt nothing after it. Fail cleanly instead.
@@ -875,6 +992,8 @@ void Engine::tls_release(Stream *s) {
   t->pt.clear(&wblocks_);
   tls_drop_stage(t);
   t->rx_ctl.clear();
+  delete t->seal;
+  t->seal = nullptr;
   if (t->starved) {
     for (Stream **pp = &tls_starved_; *pp; pp = &((*pp)->tls->next_starved))
       if (*pp == s) {

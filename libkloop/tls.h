@@ -10,6 +10,7 @@
 #include <sys/socket.h>
 
 #include "engine.h"
+#include "seal.h"
 
 namespace kl {
 
@@ -120,6 +121,13 @@ struct TlsState {
   Fifo<TlsMark> marks;
   unsigned char tx_key[64] = {};
   uint32_t tx_key_len = 0;
+  // The engine seals records itself (no TLS in the kernel; seal.h): the
+  // send key OpenSSL offered went to `seal` instead of the socket, and
+  // what OpenSSL and the caller write is sealed into the write queue.
+  bool seal_ok = false;              // may take the send key for the sealer
+  RecordSealer *seal = nullptr;      // owned; set once the key is taken
+  unsigned char tx_secret[64] = {};  // TLS 1.3: the send traffic secret (keylog)
+  uint32_t tx_secret_len = 0;
   alignas(8) unsigned char cmsg[32] = {};
   msghdr tx_msg{};  // the send in flight (a control record carries cmsg)
 };

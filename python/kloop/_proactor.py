@@ -90,7 +90,8 @@ CQ_BATCH = 256
 # Switches to measure what each engine feature gives (benchmarks/run.py
 # ablation; docs/performance.md): KLOOP_DISABLE lists capabilities to treat
 # as absent (names as `python -m kloop info` prints them), "send_gather"
-# (KLOOP_CONFIG_NO_SEND_GATHER) and "direct_send" (KLOOP_CONFIG_NO_DIRECT_SEND);
+# (KLOOP_CONFIG_NO_SEND_GATHER), "direct_send" (KLOOP_CONFIG_NO_DIRECT_SEND) and
+# "tls_seal" (KLOOP_CONFIG_NO_TLS_SEAL);
 # KLOOP_CQ_BATCH sets the records per poll.
 DISABLE_ENV = "KLOOP_DISABLE"
 CQ_BATCH_ENV = "KLOOP_CQ_BATCH"
@@ -108,11 +109,14 @@ def _config_from_env(environ=os.environ):
                 config["flags"] |= _ffi.CONFIG_NO_SEND_GATHER
             elif name == "direct_send":
                 config["flags"] |= _ffi.CONFIG_NO_DIRECT_SEND
+            elif name == "tls_seal":
+                config["flags"] |= _ffi.CONFIG_NO_TLS_SEAL
             elif name in by_name:
                 config["disable"] |= by_name[name]
             else:
                 raise ValueError(
                     f"{DISABLE_ENV}: unknown feature {name!r} (known: send_gather, direct_send, "
+                    "tls_seal, "
                     + ", ".join(sorted(by_name)) + ")")
     batch = environ.get(CQ_BATCH_ENV, "")
     if not batch:

@@ -58,9 +58,22 @@ struct SslHeap {
 const bool g_ssl_heap_counted =
     CRYPTO_set_mem_functions(SslHeap::Malloc, SslHeap::Realloc, SslHeap::Free) == 1;
 
-class Tls : public ::testing::Test {
+// Each test runs twice: with the engine sealing records itself where the
+// kernel has no TLS (the default), and with OpenSSL encrypting every record
+// (KLOOP_CONFIG_NO_TLS_SEAL).
+class Tls : public ::testing::TestWithParam<uint32_t> {
  protected:
-  void SetUp() override { ASSERT_EQ(d.Create(nullptr), 0); }
+  void SetUp() override {
+    kloop_config cfg;
+    kloop_config_init(&cfg);
+    cfg.flags |= GetParam();
+    ASSERT_EQ(d.Create(&cfg), 0);
+  }
+  // The engine, not OpenSSL, makes the records it sends: sealing, or
+  // kernel TLS where the kernel has it.
+  bool EngineSends() {
+    return !(GetParam() & KLOOP_CONFIG_NO_TLS_SEAL) || (GetCaps(d).enabled & KLOOP_CAP_KTLS);
+  }
 
   // Engine client (token 1) and engine server (token 2) on one TCP pair.
   void Pair(SSL *client, SSL *server) {
@@ -110,7 +123,7 @@ class Tls : public ::testing::Test {
   std::vector<Fd> fds;
 };
 
-TEST_F(Tls, HandshakeThenDataBothWays) {
+TEST_P(Tls, HandshakeThenDataBothWays) {
   SslPtr c = Client(cctx.get()), s = Server(sctx.get());
   Pair(c.get(), s.get());
   Handshake();
@@ -135,7 +148,7 @@ TEST_F(Tls, HandshakeThenDataBothWays) {
   EXPECT_EQ(GetStats(d).buffers_in_use, 0u);
 }
 
-TEST_F(Tls, WritesBeforeHandshakeAreSentAfterIt) {
+TEST_P(Tls, WritesBeforeHandshakeAreSentAfterIt) {
   SslPtr c = Client(cctx.get()), s = Server(sctx.get());
   Pair(c.get(), s.get());
   // Counted with the client hello that is queued but not sent yet.
@@ -147,7 +160,7 @@ TEST_F(Tls, WritesBeforeHandshakeAreSentAfterIt) {
   CloseBoth();
 }
 
-TEST_F(Tls, LargeTransferIntact) {
+TEST_P(Tls, LargeTransferIntact) {
   SslPtr c = Client(cctx.get()), s = Server(sctx.get());
   Pair(c.get(), s.get());
   Handshake();
@@ -244,7 +257,7 @@ std::string ReadTls(Driver &d, PlainPeer &p, size_t n) {
 // write goes to the socket from within kloop_stream_write(), in one gathered
 // send (its records back to back), instead of waiting until the loop has
 // encrypted everything else it has to answer.
-TEST_F(Tls, LargeWriteIsSentBeforeTheNextPoll) {
+TEST_P(Tls, LargeWriteIsSentBeforeTheNextPoll) {
   SSL_CTX_set_num_tickets(sctx.get(), 0);  // the server writes nothing after its Finished
   SslPtr s;
   PlainPeer p = ServeTlsTo(d, 2, sctx.get(), cctx.get(), &s);
@@ -263,7 +276,7 @@ TEST_F(Tls, LargeWriteIsSentBeforeTheNextPoll) {
 
 // Below that, writes of many streams wait for the poll and leave together;
 // the write that crosses it takes the others' sends along in its one enter.
-TEST_F(Tls, SmallWritesWaitForThePollAndLeaveTogether) {
+TEST_P(Tls, SmallWritesWaitForThePollAndLeaveTogether) {
   SSL_CTX_set_num_tickets(sctx.get(), 0);
   SslPtr s1, s2;
   PlainPeer p1 = ServeTlsTo(d, 2, sctx.get(), cctx.get(), &s1);
@@ -306,7 +319,7 @@ void CountDataRecords(int write_p, int, int content_type, const void *buf, size_
 // A response written as head and body (or in more pieces) within one
 // iteration goes out as one record, not one per write: a record costs
 // both ends a header, a tag and a pass through the cipher.
-TEST_F(Tls, SmallWritesOfAnIterationShareARecord) {
+TEST_P(Tls, SmallWritesOfAnIterationShareARecord) {
   SslPtr c = Client(cctx.get()), s = Server(sctx.get());
   int records = 0;
   SSL_set_msg_callback(s.get(), CountDataRecords);
@@ -338,7 +351,7 @@ TEST_F(Tls, SmallWritesOfAnIterationShareARecord) {
   CloseBoth();
 }
 
-TEST_F(Tls, UntrustedCertificateFailsWithVerifyReason) {
+TEST_P(Tls, UntrustedCertificateFailsWithVerifyReason) {
   CtxPtr untrusting = ClientCtx(false);
   SslPtr c = Client(untrusting.get()), s = Server(sctx.get());
   Pair(c.get(), s.get());
@@ -360,7 +373,7 @@ TEST_F(Tls, UntrustedCertificateFailsWithVerifyReason) {
   EXPECT_EQ(GetStats(d).buffers_in_use, 0u);
 }
 
-TEST_F(Tls, HostnameMismatchIsReported) {
+TEST_P(Tls, HostnameMismatchIsReported) {
   SslPtr c = Client(cctx.get(), "other.example"), s = Server(sctx.get());
   Pair(c.get(), s.get());
   Event a = d.WaitEvent(1, KLOOP_EVENT_HANDSHAKE);
@@ -372,7 +385,7 @@ TEST_F(Tls, HostnameMismatchIsReported) {
   CloseBoth();
 }
 
-TEST_F(Tls, AlpnIsNegotiated) {
+TEST_P(Tls, AlpnIsNegotiated) {
   CtxPtr alpn_srv = ServerCtx("h2");
   SslPtr c = Client(cctx.get()), s = Server(alpn_srv.get());
   static const unsigned char protos[] = "\x08http/1.1\x02h2";
@@ -386,7 +399,7 @@ TEST_F(Tls, AlpnIsNegotiated) {
   CloseBoth();
 }
 
-TEST_F(Tls, GarbageFromPeerFailsHandshakeAndSendsAlert) {
+TEST_P(Tls, GarbageFromPeerFailsHandshakeAndSendsAlert) {
   SslPtr s = Server(sctx.get());
   auto [mine, peer] = TcpPair();
   ASSERT_EQ(kloop_stream_attach(d, 2, mine, 0), 0);
@@ -414,7 +427,7 @@ TEST_F(Tls, GarbageFromPeerFailsHandshakeAndSendsAlert) {
 // The alert of a failed handshake is queued (its send prepared) when the
 // HANDSHAKE record comes out; an abort right then must not free the bytes
 // under that send: the peer gets the alert or nothing, never other memory.
-TEST_F(Tls, AbortRightAfterFailedHandshakeSendsNoForeignBytes) {
+TEST_P(Tls, AbortRightAfterFailedHandshakeSendsNoForeignBytes) {
   for (int round = 0; round < 20; ++round) {
     SslPtr s = Server(sctx.get());
     auto [mine, peer] = TcpPair();
@@ -440,7 +453,7 @@ TEST_F(Tls, AbortRightAfterFailedHandshakeSendsNoForeignBytes) {
   }
 }
 
-TEST_F(Tls, PeerClosingDuringHandshakeIsAReset) {
+TEST_P(Tls, PeerClosingDuringHandshakeIsAReset) {
   SslPtr s = Server(sctx.get());
   auto [mine, peer] = TcpPair();
   ASSERT_EQ(kloop_stream_attach(d, 2, mine, 0), 0);
@@ -452,7 +465,7 @@ TEST_F(Tls, PeerClosingDuringHandshakeIsAReset) {
   EXPECT_EQ(d.WaitFinal(2).event, KLOOP_EVENT_CLOSED);
 }
 
-TEST_F(Tls, GracefulCloseSendsCloseNotifyAndWaitsForThePeers) {
+TEST_P(Tls, GracefulCloseSendsCloseNotifyAndWaitsForThePeers) {
   SslPtr c = Client(cctx.get()), s = Server(sctx.get());
   Pair(c.get(), s.get());
   Handshake();
@@ -470,7 +483,7 @@ TEST_F(Tls, GracefulCloseSendsCloseNotifyAndWaitsForThePeers) {
   EXPECT_EQ(GetStats(d).buffers_in_use, 0u);
 }
 
-TEST_F(Tls, ConnectionCutWithoutCloseNotifyIsAnUncleanEof) {
+TEST_P(Tls, ConnectionCutWithoutCloseNotifyIsAnUncleanEof) {
   SslPtr c = Client(cctx.get()), s = Server(sctx.get());
   Pair(c.get(), s.get());
   Handshake();
@@ -490,7 +503,7 @@ TEST_F(Tls, ConnectionCutWithoutCloseNotifyIsAnUncleanEof) {
   EXPECT_EQ(::recv(cli_fd, buf, sizeof buf, MSG_DONTWAIT), 0) << "only the EOF, no record";
 }
 
-TEST_F(Tls, CorruptRecordIsATlsReadError) {
+TEST_P(Tls, CorruptRecordIsATlsReadError) {
   SslPtr c = Client(cctx.get()), s = Server(sctx.get());
   Pair(c.get(), s.get());
   Handshake();
@@ -515,7 +528,7 @@ TEST_F(Tls, CorruptRecordIsATlsReadError) {
 // default, which the engine keeps): the client's renegotiation fails, what
 // came before it arrived intact, and the stream ends with a TLS error or
 // EOF, nothing else.
-TEST_F(Tls, ClientRenegotiationIsRefused) {
+TEST_P(Tls, ClientRenegotiationIsRefused) {
   SslPtr s = Server(sctx.get());
   auto [mine, peer] = TcpPair();
   ASSERT_EQ(kloop_stream_attach(d, 2, mine, 0), 0);
@@ -546,7 +559,7 @@ TEST_F(Tls, ClientRenegotiationIsRefused) {
   EXPECT_EQ(GetStats(d).buffers_in_use, 0u);
 }
 
-TEST_F(Tls, PausedStreamHandshakesButHoldsPlaintextUntilResume) {
+TEST_P(Tls, PausedStreamHandshakesButHoldsPlaintextUntilResume) {
   SslPtr c = Client(cctx.get()), s = Server(sctx.get());
   auto p = TcpPair();
   srv_fd = std::move(p.first);
@@ -570,7 +583,176 @@ TEST_F(Tls, PausedStreamHandshakesButHoldsPlaintextUntilResume) {
   CloseBoth();
 }
 
-TEST_F(Tls, StartTlsInPlaceAfterPlainBytes) {
+namespace {
+
+// The engine's end (token `tok`, driving `mine`) and the test's own SSL on
+// a plain socket, handshaken; `peer` is the client unless the engine is.
+PlainPeer TlsWithPeer(Driver &d, uint64_t tok, SSL *mine, SslPtr peer) {
+  auto [a, b] = TcpPair();
+  EXPECT_EQ(kloop_stream_attach(d, tok, a, KLOOP_STREAM_CLOSE_FD), 0);
+  a.release();
+  EXPECT_EQ(kloop_stream_start_tls(d, tok, mine), 0);
+  PlainPeer p{std::move(b), std::move(peer)};
+  SSL_set_fd(p.ssl.get(), p.fd);
+  int fl = fcntl(p.fd, F_GETFL);
+  fcntl(p.fd, F_SETFL, fl | O_NONBLOCK);
+  int rc = -1;
+  auto end = std::chrono::steady_clock::now() + kDeadline;
+  while (std::chrono::steady_clock::now() < end) {
+    rc = SSL_do_handshake(p.ssl.get());
+    if (rc == 1 || SSL_get_error(p.ssl.get(), rc) != SSL_ERROR_WANT_READ) break;
+    d.Poll(1 * kMs);
+  }
+  EXPECT_EQ(rc, 1);
+  return p;
+}
+
+void PeerWrite(PlainPeer &p, const std::string &s) {
+  ASSERT_EQ(SSL_write(p.ssl.get(), s.data(), static_cast<int>(s.size())),
+            static_cast<int>(s.size()));
+}
+
+// Reads until the engine's close_notify; true if it came.
+bool PeerSeesCloseNotify(Driver &d, PlainPeer &p) {
+  char buf[256];
+  auto end = std::chrono::steady_clock::now() + kDeadline;
+  while (std::chrono::steady_clock::now() < end) {
+    int r = SSL_read(p.ssl.get(), buf, sizeof buf);
+    if (r > 0) continue;
+    int e = SSL_get_error(p.ssl.get(), r);
+    if (e == SSL_ERROR_ZERO_RETURN) return true;
+    if (e != SSL_ERROR_WANT_READ) return false;
+    d.Poll(1 * kMs);
+  }
+  return false;
+}
+
+struct Suite {
+  int version;
+  const char *name;  // OpenSSL's name of the cipher suite
+};
+
+}  // namespace
+
+// Where the kernel has no TLS, the engine takes the send key OpenSSL offers
+// a kernel-TLS BIO and seals the records itself: each AEAD suite OpenSSL
+// offers a key for, both TLS versions, both roles, a record split in
+// several, OpenSSL's own records (session tickets, close_notify) -- all
+// read by an ordinary OpenSSL peer.
+TEST_P(Tls, RecordsSealedByTheEngineReadByOpenSsl) {
+  const Suite suites[] = {
+      {TLS1_2_VERSION, "ECDHE-ECDSA-AES128-GCM-SHA256"},
+      {TLS1_2_VERSION, "ECDHE-ECDSA-AES256-GCM-SHA384"},
+      {TLS1_2_VERSION, "ECDHE-ECDSA-CHACHA20-POLY1305"},
+      {TLS1_3_VERSION, "TLS_AES_128_GCM_SHA256"},
+      {TLS1_3_VERSION, "TLS_AES_256_GCM_SHA384"},
+      {TLS1_3_VERSION, "TLS_CHACHA20_POLY1305_SHA256"},
+  };
+  uint64_t tok = 10;
+  for (const Suite &suite : suites) {
+    for (bool engine_serves : {true, false}) {
+      SCOPED_TRACE(std::string(suite.name) +
+                   (engine_serves ? ", engine serves" : ", engine connects"));
+      CtxPtr sc = ServerCtx(), cc = ClientCtx();
+      for (SSL_CTX *c : {sc.get(), cc.get()}) {
+        SSL_CTX_set_min_proto_version(c, suite.version);
+        SSL_CTX_set_max_proto_version(c, suite.version);
+        if (suite.version == TLS1_3_VERSION)
+          ASSERT_EQ(SSL_CTX_set_ciphersuites(c, suite.name), 1);
+        else
+          ASSERT_EQ(SSL_CTX_set_cipher_list(c, suite.name), 1);
+      }
+      SslPtr mine = engine_serves ? Server(sc.get()) : Client(cc.get());
+      SslPtr peer = engine_serves ? Client(cc.get()) : Server(sc.get());
+      PlainPeer p = TlsWithPeer(d, tok, mine.get(), std::move(peer));
+      Event hs = d.WaitEvent(tok, KLOOP_EVENT_HANDSHAKE);
+      ASSERT_EQ(hs.result, 0) << Describe(hs);
+      ASSERT_STREQ(SSL_get_cipher_name(mine.get()), suite.name);
+      bool kernel = (GetCaps(d).enabled & KLOOP_CAP_KTLS) != 0;
+      // OpenSSL hands its records to the BIO as plaintext: it took the key.
+      EXPECT_EQ(BIO_get_ktls_send(SSL_get_wbio(mine.get())) != 0, EngineSends());
+      if (!kernel) EXPECT_EQ(hs.aux & KLOOP_HANDSHAKE_KTLS_TX, 0u) << "no kernel TLS here";
+
+      std::string small = "hello", big = Pattern(static_cast<int>(tok), 100 * 1024);
+      ASSERT_GE(kloop_stream_write(d, tok, small.data(), small.size()), 0);
+      ASSERT_GE(kloop_stream_write(d, tok, big.data(), big.size()), 0);
+      EXPECT_TRUE(ReadTls(d, p, small.size() + big.size()) == small + big);
+      ASSERT_NO_FATAL_FAILURE(PeerWrite(p, "back"));
+      EXPECT_TRUE(d.RunUntil([&] { return d.DataOf(tok) == "back"; })) << d.DataOf(tok);
+      ASSERT_EQ(kloop_stream_close(d, tok), 0);
+      EXPECT_TRUE(PeerSeesCloseNotify(d, p));
+      SSL_shutdown(p.ssl.get());
+      Event fin = d.WaitFinal(tok);
+      EXPECT_EQ(fin.event, KLOOP_EVENT_CLOSED);
+      ++tok;
+    }
+  }
+}
+
+// A TLS 1.3 peer may ask for a key update (RFC 8446 4.6.3): OpenSSL
+// answers with a KeyUpdate under the old key, and from then on every record
+// must use the next one. The engine follows it when it seals (the traffic
+// secret comes from the context's key log), in both roles and with both
+// hashes; where the context's key log belongs to someone else, OpenSSL
+// keeps encrypting and the update works as well.
+TEST_P(Tls, PeersKeyUpdateIsFollowed) {
+  uint64_t tok = 40;
+  struct Case {
+    const char *suite;
+    bool engine_serves;
+    bool foreign_keylog;
+  };
+  const Case cases[] = {
+      {"TLS_AES_128_GCM_SHA256", true, false},  {"TLS_AES_256_GCM_SHA384", true, false},
+      {"TLS_AES_128_GCM_SHA256", false, false}, {"TLS_CHACHA20_POLY1305_SHA256", false, false},
+      {"TLS_AES_256_GCM_SHA384", true, true},
+  };
+  if (GetCaps(d).enabled & KLOOP_CAP_KTLS)
+    GTEST_SKIP() << "kernel TLS cannot change the send key: tests/ktls checks that such a "
+                    "stream fails cleanly";
+  for (const Case &c : cases) {
+    SCOPED_TRACE(std::string(c.suite) +
+                 (c.engine_serves ? ", engine serves" : ", engine connects") +
+                 (c.foreign_keylog ? ", key log taken" : ""));
+    CtxPtr sc = ServerCtx(), cc = ClientCtx();
+    for (SSL_CTX *x : {sc.get(), cc.get()}) {
+      SSL_CTX_set_min_proto_version(x, TLS1_3_VERSION);
+      ASSERT_EQ(SSL_CTX_set_ciphersuites(x, c.suite), 1);
+      if (c.foreign_keylog) SSL_CTX_set_keylog_callback(x, [](const SSL *, const char *) {});
+    }
+    SslPtr mine = c.engine_serves ? Server(sc.get()) : Client(cc.get());
+    SslPtr peer = c.engine_serves ? Client(cc.get()) : Server(sc.get());
+    PlainPeer p = TlsWithPeer(d, tok, mine.get(), std::move(peer));
+    Event hs = d.WaitEvent(tok, KLOOP_EVENT_HANDSHAKE);
+    ASSERT_EQ(hs.result, 0) << Describe(hs);
+    // Without the secret the engine leaves the records to OpenSSL.
+    bool seals = !(GetParam() & KLOOP_CONFIG_NO_TLS_SEAL) && !c.foreign_keylog;
+    EXPECT_EQ(BIO_get_ktls_send(SSL_get_wbio(mine.get())) != 0, seals);
+    std::string want;
+    for (int round = 0; round < 3; ++round) {
+      ASSERT_EQ(SSL_key_update(p.ssl.get(), SSL_KEY_UPDATE_REQUESTED), 1);
+      std::string ask = "ask" + std::to_string(round);
+      ASSERT_NO_FATAL_FAILURE(PeerWrite(p, ask));  // the KeyUpdate goes first
+      want += ask;
+      ASSERT_TRUE(d.RunUntil([&] { return d.DataOf(tok) == want; })) << d.DataOf(tok);
+      // The answer: the engine's KeyUpdate, then data under the new key,
+      // small (one record) and large (several).
+      std::string reply = "reply" + std::to_string(round) + Pattern(round, 40000);
+      ASSERT_GE(kloop_stream_write(d, tok, reply.data(), reply.size()), 0);
+      ASSERT_GE(kloop_stream_write(d, tok, "!", 1), 0);
+      EXPECT_TRUE(ReadTls(d, p, reply.size() + 1) == reply + "!") << "round " << round;
+      EXPECT_EQ(d.Of(tok, KLOOP_EVENT_ERROR).size(), 0u)
+          << Describe(d.Of(tok, KLOOP_EVENT_ERROR)[0]);
+    }
+    ASSERT_EQ(kloop_stream_close(d, tok), 0);
+    EXPECT_TRUE(PeerSeesCloseNotify(d, p));
+    SSL_shutdown(p.ssl.get());
+    d.WaitFinal(tok);
+    ++tok;
+  }
+}
+
+TEST_P(Tls, StartTlsInPlaceAfterPlainBytes) {
   auto p = TcpPair();
   srv_fd = std::move(p.first);
   cli_fd = std::move(p.second);
@@ -595,7 +777,7 @@ TEST_F(Tls, StartTlsInPlaceAfterPlainBytes) {
   CloseBoth();
 }
 
-TEST_F(Tls, ManyConnectionsAtOnce) {
+TEST_P(Tls, ManyConnectionsAtOnce) {
   constexpr int kConns = 40;
   ASSERT_NO_FATAL_FAILURE(TlsPairs(kConns));
   for (int i = 0; i < kConns; ++i)
@@ -615,7 +797,7 @@ TEST_F(Tls, ManyConnectionsAtOnce) {
 // Plaintext buffers touched by a burst go back to the kernel while the
 // engine waits, as receive buffers do (test_streams:
 // IdleEngineGivesBackReceiveBuffersOfABurst).
-TEST_F(Tls, IdleEngineGivesBackPlaintextBuffersOfABurst) {
+TEST_P(Tls, IdleEngineGivesBackPlaintextBuffersOfABurst) {
   constexpr int kConns = 48;
   ASSERT_NO_FATAL_FAILURE(TlsPairs(kConns));
   for (int i = 0; i < kConns; ++i) {
@@ -660,7 +842,7 @@ TEST_F(Tls, IdleEngineGivesBackPlaintextBuffersOfABurst) {
 // a connection's record buffers after every SSL_read/SSL_write and
 // allocate them again for the next. The engine keeps them while the
 // stream is in use and frees them once it has been idle for a trim period.
-TEST_F(Tls, BusyStreamKeepsOpenSslBuffersIdleStreamFreesThem) {
+TEST_P(Tls, BusyStreamKeepsOpenSslBuffersIdleStreamFreesThem) {
   ASSERT_TRUE(g_ssl_heap_counted) << "OpenSSL allocated before the counting hooks";
   SSL_CTX_set_mode(cctx.get(), SSL_MODE_RELEASE_BUFFERS);
   SSL_CTX_set_mode(sctx.get(), SSL_MODE_RELEASE_BUFFERS);
@@ -710,8 +892,10 @@ TEST_F(Tls, BusyStreamKeepsOpenSslBuffersIdleStreamFreesThem) {
   EXPECT_GE(std::chrono::steady_clock::now() - start, 290ms) << "the wait ended early: " << n;
   long freed = live_before - SslHeap::live;
   // Each of the 2 * kConns SSLs held a read and a write buffer of about
-  // 17 KiB: count at least one of the two.
-  EXPECT_GE(freed, 2 * kConns * 16384L) << "idle streams kept OpenSSL's buffers";
+  // 17 KiB: count at least one of the two. Where the engine makes the
+  // records, a stream that only sends holds no OpenSSL buffer at all.
+  long holders = EngineSends() ? kConns : 2 * kConns;
+  EXPECT_GE(freed, holders * 16384L) << "idle streams kept OpenSSL's buffers";
 
   // They work on: the buffers come back for the next record.
   ASSERT_NO_FATAL_FAILURE(round());
@@ -726,7 +910,7 @@ TEST_F(Tls, BusyStreamKeepsOpenSslBuffersIdleStreamFreesThem) {
       << "the caller's mode is back once the engine lets go of the SSL";
 }
 
-TEST_F(Tls, BadCalls) {
+TEST_P(Tls, BadCalls) {
   SslPtr c = Client(cctx.get());
   auto [a, b] = TcpPair();
   EXPECT_EQ(kloop_stream_start_tls(d, 9, c.get()), -ENOENT);
@@ -757,6 +941,9 @@ TEST_F(Tls, BadCalls) {
   // The engine dropped its reference: ours is the last one.
   EXPECT_EQ(SSL_get_rbio(c.get()) != nullptr, true);
 }
+
+INSTANTIATE_TEST_SUITE_P(EngineSeals, Tls, ::testing::Values(0u));
+INSTANTIATE_TEST_SUITE_P(OpenSslEncrypts, Tls, ::testing::Values(KLOOP_CONFIG_NO_TLS_SEAL));
 
 TEST(TlsInfo, DescribesTheLoadedOpenSsl) {
   struct kloop_tls_info info {};

@@ -939,6 +939,60 @@ def test_idle_tls_connections_give_back_openssl_buffers(kloop_module, certs):
     assert busy - idle >= 2 * conns * 16384, (busy, idle)
 
 
+def _openssl_hands_plaintext(kloop_module, transport, server_side):
+    """Whether OpenSSL gives the engine's BIO plaintext records for the
+    engine to seal or for the kernel (BIO_get_ktls_send)."""
+    import ctypes
+    import _ssl
+    from kloop import _tls
+    ptr = _tls.ssl_pointer(transport.get_extra_info("ssl_object"), server_side)
+    assert isinstance(ptr, int), ptr
+    lib = ctypes.CDLL(_ssl.__file__)  # libssl's symbols, as _ssl resolves them
+    lib.SSL_get_wbio.restype = ctypes.c_void_p
+    lib.SSL_get_wbio.argtypes = [ctypes.c_void_p]
+    lib.BIO_ctrl.restype = ctypes.c_long
+    lib.BIO_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+    BIO_CTRL_GET_KTLS_SEND = 73
+    return lib.BIO_ctrl(lib.SSL_get_wbio(ptr), BIO_CTRL_GET_KTLS_SEND, 0, None) == 1
+
+
+@pytest.mark.parametrize("version", ["TLSv1_2", "TLSv1_3"])
+@pytest.mark.parametrize("disable", ["", "tls_seal"])
+def test_engine_seals_records_where_the_kernel_cannot(kloop_module, certs, monkeypatch,
+                                                      version, disable):
+    # Without kernel TLS the engine takes the send key from OpenSSL and
+    # seals the records itself; KLOOP_DISABLE=tls_seal leaves them to OpenSSL.
+    monkeypatch.setenv("KLOOP_DISABLE", disable)
+    loop = kloop_module.new_event_loop()
+    try:
+        async def main():
+            v = getattr(ssl.TLSVersion, version)
+            sctx = certs.server_context(minimum_version=v, maximum_version=v)
+            srv, port, made = await echo_server(loop, sctx)
+            tr, pr = await loop.create_connection(
+                lambda: RecordingProtocol(loop), "127.0.0.1", port,
+                ssl=certs.client_context(), server_hostname="localhost")
+            msg = bytes(range(256)) * 400  # several records
+            tr.write(b"small")
+            tr.write(msg)
+            await wait_for_data(pr, 5 + len(msg))
+            assert bytes(pr.data) == b"small" + msg
+            assert tr.get_extra_info("ssl_object").version() == version.replace("_", ".")
+            kernel = "ktls" in loop._proactor.caps()["enabled"]
+            sides = (_openssl_hands_plaintext(kloop_module, tr, False),
+                     _openssl_hands_plaintext(kloop_module, made[0], True))
+            tr.close()
+            await pr.lost
+            srv.close()
+            await srv.wait_closed()
+            return kernel, sides
+        kernel, sides = loop.run_until_complete(main())
+    finally:
+        loop.close()
+    want = kernel or not disable
+    assert sides == (want, want), (kernel, sides)
+
+
 # -- the layout assumption ------------------------------------------------------
 
 def test_ssl_pointer_layout_is_proven(kloop_module, certs):

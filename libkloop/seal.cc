@@ -1,0 +1,246 @@
+// TLS records sealed by the engine (see seal.h). Record formats: RFC 5246
+// 6.2.3.3 with RFC 5288 (TLS 1.2 AES-GCM: an 8-byte explicit nonce after
+// the header, additional data = sequence number, type, version, length),
+// RFC 7905 (TLS 1.2 ChaCha20-Poly1305: nonce = IV xor sequence number, same
+// additional data), RFC 8446 5.2 (TLS 1.3: outer type 23, the real type
+// after the plaintext, additional data = the record header, nonce = IV xor
+// sequence number).
+#include "seal.h"
+
+#include <linux/tls.h>
+#include <openssl/crypto.h>
+#include <openssl/hmac.h>
+#include <string.h>
+
+namespace kl {
+
+namespace {
+
+uint64_t load_be64(const unsigned char *p) {
+  uint64_t v = 0;
+  for (int i = 0; i < 8; ++i) v = (v << 8) | p[i];
+  return v;
+}
+
+void store_be64(unsigned char *p, uint64_t v) {
+  for (int i = 7; i >= 0; --i) {
+    p[i] = static_cast<unsigned char>(v & 0xff);
+    v >>= 8;
+  }
+}
+
+// HKDF-Expand-Label(secret, label, "", len) of RFC 8446 7.1, for len no
+// larger than the hash: a single HMAC block.
+bool expand_label(const EVP_MD *md, const unsigned char *secret, size_t secret_len,
+                  const char *label, unsigned char *out, size_t len) {
+  unsigned char info[2 + 1 + 6 + 32 + 1 + 1];
+  size_t label_len = strlen(label);
+  if (label_len > 32 || len > static_cast<size_t>(EVP_MD_get_size(md))) return false;
+  size_t n = 0;
+  info[n++] = static_cast<unsigned char>(len >> 8);
+  info[n++] = static_cast<unsigned char>(len & 0xff);
+  info[n++] = static_cast<unsigned char>(6 + label_len);
+  memcpy(info + n, "tls13 ", 6);
+  n += 6;
+  memcpy(info + n, label, label_len);
+  n += label_len;
+  info[n++] = 0;  // empty context
+  info[n++] = 1;  // HKDF's block counter: T(1)
+  unsigned char block[EVP_MAX_MD_SIZE];
+  unsigned int block_len = 0;
+  if (!HMAC(md, secret, static_cast<int>(secret_len), info, n, block, &block_len)) return false;
+  memcpy(out, block, len);
+  OPENSSL_cleanse(block, sizeof block);
+  return true;
+}
+
+}  // namespace
+
+RecordSealer::~RecordSealer() {
+  EVP_CIPHER_CTX_free(ctx_);
+  OPENSSL_cleanse(iv_, sizeof iv_);
+  OPENSSL_cleanse(secret_, sizeof secret_);
+}
+
+bool RecordSealer::set_key(const unsigned char *key, const unsigned char *iv) {
+  if (!ctx_) ctx_ = EVP_CIPHER_CTX_new();
+  if (!ctx_ || EVP_EncryptInit_ex(ctx_, cipher_, nullptr, key, nullptr) != 1) {
+    EVP_CIPHER_CTX_free(ctx_);
+    ctx_ = nullptr;
+    return false;
+  }
+  memcpy(iv_, iv, sizeof iv_);
+  return true;
+}
+
+bool RecordSealer::init(const void *crypto_info, size_t info_len, const SSL *ssl,
+                        const unsigned char *secret, size_t secret_len) {
+  tls_crypto_info head{};
+  if (ctx_ || info_len < sizeof head) return false;
+  memcpy(&head, crypto_info, sizeof head);
+  if (head.version != TLS_1_2_VERSION && head.version != TLS_1_3_VERSION) return false;
+  tls13_ = head.version == TLS_1_3_VERSION;
+  unsigned char key[32];
+  unsigned char iv[12];
+  unsigned char rec_seq[8];
+  switch (head.cipher_type) {
+    case TLS_CIPHER_AES_GCM_128: {
+      tls12_crypto_info_aes_gcm_128 c{};
+      if (info_len != sizeof c) return false;
+      memcpy(&c, crypto_info, sizeof c);
+      key_len_ = sizeof c.key;
+      memcpy(key, c.key, sizeof c.key);
+      memcpy(iv, c.salt, sizeof c.salt);
+      memcpy(iv + sizeof c.salt, c.iv, sizeof c.iv);
+      memcpy(rec_seq, c.rec_seq, sizeof rec_seq);
+      OPENSSL_cleanse(&c, sizeof c);
+      cipher_ = EVP_aes_128_gcm();
+      explicit_nonce_ = !tls13_;
+      break;
+    }
+    case TLS_CIPHER_AES_GCM_256: {
+      tls12_crypto_info_aes_gcm_256 c{};
+      if (info_len != sizeof c) return false;
+      memcpy(&c, crypto_info, sizeof c);
+      key_len_ = sizeof c.key;
+      memcpy(key, c.key, sizeof c.key);
+      memcpy(iv, c.salt, sizeof c.salt);
+      memcpy(iv + sizeof c.salt, c.iv, sizeof c.iv);
+      memcpy(rec_seq, c.rec_seq, sizeof rec_seq);
+      OPENSSL_cleanse(&c, sizeof c);
+      cipher_ = EVP_aes_256_gcm();
+      explicit_nonce_ = !tls13_;
+      break;
+    }
+    case TLS_CIPHER_CHACHA20_POLY1305: {
+      tls12_crypto_info_chacha20_poly1305 c{};
+      if (info_len != sizeof c) return false;
+      memcpy(&c, crypto_info, sizeof c);
+      key_len_ = sizeof c.key;
+      memcpy(key, c.key, sizeof c.key);
+      memcpy(iv, c.iv, sizeof c.iv);
+      memcpy(rec_seq, c.rec_seq, sizeof rec_seq);
+      OPENSSL_cleanse(&c, sizeof c);
+      cipher_ = EVP_chacha20_poly1305();
+      explicit_nonce_ = false;
+      break;
+    }
+    default:
+      return false;
+  }
+  bool ok = cipher_ != nullptr;
+  if (ok && tls13_) {
+    // Following a key update needs the traffic secret the key came from:
+    // check that it is that one (it gives the same key and IV).
+    const SSL_CIPHER *suite = SSL_get_current_cipher(ssl);
+    const EVP_MD *md = suite ? SSL_CIPHER_get_handshake_digest(suite) : nullptr;
+    unsigned char k2[32];
+    unsigned char iv2[12];
+    ok = md && secret && secret_len == static_cast<size_t>(EVP_MD_get_size(md)) &&
+         secret_len <= sizeof secret_ &&
+         expand_label(md, secret, secret_len, "key", k2, key_len_) &&
+         expand_label(md, secret, secret_len, "iv", iv2, sizeof iv2) &&
+         CRYPTO_memcmp(k2, key, key_len_) == 0 && CRYPTO_memcmp(iv2, iv, sizeof iv2) == 0;
+    OPENSSL_cleanse(k2, sizeof k2);
+    OPENSSL_cleanse(iv2, sizeof iv2);
+    if (ok) {
+      md_ = md;
+      memcpy(secret_, secret, secret_len);
+      secret_len_ = secret_len;
+    }
+  }
+  ok = ok && set_key(key, iv);
+  OPENSSL_cleanse(key, sizeof key);
+  OPENSSL_cleanse(iv, sizeof iv);
+  seq_ = load_be64(rec_seq);
+  return ok;
+}
+
+size_t RecordSealer::seal(uint8_t type, const void *in, size_t len, unsigned char *out) {
+  if (!ctx_ || len > kSealRecordMax || (len && !in)) return 0;
+  unsigned char nonce[12];
+  memcpy(nonce, iv_, sizeof nonce);
+  unsigned char aad[13];
+  size_t aad_len = 0;
+  size_t body = 0;
+  unsigned char *ct = nullptr;
+  if (!explicit_nonce_) {
+    unsigned char seq[8];
+    store_be64(seq, seq_);
+    for (int i = 0; i < 8; ++i) nonce[4 + i] ^= seq[i];
+  }
+  if (tls13_) {
+    body = len + 1 + 16;
+    out[0] = 23;  // application data outside; the real type is inside
+    ct = out + 5;
+  } else {
+    body = (explicit_nonce_ ? 8 : 0) + len + 16;
+    out[0] = type;
+    ct = out + 5;
+    if (explicit_nonce_) {
+      memcpy(ct, iv_ + 4, 8);
+      ct += 8;
+    }
+    store_be64(aad, seq_);
+    aad[8] = type;
+    aad[9] = 3;
+    aad[10] = 3;
+    aad[11] = static_cast<unsigned char>(len >> 8);
+    aad[12] = static_cast<unsigned char>(len & 0xff);
+    aad_len = 13;
+  }
+  out[1] = 3;
+  out[2] = 3;
+  out[3] = static_cast<unsigned char>(body >> 8);
+  out[4] = static_cast<unsigned char>(body & 0xff);
+  if (tls13_) {
+    memcpy(aad, out, 5);
+    aad_len = 5;
+  }
+  int n = 0;
+  size_t done = 0;
+  bool ok = EVP_EncryptInit_ex(ctx_, nullptr, nullptr, nullptr, nonce) == 1 &&
+            EVP_EncryptUpdate(ctx_, nullptr, &n, aad, static_cast<int>(aad_len)) == 1;
+  if (ok && len) {
+    ok = EVP_EncryptUpdate(ctx_, ct, &n, static_cast<const unsigned char *>(in),
+                           static_cast<int>(len)) == 1;
+    done += static_cast<size_t>(n);
+  }
+  if (ok && tls13_) {
+    ok = EVP_EncryptUpdate(ctx_, ct + done, &n, &type, 1) == 1;
+    done += static_cast<size_t>(n);
+  }
+  size_t plain = len + (tls13_ ? 1 : 0);
+  if (ok) {
+    ok = EVP_EncryptFinal_ex(ctx_, ct + done, &n) == 1;
+    done += static_cast<size_t>(n);
+  }
+  ok = ok && done == plain && EVP_CIPHER_CTX_ctrl(ctx_, EVP_CTRL_AEAD_GET_TAG, 16, ct + plain) == 1;
+  if (!ok) return 0;
+  ++seq_;
+  if (explicit_nonce_) {  // the next record's explicit nonce: one more
+    for (int i = 11; i >= 4; --i)
+      if (++iv_[i] != 0) break;
+  }
+  return 5 + body;
+}
+
+bool RecordSealer::update_key() {
+  if (!tls13_ || !md_ || !ctx_) return false;
+  unsigned char next[64];
+  unsigned char key[32];
+  unsigned char iv[12];
+  bool ok = expand_label(md_, secret_, secret_len_, "traffic upd", next, secret_len_) &&
+            expand_label(md_, next, secret_len_, "key", key, key_len_) &&
+            expand_label(md_, next, secret_len_, "iv", iv, sizeof iv) && set_key(key, iv);
+  if (ok) {
+    memcpy(secret_, next, secret_len_);
+    seq_ = 0;
+  }
+  OPENSSL_cleanse(next, sizeof next);
+  OPENSSL_cleanse(key, sizeof key);
+  OPENSSL_cleanse(iv, sizeof iv);
+  return ok;
+}
+
+}  // namespace kl
