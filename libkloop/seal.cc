@@ -16,6 +16,10 @@ namespace kl {
 
 namespace {
 
+// TLS 1.3 records up to this much plaintext are copied to their place
+// first and encrypted there with their type byte in one call.
+constexpr size_t kSealJoinMax = 4096;
+
 uint64_t load_be64(const unsigned char *p) {
   uint64_t v = 0;
   for (int i = 0; i < 8; ++i) v = (v << 8) | p[i];
@@ -201,16 +205,25 @@ size_t RecordSealer::seal(uint8_t type, const void *in, size_t len, unsigned cha
   size_t done = 0;
   bool ok = EVP_EncryptInit_ex(ctx_, nullptr, nullptr, nullptr, nonce) == 1 &&
             EVP_EncryptUpdate(ctx_, nullptr, &n, aad, static_cast<int>(aad_len)) == 1;
-  if (ok && len) {
-    ok = EVP_EncryptUpdate(ctx_, ct, &n, static_cast<const unsigned char *>(in),
-                           static_cast<int>(len)) == 1;
-    done += static_cast<size_t>(n);
-  }
-  if (ok && tls13_) {
-    ok = EVP_EncryptUpdate(ctx_, ct + done, &n, &type, 1) == 1;
-    done += static_cast<size_t>(n);
-  }
   size_t plain = len + (tls13_ ? 1 : 0);
+  if (ok && tls13_ && len <= kSealJoinMax) {
+    // Plaintext and type in place, encrypted in one call (each call costs
+    // some 300 instructions of dispatch besides the cipher).
+    if (len) memcpy(ct, in, len);
+    ct[len] = type;
+    ok = EVP_EncryptUpdate(ctx_, ct, &n, ct, static_cast<int>(plain)) == 1;
+    done += static_cast<size_t>(n);
+  } else {
+    if (ok && len) {
+      ok = EVP_EncryptUpdate(ctx_, ct, &n, static_cast<const unsigned char *>(in),
+                             static_cast<int>(len)) == 1;
+      done += static_cast<size_t>(n);
+    }
+    if (ok && tls13_) {
+      ok = EVP_EncryptUpdate(ctx_, ct + done, &n, &type, 1) == 1;
+      done += static_cast<size_t>(n);
+    }
+  }
   if (ok) {
     ok = EVP_EncryptFinal_ex(ctx_, ct + done, &n) == 1;
     done += static_cast<size_t>(n);
