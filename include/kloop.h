@@ -635,6 +635,15 @@ KLOOP_API int kloop_stream_abort(kloop_t *loop, uint64_t token);
  *   to DATA records directly. A peer's request for a TLS 1.3 key update fails
  *   such a stream (ERROR, KLOOP_ERROR_WRITE | KLOOP_ERROR_TLS, -EPROTO): the
  *   kernel cannot change the key.
+ * Sealing: without KLOOP_CAP_KTLS (and without KLOOP_CONFIG_NO_TLS_SEAL) the
+ *   engine sets SSL_OP_ENABLE_KTLS too and takes the send key OpenSSL offers
+ *   (TLS 1.2 and 1.3, AES-GCM and ChaCha20-Poly1305) to encrypt the records
+ *   it sends itself; receiving stays with OpenSSL. For TLS 1.3 it installs
+ *   a key-log callback on the SSL_CTX if it has none (SSL_CTX_set_keylog_
+ *   callback: the traffic secret lets it follow a peer's key update); where
+ *   the context has a callback of its own, OpenSSL keeps encrypting TLS 1.3.
+ *   Either way the SSL reports BIO_get_ktls_send() true; HANDSHAKE's aux has
+ *   KLOOP_HANDSHAKE_KTLS_TX only when the kernel encrypts.
  * The caller must not read or write through `ssl` while the engine drives
  *   it; queries (peer certificate, cipher, ALPN protocol, session) are fine.
  * SSL_MODE_RELEASE_BUFFERS (OpenSSL 3.0.14 and later): the engine clears
