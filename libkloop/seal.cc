@@ -58,6 +58,24 @@ bool expand_label(const EVP_MD *md, const unsigned char *secret, size_t secret_l
   return true;
 }
 
+// The key, the 12-byte IV (salt first; ChaCha20 has no salt) and the
+// record sequence number of a kernel crypto_info of type Info.
+template <class Info>
+bool read_info(const void *p, size_t len, unsigned char *key, size_t *key_len, unsigned char *iv,
+               unsigned char *rec_seq) {
+  Info c{};
+  static_assert(sizeof c.salt + sizeof c.iv == 12 && sizeof c.key <= 32 && sizeof c.rec_seq == 8);
+  if (len != sizeof c) return false;
+  memcpy(&c, p, sizeof c);
+  *key_len = sizeof c.key;
+  memcpy(key, c.key, sizeof c.key);
+  memcpy(iv, c.salt, sizeof c.salt);
+  memcpy(iv + sizeof c.salt, c.iv, sizeof c.iv);
+  memcpy(rec_seq, c.rec_seq, sizeof c.rec_seq);
+  OPENSSL_cleanse(&c, sizeof c);
+  return true;
+}
+
 }  // namespace
 
 RecordSealer::~RecordSealer() {
@@ -87,50 +105,33 @@ bool RecordSealer::init(const void *crypto_info, size_t info_len, const SSL *ssl
   unsigned char key[32];
   unsigned char iv[12];
   unsigned char rec_seq[8];
+  bool known = false;
   switch (head.cipher_type) {
-    case TLS_CIPHER_AES_GCM_128: {
-      tls12_crypto_info_aes_gcm_128 c{};
-      if (info_len != sizeof c) return false;
-      memcpy(&c, crypto_info, sizeof c);
-      key_len_ = sizeof c.key;
-      memcpy(key, c.key, sizeof c.key);
-      memcpy(iv, c.salt, sizeof c.salt);
-      memcpy(iv + sizeof c.salt, c.iv, sizeof c.iv);
-      memcpy(rec_seq, c.rec_seq, sizeof rec_seq);
-      OPENSSL_cleanse(&c, sizeof c);
+    case TLS_CIPHER_AES_GCM_128:
+      known = read_info<tls12_crypto_info_aes_gcm_128>(crypto_info, info_len, key, &key_len_, iv,
+                                                       rec_seq);
       cipher_ = EVP_aes_128_gcm();
       explicit_nonce_ = !tls13_;
       break;
-    }
-    case TLS_CIPHER_AES_GCM_256: {
-      tls12_crypto_info_aes_gcm_256 c{};
-      if (info_len != sizeof c) return false;
-      memcpy(&c, crypto_info, sizeof c);
-      key_len_ = sizeof c.key;
-      memcpy(key, c.key, sizeof c.key);
-      memcpy(iv, c.salt, sizeof c.salt);
-      memcpy(iv + sizeof c.salt, c.iv, sizeof c.iv);
-      memcpy(rec_seq, c.rec_seq, sizeof rec_seq);
-      OPENSSL_cleanse(&c, sizeof c);
+    case TLS_CIPHER_AES_GCM_256:
+      known = read_info<tls12_crypto_info_aes_gcm_256>(crypto_info, info_len, key, &key_len_, iv,
+                                                       rec_seq);
       cipher_ = EVP_aes_256_gcm();
       explicit_nonce_ = !tls13_;
       break;
-    }
-    case TLS_CIPHER_CHACHA20_POLY1305: {
-      tls12_crypto_info_chacha20_poly1305 c{};
-      if (info_len != sizeof c) return false;
-      memcpy(&c, crypto_info, sizeof c);
-      key_len_ = sizeof c.key;
-      memcpy(key, c.key, sizeof c.key);
-      memcpy(iv, c.iv, sizeof c.iv);
-      memcpy(rec_seq, c.rec_seq, sizeof rec_seq);
-      OPENSSL_cleanse(&c, sizeof c);
+    case TLS_CIPHER_CHACHA20_POLY1305:
+      known = read_info<tls12_crypto_info_chacha20_poly1305>(crypto_info, info_len, key, &key_len_,
+                                                             iv, rec_seq);
       cipher_ = EVP_chacha20_poly1305();
       explicit_nonce_ = false;
       break;
-    }
     default:
-      return false;
+      break;
+  }
+  if (!known) {
+    OPENSSL_cleanse(key, sizeof key);
+    OPENSSL_cleanse(iv, sizeof iv);
+    return false;
   }
   bool ok = cipher_ != nullptr;
   if (ok && tls13_) {

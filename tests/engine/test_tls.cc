@@ -195,32 +195,40 @@ TEST_P(Tls, LargeTransferIntact) {
 
 namespace {
 
-// An engine TLS server (token `tok`) whose client is the test's own SSL on
-// a plain socket: what the engine sends stays in that socket until read.
+// The test's own SSL on a plain socket, facing an engine TLS stream: what
+// the engine sends stays in that socket until read.
 struct PlainPeer {
   Fd fd;
   SslPtr ssl;
 };
 
-PlainPeer ServeTlsTo(Driver &d, uint64_t tok, SSL_CTX *sctx, SSL_CTX *cctx, SslPtr *server) {
-  auto [mine, peer] = TcpPair();
-  PlainPeer p{std::move(peer), Client(cctx)};
-  *server = Server(sctx);
-  EXPECT_EQ(kloop_stream_attach(d, tok, mine, KLOOP_STREAM_CLOSE_FD), 0);
-  mine.release();
-  EXPECT_EQ(kloop_stream_start_tls(d, tok, server->get()), 0);
+// The engine's end (token `tok`, driving `mine`) and the test's own SSL on
+// a plain socket, handshaken; `peer` is the client unless the engine is.
+PlainPeer TlsWithPeer(Driver &d, uint64_t tok, SSL *mine, SslPtr peer) {
+  auto [a, b] = TcpPair();
+  EXPECT_EQ(kloop_stream_attach(d, tok, a, KLOOP_STREAM_CLOSE_FD), 0);
+  a.release();
+  EXPECT_EQ(kloop_stream_start_tls(d, tok, mine), 0);
+  PlainPeer p{std::move(b), std::move(peer)};
   SSL_set_fd(p.ssl.get(), p.fd);
   int fl = fcntl(p.fd, F_GETFL);
   fcntl(p.fd, F_SETFL, fl | O_NONBLOCK);
-  // Both sides in this thread: the client's handshake steps between polls.
   int rc = -1;
   auto end = std::chrono::steady_clock::now() + kDeadline;
   while (std::chrono::steady_clock::now() < end) {
-    rc = SSL_connect(p.ssl.get());
+    rc = SSL_do_handshake(p.ssl.get());
     if (rc == 1 || SSL_get_error(p.ssl.get(), rc) != SSL_ERROR_WANT_READ) break;
     d.Poll(1 * kMs);
   }
   EXPECT_EQ(rc, 1);
+  return p;
+}
+
+// An engine TLS server (token `tok`) whose client is a PlainPeer; its
+// HANDSHAKE record consumed.
+PlainPeer ServeTlsTo(Driver &d, uint64_t tok, SSL_CTX *sctx, SSL_CTX *cctx, SslPtr *server) {
+  *server = Server(sctx);
+  PlainPeer p = TlsWithPeer(d, tok, server->get(), Client(cctx));
   Event hs = d.WaitEvent(tok, KLOOP_EVENT_HANDSHAKE);
   EXPECT_EQ(hs.result, 0) << Describe(hs);
   d.Drain(10 * 1ms);  // nothing of the handshake left to send
@@ -584,28 +592,6 @@ TEST_P(Tls, PausedStreamHandshakesButHoldsPlaintextUntilResume) {
 }
 
 namespace {
-
-// The engine's end (token `tok`, driving `mine`) and the test's own SSL on
-// a plain socket, handshaken; `peer` is the client unless the engine is.
-PlainPeer TlsWithPeer(Driver &d, uint64_t tok, SSL *mine, SslPtr peer) {
-  auto [a, b] = TcpPair();
-  EXPECT_EQ(kloop_stream_attach(d, tok, a, KLOOP_STREAM_CLOSE_FD), 0);
-  a.release();
-  EXPECT_EQ(kloop_stream_start_tls(d, tok, mine), 0);
-  PlainPeer p{std::move(b), std::move(peer)};
-  SSL_set_fd(p.ssl.get(), p.fd);
-  int fl = fcntl(p.fd, F_GETFL);
-  fcntl(p.fd, F_SETFL, fl | O_NONBLOCK);
-  int rc = -1;
-  auto end = std::chrono::steady_clock::now() + kDeadline;
-  while (std::chrono::steady_clock::now() < end) {
-    rc = SSL_do_handshake(p.ssl.get());
-    if (rc == 1 || SSL_get_error(p.ssl.get(), rc) != SSL_ERROR_WANT_READ) break;
-    d.Poll(1 * kMs);
-  }
-  EXPECT_EQ(rc, 1);
-  return p;
-}
 
 void PeerWrite(PlainPeer &p, const std::string &s) {
   ASSERT_EQ(SSL_write(p.ssl.get(), s.data(), static_cast<int>(s.size())),
