@@ -363,28 +363,39 @@ TEST_F(EngineKtlsBase, RecordThatDoesNotDecryptOnOffloadedReceiveIsATlsError) {
 
 // Runs everywhere: with KLOOP_CAP_KTLS switched off (or absent) the engine
 // does the crypto itself and never touches the socket's ULP.
+// With KLOOP_CAP_KTLS disabled the kernel gets no key: the engine seals
+// the records itself with the key OpenSSL hands over (OpenSSL reports the
+// send side as offloaded to its BIO), or, with KLOOP_CONFIG_NO_TLS_SEAL
+// too, OpenSSL encrypts every record and is never asked for a key.
 TEST(EngineKtlsOff, DisabledCapabilityKeepsTlsInUserSpace) {
-  kloop_config cfg = DefaultConfig();
-  cfg.disable = KLOOP_CAP_KTLS;
-  Driver d(&cfg);
-  ASSERT_EQ(d.create_rc(), 0);
-  EXPECT_EQ(GetCaps(d).enabled & KLOOP_CAP_KTLS, 0u);
-  CtxPtr sctx = ServerCtx(), cctx = ClientCtx();
-  SslPtr c = Client(cctx.get()), s = Server(sctx.get());
-  auto [a, b] = TcpPair();
-  ASSERT_EQ(kloop_stream_attach(d, 1, b, 0), 0);
-  ASSERT_EQ(kloop_stream_attach(d, 2, a, 0), 0);
-  ASSERT_EQ(kloop_stream_start_tls(d, 1, c.get()), 0);
-  ASSERT_EQ(kloop_stream_start_tls(d, 2, s.get()), 0);
-  EXPECT_EQ(SSL_get_options(c.get()) & SSL_OP_ENABLE_KTLS, 0u);
-  ASSERT_GE(kloop_stream_write(d, 1, "plain", 5), 0);
-  ASSERT_TRUE(d.RunUntil([&] { return d.DataOf(2) == "plain"; }));
-  EXPECT_LT(TxVersion(b), 0) << "no kernel TLS on the socket";
-  EXPECT_EQ(BIO_get_ktls_send(SSL_get_wbio(c.get())), 0);
-  kloop_stream_abort(d, 1);
-  kloop_stream_abort(d, 2);
-  d.WaitFinal(1);
-  d.WaitFinal(2);
+  for (bool seal : {true, false}) {
+    SCOPED_TRACE(seal ? "engine seals" : "OpenSSL encrypts");
+    kloop_config cfg = DefaultConfig();
+    cfg.disable = KLOOP_CAP_KTLS;
+    if (!seal) cfg.flags |= KLOOP_CONFIG_NO_TLS_SEAL;
+    Driver d(&cfg);
+    ASSERT_EQ(d.create_rc(), 0);
+    EXPECT_EQ(GetCaps(d).enabled & KLOOP_CAP_KTLS, 0u);
+    CtxPtr sctx = ServerCtx(), cctx = ClientCtx();
+    SslPtr c = Client(cctx.get()), s = Server(sctx.get());
+    auto [a, b] = TcpPair();
+    ASSERT_EQ(kloop_stream_attach(d, 1, b, 0), 0);
+    ASSERT_EQ(kloop_stream_attach(d, 2, a, 0), 0);
+    ASSERT_EQ(kloop_stream_start_tls(d, 1, c.get()), 0);
+    ASSERT_EQ(kloop_stream_start_tls(d, 2, s.get()), 0);
+    EXPECT_EQ((SSL_get_options(c.get()) & SSL_OP_ENABLE_KTLS) != 0, seal);
+    Event hs = d.WaitEvent(1, KLOOP_EVENT_HANDSHAKE);
+    ASSERT_EQ(hs.result, 0) << Describe(hs);
+    EXPECT_EQ(hs.aux, 0u) << "no direction in the kernel";
+    ASSERT_GE(kloop_stream_write(d, 1, "plain", 5), 0);
+    ASSERT_TRUE(d.RunUntil([&] { return d.DataOf(2) == "plain"; }));
+    EXPECT_LT(TxVersion(b), 0) << "no kernel TLS on the socket";
+    EXPECT_EQ(BIO_get_ktls_send(SSL_get_wbio(c.get())) != 0, seal);
+    kloop_stream_abort(d, 1);
+    kloop_stream_abort(d, 2);
+    d.WaitFinal(1);
+    d.WaitFinal(2);
+  }
 }
 
 }  // namespace
