@@ -369,8 +369,9 @@ bool Engine::tls_set_key(TlsState *t, bool tx, const void *crypto_info) {
   return true;
 }
 
-// Before a send: install the send key once everything queued before it
-// has gone out. Returns false when the stream failed.
+// The send key OpenSSL offered, for the engine's sealer (no TLS in the
+// kernel). The TLS 1.3 traffic secret from the key log goes with it and
+// leaves the stream either way.
 bool Engine::tls_seal_key(TlsState *t, const void *crypto_info) {
   Stream *s = t->s;
   size_t len = crypto_info_len(crypto_info);
@@ -417,6 +418,8 @@ bool Engine::tls_seal(Stream *s, uint8_t type, const void *buf, size_t len) {
   return true;
 }
 
+// Before a send: install the send key once everything queued before it
+// has gone out. Returns false when the stream failed.
 bool Engine::tls_apply_tx_key(Stream *s) {
   TlsState *t = s->tls;
   while (!t->marks.empty() && t->marks.front().type == 0 && t->consumed == t->marks.front().at) {
