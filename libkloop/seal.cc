@@ -58,6 +58,14 @@ bool expand_label(const EVP_MD *md, const unsigned char *secret, size_t secret_l
   return true;
 }
 
+// The key (key_len bytes) and IV of a TLS 1.3 traffic secret (RFC 8446
+// 7.3).
+bool traffic_key(const EVP_MD *md, const unsigned char *secret, size_t secret_len,
+                 unsigned char *key, size_t key_len, unsigned char *iv) {
+  return expand_label(md, secret, secret_len, "key", key, key_len) &&
+         expand_label(md, secret, secret_len, "iv", iv, 12);
+}
+
 // The key, the 12-byte IV (salt first; ChaCha20 has no salt) and the
 // record sequence number of a kernel crypto_info of type Info.
 template <class Info>
@@ -142,9 +150,7 @@ bool RecordSealer::init(const void *crypto_info, size_t info_len, const SSL *ssl
     unsigned char k2[32];
     unsigned char iv2[12];
     ok = md && secret && secret_len == static_cast<size_t>(EVP_MD_get_size(md)) &&
-         secret_len <= sizeof secret_ &&
-         expand_label(md, secret, secret_len, "key", k2, key_len_) &&
-         expand_label(md, secret, secret_len, "iv", iv2, sizeof iv2) &&
+         secret_len <= sizeof secret_ && traffic_key(md, secret, secret_len, k2, key_len_, iv2) &&
          CRYPTO_memcmp(k2, key, key_len_) == 0 && CRYPTO_memcmp(iv2, iv, sizeof iv2) == 0;
     OPENSSL_cleanse(k2, sizeof k2);
     OPENSSL_cleanse(iv2, sizeof iv2);
@@ -245,8 +251,7 @@ bool RecordSealer::update_key() {
   unsigned char key[32];
   unsigned char iv[12];
   bool ok = expand_label(md_, secret_, secret_len_, "traffic upd", next, secret_len_) &&
-            expand_label(md_, next, secret_len_, "key", key, key_len_) &&
-            expand_label(md_, next, secret_len_, "iv", iv, sizeof iv) && set_key(key, iv);
+            traffic_key(md_, next, secret_len_, key, key_len_, iv) && set_key(key, iv);
   if (ok) {
     memcpy(secret_, next, secret_len_);
     seq_ = 0;

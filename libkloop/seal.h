@@ -35,7 +35,6 @@ class RecordSealer {
   // does not do, TLS 1.3 without its secret, or no memory.
   bool init(const void *crypto_info, size_t info_len, const SSL *ssl, const unsigned char *secret,
             size_t secret_len);
-  bool ready() const { return ctx_ != nullptr; }
   bool tls13() const { return tls13_; }
 
   // Seals one record of content type `type` carrying `len` (at most

@@ -939,7 +939,7 @@ def test_idle_tls_connections_give_back_openssl_buffers(kloop_module, certs):
     assert busy - idle >= 2 * conns * 16384, (busy, idle)
 
 
-def _openssl_hands_plaintext(kloop_module, transport, server_side):
+def _openssl_hands_plaintext(transport, server_side):
     """Whether OpenSSL gives the engine's BIO plaintext records for the
     engine to seal or for the kernel (BIO_get_ktls_send)."""
     import ctypes
@@ -979,8 +979,8 @@ def test_engine_seals_records_where_the_kernel_cannot(kloop_module, certs, monke
             assert bytes(pr.data) == b"small" + msg
             assert tr.get_extra_info("ssl_object").version() == version.replace("_", ".")
             kernel = "ktls" in loop._proactor.caps()["enabled"]
-            sides = (_openssl_hands_plaintext(kloop_module, tr, False),
-                     _openssl_hands_plaintext(kloop_module, made[0], True))
+            sides = (_openssl_hands_plaintext(tr, False),
+                     _openssl_hands_plaintext(made[0], True))
             tr.close()
             await pr.lost
             srv.close()
