@@ -400,12 +400,14 @@ bool Engine::tls_seal(Stream *s, uint8_t type, const void *buf, size_t len) {
   do {
     size_t n = len < kSealRecordMax ? len : kSealRecordMax;
     auto *out = reinterpret_cast<unsigned char *>(s->wq.tail(n + kSealOverhead, &wblocks_));
-    if (!out) return false;
-    size_t rec = t->seal->seal(type, p, n, out);
+    size_t rec = out ? t->seal->seal(type, p, n, out) : 0;
     if (rec == 0) {
+      // Records of this write may be queued already: the stream cannot go
+      // on (as when OpenSSL's write fails).
       if (!t->failed) {
-        tls_fail(s, -EPROTO, 0, false, KLOOP_ERROR_WRITE);
-        copy_text(t->err.message, sizeof t->err.message, "sealing a TLS record failed");
+        tls_fail(s, out ? -EPROTO : -ENOMEM, 0, false, KLOOP_ERROR_WRITE);
+        copy_text(t->err.message, sizeof t->err.message,
+                  out ? "sealing a TLS record failed" : "no memory for a TLS record");
       }
       return false;
     }

@@ -13,11 +13,12 @@
 #include <cstdlib>
 #include <new>
 
-#include "common.h"
+#include "tls_util.h"
 
 namespace {
 std::atomic<bool> g_counting{false};
 std::atomic<size_t> g_big_nothrow{0};
+std::atomic<bool> g_fail_blocks{false};  // nothrow allocations of a block's size fail
 
 // The smallest write block the engine makes (the first block of a small write).
 constexpr size_t kBlock = 2048;
@@ -34,6 +35,7 @@ void *operator new[](size_t n) { return operator new(n); }
 void *operator new(size_t n, const std::nothrow_t &) noexcept {
   if (n >= kBlock && g_counting.load(std::memory_order_relaxed))
     g_big_nothrow.fetch_add(1, std::memory_order_relaxed);
+  if (n >= kBlock && g_fail_blocks.load(std::memory_order_relaxed)) return nullptr;
   return Allocate(n);
 }
 void *operator new[](size_t n, const std::nothrow_t &t) noexcept { return operator new(n, t); }
@@ -247,3 +249,38 @@ TEST_F(ManyStreamsLarge, LoopKeepsABoundedAmountOfLargeBlocksBetweenPolls) {
 }
 
 }  // namespace
+
+// A TLS write larger than the write pool can hold, with no memory for more
+// write blocks: whether the engine seals the records or OpenSSL encrypts
+// them, records of the write may be queued when memory runs out, so the
+// stream fails (-EPIPE, an ERROR record) instead of reporting -ENOMEM for a
+// write of which the peer would get a part.
+TEST(WriteBlocks, TlsWriteWithoutMemoryFailsTheStream) {
+  for (uint32_t flags : {0u, static_cast<uint32_t>(KLOOP_CONFIG_NO_TLS_SEAL)}) {
+    SCOPED_TRACE(flags ? "OpenSSL encrypts" : "engine seals");
+    kloop_config cfg = QueueingConfig();
+    cfg.flags |= flags;
+    Driver d(&cfg);
+    ASSERT_EQ(d.create_rc(), 0);
+    CtxPtr sctx = ServerCtx(), cctx = ClientCtx();
+    SslPtr c = Client(cctx.get()), s = Server(sctx.get());
+    auto [a, b] = TcpPair();
+    ASSERT_EQ(kloop_stream_attach(d, 1, b, 0), 0);
+    ASSERT_EQ(kloop_stream_attach(d, 2, a, 0), 0);
+    ASSERT_EQ(kloop_stream_start_tls(d, 1, c.get()), 0);
+    ASSERT_EQ(kloop_stream_start_tls(d, 2, s.get()), 0);
+    Event hs = d.WaitEvent(1, KLOOP_EVENT_HANDSHAKE);
+    ASSERT_EQ(hs.result, 0) << Describe(hs);
+    std::string big(4u << 20, 'x');  // far more than the pool keeps (512 KiB)
+    g_fail_blocks = true;
+    int64_t rc = kloop_stream_write(d, 1, big.data(), big.size());
+    g_fail_blocks = false;
+    EXPECT_EQ(rc, -EPIPE);
+    Event err = d.WaitEvent(1, KLOOP_EVENT_ERROR);
+    EXPECT_NE(err.aux & KLOOP_ERROR_WRITE, 0u) << Describe(err);
+    kloop_stream_abort(d, 1);
+    kloop_stream_abort(d, 2);
+    d.WaitFinal(1);
+    d.WaitFinal(2);
+  }
+}
