@@ -493,6 +493,13 @@ class Engine {
   bool tls_encrypt(Stream *s, const void *buf, size_t len);
   bool tls_seal(Stream *s, uint8_t type, const void *buf, size_t len);
   static bool tls_seal_key(TlsState *t, const void *crypto_info);
+  bool tls_open_key(TlsState *t, const void *crypto_info) const;
+  void tls_open13(Stream *s) const;
+  int tls_open(Stream *s, bool drop);
+  bool tls_read(Stream *s, bool drop);
+  void tls_wait_buffer(Stream *s);
+  void tls_drop_input(TlsState *t);
+  void tls_fail_record(Stream *s, int alert, int reason);
   bool tls_flush_pt(Stream *s);
   bool tls_stage(TlsState *t, const void *buf, size_t len);
   void tls_drop_stage(TlsState *t);

@@ -1,4 +1,4 @@
-// TLS records sealed by the engine (see seal.h). Record formats: RFC 5246
+// TLS records sealed and opened by the engine (see seal.h). Record formats: RFC 5246
 // 6.2.3.3 with RFC 5288 (TLS 1.2 AES-GCM: an 8-byte explicit nonce after
 // the header, additional data = sequence number, type, version, length),
 // RFC 7905 (TLS 1.2 ChaCha20-Poly1305: nonce = IV xor sequence number, same
@@ -86,15 +86,15 @@ bool read_info(const void *p, size_t len, unsigned char *key, size_t *key_len, u
 
 }  // namespace
 
-RecordSealer::~RecordSealer() {
+RecordCipher::~RecordCipher() {
   EVP_CIPHER_CTX_free(ctx_);
   OPENSSL_cleanse(iv_, sizeof iv_);
   OPENSSL_cleanse(secret_, sizeof secret_);
 }
 
-bool RecordSealer::set_key(const unsigned char *key, const unsigned char *iv) {
+bool RecordCipher::set_key(const unsigned char *key, const unsigned char *iv) {
   if (!ctx_) ctx_ = EVP_CIPHER_CTX_new();
-  if (!ctx_ || EVP_EncryptInit_ex(ctx_, cipher_, nullptr, key, nullptr) != 1) {
+  if (!ctx_ || EVP_CipherInit_ex(ctx_, cipher_, nullptr, key, nullptr, encrypt_ ? 1 : 0) != 1) {
     EVP_CIPHER_CTX_free(ctx_);
     ctx_ = nullptr;
     return false;
@@ -103,7 +103,24 @@ bool RecordSealer::set_key(const unsigned char *key, const unsigned char *iv) {
   return true;
 }
 
-bool RecordSealer::init(const void *crypto_info, size_t info_len, const SSL *ssl,
+void RecordCipher::nonce(unsigned char out[12]) const {
+  memcpy(out, iv_, 12);
+  if (explicit_nonce_) return;
+  unsigned char seq[8];
+  store_be64(seq, seq_);
+  for (int i = 0; i < 8; ++i) out[4 + i] ^= seq[i];
+}
+
+void RecordCipher::aad12(unsigned char out[13], uint8_t type, size_t len) const {
+  store_be64(out, seq_);
+  out[8] = type;
+  out[9] = 3;
+  out[10] = 3;
+  out[11] = static_cast<unsigned char>(len >> 8);
+  out[12] = static_cast<unsigned char>(len & 0xff);
+}
+
+bool RecordCipher::init(const void *crypto_info, size_t info_len, const SSL *ssl,
                         const unsigned char *secret, size_t secret_len) {
   tls_crypto_info head{};
   if (ctx_ || info_len < sizeof head) return false;
@@ -167,19 +184,51 @@ bool RecordSealer::init(const void *crypto_info, size_t info_len, const SSL *ssl
   return ok;
 }
 
-size_t RecordSealer::seal(uint8_t type, const void *in, size_t len, unsigned char *out) {
-  if (!ctx_ || len > kSealRecordMax || (len && !in)) return 0;
-  unsigned char nonce[12];
-  memcpy(nonce, iv_, sizeof nonce);
+bool RecordCipher::init13(const SSL *ssl, const unsigned char *secret, size_t secret_len) {
+  const SSL_CIPHER *suite = ssl ? SSL_get_current_cipher(ssl) : nullptr;
+  if (ctx_ || !suite || !secret || SSL_version(ssl) != TLS1_3_VERSION) return false;
+  switch (SSL_CIPHER_get_cipher_nid(suite)) {
+    case NID_aes_128_gcm:
+      cipher_ = EVP_aes_128_gcm();
+      break;
+    case NID_aes_256_gcm:
+      cipher_ = EVP_aes_256_gcm();
+      break;
+    case NID_chacha20_poly1305:
+      cipher_ = EVP_chacha20_poly1305();
+      break;
+    default:
+      return false;
+  }
+  const EVP_MD *md = SSL_CIPHER_get_handshake_digest(suite);
+  if (!cipher_ || !md || secret_len != static_cast<size_t>(EVP_MD_get_size(md)) ||
+      secret_len > sizeof secret_)
+    return false;
+  tls13_ = true;
+  explicit_nonce_ = false;
+  key_len_ = static_cast<size_t>(EVP_CIPHER_get_key_length(cipher_));
+  unsigned char key[32];
+  unsigned char iv[12];
+  bool ok = key_len_ <= sizeof key && traffic_key(md, secret, secret_len, key, key_len_, iv) &&
+            set_key(key, iv);
+  OPENSSL_cleanse(key, sizeof key);
+  OPENSSL_cleanse(iv, sizeof iv);
+  if (!ok) return false;
+  md_ = md;
+  memcpy(secret_, secret, secret_len);
+  secret_len_ = secret_len;
+  seq_ = 0;
+  return true;
+}
+
+size_t RecordCipher::seal(uint8_t type, const void *in, size_t len, unsigned char *out) {
+  if (!ctx_ || !encrypt_ || len > kSealRecordMax || (len && !in)) return 0;
+  unsigned char iv[12];
+  nonce(iv);
   unsigned char aad[13];
   size_t aad_len = 0;
   size_t body = 0;
   unsigned char *ct = nullptr;
-  if (!explicit_nonce_) {
-    unsigned char seq[8];
-    store_be64(seq, seq_);
-    for (int i = 0; i < 8; ++i) nonce[4 + i] ^= seq[i];
-  }
   if (tls13_) {
     body = len + 1 + 16;
     out[0] = 23;  // application data outside; the real type is inside
@@ -192,12 +241,7 @@ size_t RecordSealer::seal(uint8_t type, const void *in, size_t len, unsigned cha
       memcpy(ct, iv_ + 4, 8);
       ct += 8;
     }
-    store_be64(aad, seq_);
-    aad[8] = type;
-    aad[9] = 3;
-    aad[10] = 3;
-    aad[11] = static_cast<unsigned char>(len >> 8);
-    aad[12] = static_cast<unsigned char>(len & 0xff);
+    aad12(aad, type, len);
     aad_len = 13;
   }
   out[1] = 3;
@@ -210,7 +254,7 @@ size_t RecordSealer::seal(uint8_t type, const void *in, size_t len, unsigned cha
   }
   int n = 0;
   size_t done = 0;
-  bool ok = EVP_EncryptInit_ex(ctx_, nullptr, nullptr, nullptr, nonce) == 1 &&
+  bool ok = EVP_EncryptInit_ex(ctx_, nullptr, nullptr, nullptr, iv) == 1 &&
             EVP_EncryptUpdate(ctx_, nullptr, &n, aad, static_cast<int>(aad_len)) == 1;
   size_t plain = len + (tls13_ ? 1 : 0);
   if (ok && tls13_ && len <= kSealJoinMax) {
@@ -245,7 +289,7 @@ size_t RecordSealer::seal(uint8_t type, const void *in, size_t len, unsigned cha
   return 5 + body;
 }
 
-bool RecordSealer::update_key() {
+bool RecordCipher::update_key() {
   if (!tls13_ || !md_ || !ctx_) return false;
   unsigned char next[64];
   unsigned char key[32];
@@ -260,6 +304,69 @@ bool RecordSealer::update_key() {
   OPENSSL_cleanse(key, sizeof key);
   OPENSSL_cleanse(iv, sizeof iv);
   return ok;
+}
+
+}  // namespace kl
+
+namespace kl {
+
+bool RecordCipher::begin(const unsigned char head[5], const unsigned char *explicit_nonce) {
+  size_t body = (static_cast<size_t>(head[3]) << 8) | head[4];
+  if (!ctx_ || encrypt_ || body < prefix() + kTag) return false;
+  unsigned char iv[12];
+  nonce(iv);
+  unsigned char aad[13];
+  size_t aad_len = 5;
+  if (tls13_) {
+    memcpy(aad, head, 5);
+  } else {
+    if (explicit_nonce_) memcpy(iv + 4, explicit_nonce, 8);
+    aad12(aad, head[0], body - prefix() - kTag);
+    aad_len = 13;
+  }
+  int n = 0;
+  return EVP_DecryptInit_ex(ctx_, nullptr, nullptr, nullptr, iv) == 1 &&
+         EVP_DecryptUpdate(ctx_, nullptr, &n, aad, static_cast<int>(aad_len)) == 1;
+}
+
+bool RecordCipher::update(const unsigned char *in, size_t len, unsigned char *out) {
+  int n = 0;
+  return len == 0 || (EVP_DecryptUpdate(ctx_, out, &n, in, static_cast<int>(len)) == 1 &&
+                      static_cast<size_t>(n) == len);
+}
+
+bool RecordCipher::finish(const unsigned char tag[kTag]) {
+  unsigned char t[kTag];
+  memcpy(t, tag, kTag);
+  unsigned char none[16];  // an AEAD's final step writes nothing
+  int n = 0;
+  bool ok = EVP_CIPHER_CTX_ctrl(ctx_, EVP_CTRL_AEAD_SET_TAG, kTag, t) == 1 &&
+            EVP_DecryptFinal_ex(ctx_, none, &n) == 1 && n == 0;
+  // The sequence number moves on either way: a record that fails ends the
+  // stream.
+  ++seq_;
+  return ok;
+}
+
+bool RecordCipher::key_update_in(const unsigned char *p, size_t len) {
+  bool found = false;
+  size_t i = 0;
+  while (i < len) {
+    if (hs_left_) {
+      size_t k = len - i < hs_left_ ? len - i : hs_left_;
+      i += k;
+      hs_left_ -= static_cast<uint32_t>(k);
+      continue;
+    }
+    hs_head_[hs_head_len_++] = p[i++];
+    if (hs_head_len_ == sizeof hs_head_) {
+      found |= hs_head_[0] == 24;  // KeyUpdate (RFC 8446 4.6.3)
+      hs_left_ = (static_cast<uint32_t>(hs_head_[1]) << 16) |
+                 (static_cast<uint32_t>(hs_head_[2]) << 8) | hs_head_[3];
+      hs_head_len_ = 0;
+    }
+  }
+  return found;
 }
 
 }  // namespace kl

@@ -65,7 +65,7 @@ long bio_ctrl(BIO *b, int cmd, long num, void *ptr) {
     case BIO_CTRL_GET_KTLS_SEND:
       return t && t->tx_offload ? 1 : 0;
     case BIO_CTRL_GET_KTLS_RECV:
-      return t && t->rx_offload ? 1 : 0;
+      return t && rx_framed(t) ? 1 : 0;
     case kCtrlSetKtlsCtrlMsg:
       if (t) t->ctrl_type = static_cast<uint32_t>(num);
       return 1;
@@ -105,18 +105,29 @@ void make_bio_method() {
 
 // The key log OpenSSL writes when a context has a callback for it: one
 // line per secret, "LABEL <client random> <secret>" in hex. Installed by
-// the engine on contexts that have none, to learn the TLS 1.3 send traffic
-// secret of the streams whose records it seals (a key update derives the
-// next key from it). Lines of other SSLs are ignored.
+// the engine on contexts that have none, to learn the TLS 1.3 traffic
+// secrets of the streams whose records it seals and opens (a key update
+// derives the next key from them). Lines of other SSLs are ignored.
 void keylog_line(const SSL *ssl, const char *line) {
   BIO *b = SSL_get_wbio(ssl);
   if (!b || BIO_method_type(b) != g_bio_type) return;
   auto *t = static_cast<TlsState *>(BIO_get_data(b));
-  if (!t || !t->seal_ok || t->seal) return;
-  const char *want = SSL_is_server(ssl) ? "SERVER_TRAFFIC_SECRET_0 " : "CLIENT_TRAFFIC_SECRET_0 ";
-  size_t want_len = strlen(want);
-  if (strncmp(line, want, want_len) != 0) return;
-  const char *p = strchr(line + want_len, ' ');  // past the client random
+  if (!t || !t->seal_ok) return;
+  const char *mine = SSL_is_server(ssl) ? "SERVER_TRAFFIC_SECRET_0 " : "CLIENT_TRAFFIC_SECRET_0 ";
+  const char *peers = SSL_is_server(ssl) ? "CLIENT_TRAFFIC_SECRET_0 " : "SERVER_TRAFFIC_SECRET_0 ";
+  size_t label_len = strlen(mine);  // both labels are as long
+  unsigned char *out = nullptr;
+  uint32_t *out_len = nullptr;
+  if (!t->seal && strncmp(line, mine, label_len) == 0) {
+    out = t->tx_secret;
+    out_len = &t->tx_secret_len;
+  } else if (!t->open && strncmp(line, peers, label_len) == 0) {
+    out = t->rx_secret;
+    out_len = &t->rx_secret_len;
+  } else {
+    return;
+  }
+  const char *p = strchr(line + label_len, ' ');  // past the client random
   if (!p) return;
   ++p;
   size_t n = 0;
@@ -130,10 +141,10 @@ void keylog_line(const SSL *ssl, const char *line) {
     int hi = nibble(p[0]);
     int lo = nibble(p[1]);
     if (hi < 0 || lo < 0) break;
-    t->tx_secret[n++] = static_cast<unsigned char>((hi << 4) | lo);
+    out[n++] = static_cast<unsigned char>((hi << 4) | lo);
     p += 2;
   }
-  t->tx_secret_len = static_cast<uint32_t>(n);
+  *out_len = static_cast<uint32_t>(n);
 }
 
 void copy_text(char *dst, size_t cap, const char *src) {
@@ -147,9 +158,9 @@ void copy_text(char *dst, size_t cap, const char *src) {
 }  // namespace
 
 bool RecordQueue::push(uint8_t type, const void *payload, uint32_t len) {
-  // A TLS record's plaintext is at most 2^14 bytes (RFC 8446 5.1); the
-  // header's length field has 16 bits.
-  if (len > 16384 || (len && !payload)) return false;
+  // A TLS record's plaintext is at most 2^14 bytes (RFC 8446 5.1), a TLS
+  // 1.3 inner plaintext one more (its type; the engine strips padding).
+  if (len > 16384 + 1 || (len && !payload)) return false;
   const uint8_t head[5] = {type, 3, 3, static_cast<uint8_t>(len >> 8),
                            static_cast<uint8_t>(len & 0xff)};
   if (!lens_.reserve(lens_.size() + 1)) return false;
@@ -207,7 +218,10 @@ void delete_stream(Stream *s) {
     }
     ::operator delete(t->stage);  // a write-pool block (BlockPool::take)
     delete t->seal;
+    delete t->open;
+    ::operator delete(t->part);
     OPENSSL_cleanse(t->tx_secret, sizeof t->tx_secret);
+    OPENSSL_cleanse(t->rx_secret, sizeof t->rx_secret);
     delete t;
   }
   delete s->slot;  // a send still held it: the engine is being destroyed
@@ -218,7 +232,7 @@ void delete_stream(Stream *s) {
 // BIO callbacks
 
 int Engine::tls_bio_read(TlsState *t, char *out, size_t len) {
-  if (t->rx_offload) {
+  if (rx_framed(t)) {
     // One framed record (or the rest of one) per read, as OpenSSL's own
     // kTLS socket BIO gives them.
     return static_cast<int>(t->rx_ctl.read(out, len));
@@ -308,6 +322,13 @@ size_t crypto_info_len(const void *p) {
   return len;
 }
 
+// Whether OpenSSL reads TLS 1.3 records from a kernel-TLS BIO the way the
+// engine frames them: the record layer of 3.0 and 3.1 takes a record of
+// outer type 23 and its decrypted inner plaintext (content, type, padding)
+// as kernel TLS would give it, and skips only the decryption. 3.2 rewrote
+// the record layer. `v` is OpenSSL_version_num().
+bool tls13_framing_known(unsigned long v) { return (v >> 28) == 3 && ((v >> 20) & 0xff) <= 1; }
+
 // Whether SSL_free_buffers() refuses a buffer still in use: before OpenSSL
 // 3.0.14, 3.1.6, 3.2.2 and 3.3.1 it could free a record header waiting for
 // its body, or a record read only in part (CVE-2024-4741). `v` is
@@ -341,7 +362,7 @@ bool ssl_free_buffers_safe(unsigned long v) {
 bool Engine::tls_set_key(TlsState *t, bool tx, const void *crypto_info) {
   Stream *s = t->s;
   if (s->finished || s->aborting || t->failed) return false;
-  if (t->seal_ok) return tx && tls_seal_key(t, crypto_info);
+  if (t->seal_ok) return tx ? tls_seal_key(t, crypto_info) : tls_open_key(t, crypto_info);
   if (!t->ktls_ok || ktls_ulp_missing_) return false;
   size_t len = crypto_info_len(crypto_info);
   if (len == 0 || len > sizeof t->tx_key) return false;
@@ -377,7 +398,7 @@ bool Engine::tls_seal_key(TlsState *t, const void *crypto_info) {
   size_t len = crypto_info_len(crypto_info);
   bool ok = false;
   if (len && !t->seal && !s->write_failed) {
-    auto *seal = new (std::nothrow) RecordSealer;
+    auto *seal = new (std::nothrow) RecordCipher(RecordCipher::kSeal);
     ok = seal && seal->init(crypto_info, len, t->ssl, t->tx_secret, t->tx_secret_len);
     if (ok) {
       t->seal = seal;
@@ -389,6 +410,43 @@ bool Engine::tls_seal_key(TlsState *t, const void *crypto_info) {
   OPENSSL_cleanse(t->tx_secret, sizeof t->tx_secret);
   t->tx_secret_len = 0;
   return ok;  // false: OpenSSL goes on encrypting itself
+}
+
+// The receive key OpenSSL offered (TLS 1.2, at the peer's
+// ChangeCipherSpec), for the engine's opener: OpenSSL reads exactly the
+// records it needs (no read-ahead), so the next byte in `in` starts the
+// first record under the key. From here on OpenSSL reads framed plaintext
+// (rx_ctl). False: OpenSSL goes on decrypting itself.
+bool Engine::tls_open_key(TlsState *t, const void *crypto_info) const {
+  size_t len = crypto_info_len(crypto_info);
+  if (len == 0 || t->open || buf_size_ < kTlsHsBuf || SSL_get_read_ahead(t->ssl)) return false;
+  auto *o = new (std::nothrow) RecordCipher(RecordCipher::kOpen);
+  if (!o || !o->init(crypto_info, len, t->ssl, t->rx_secret, t->rx_secret_len)) {
+    delete o;
+    return false;
+  }
+  t->open = o;
+  return true;
+}
+
+// TLS 1.3, the handshake just ended: OpenSSL 3.0 offers no receive key,
+// but the peer's traffic secret came through the key log. The engine opens
+// the records from here on if OpenSSL holds none of their bytes (it read
+// exactly the handshake's last record). The secret leaves the stream
+// either way.
+void Engine::tls_open13(Stream *s) const {
+  TlsState *t = s->tls;
+  if (t->seal && !t->open && t->rx_secret_len && buf_size_ >= kTlsHsBuf &&
+      SSL_version(t->ssl) == TLS1_3_VERSION && !SSL_has_pending(t->ssl) &&
+      !SSL_get_read_ahead(t->ssl) && tls13_framing_known(OpenSSL_version_num())) {
+    auto *o = new (std::nothrow) RecordCipher(RecordCipher::kOpen);
+    if (o && o->init13(t->ssl, t->rx_secret, t->rx_secret_len))
+      t->open = o;
+    else
+      delete o;
+  }
+  OPENSSL_cleanse(t->rx_secret, sizeof t->rx_secret);
+  t->rx_secret_len = 0;
 }
 
 // Seals `len` bytes of content type `type` into the write queue, in
@@ -881,10 +939,18 @@ void Engine::tls_pump(Stream *s) {
   tls_touch(s);
   if (t->handshaking) {
     if (s->closing) return;  // closed before it was over: no TLS any more
-    clear_ssl_errors();
-    int r = SSL_do_handshake(t->ssl);
-    if (r != 1) {
+    for (;;) {
+      clear_ssl_errors();
+      int r = SSL_do_handshake(t->ssl);
+      if (r == 1) break;
       int e = SSL_get_error(t->ssl, r);
+      if (e == SSL_ERROR_WANT_READ && t->open) {
+        // TLS 1.2 after the peer's ChangeCipherSpec: its Finished is for
+        // the engine to open.
+        int opened = tls_open(s, false);
+        if (opened < 0) return;
+        if (opened > 0) continue;
+      }
       if (e == SSL_ERROR_WANT_READ && !t->in_eof) return;  // wait for the peer
       bool reset = t->in_eof && t->in.empty() && e != SSL_ERROR_SSL;
       if (t->in_eof && t->in.empty() && e == SSL_ERROR_SSL &&
@@ -894,26 +960,237 @@ void Engine::tls_pump(Stream *s) {
       return;
     }
     t->handshaking = false;
+    tls_open13(s);
     uint32_t offload = (t->tx_offload && !t->seal ? KLOOP_HANDSHAKE_KTLS_TX : 0u) |
                        (t->rx_offload ? KLOOP_HANDSHAKE_KTLS_RX : 0u);
     emit(s->token, 0, KLOOP_COMPLETION_MORE, 0, KLOOP_EVENT_HANDSHAKE, offload);
     if (!tls_flush_pt(s)) return;  // plaintext written during the handshake
   }
   if (t->peer_closed || (s->paused && !s->closing)) return;
-  // Receiving offloaded: data went out as DATA already; OpenSSL only sees
-  // the other records, and the end of the stream.
-  if (t->rx_offload && t->rx_ctl.empty() && !t->in_eof) return;
   // Closing: read on until the peer's close_notify, dropping the plaintext.
   bool drop = s->closing;
   for (;;) {
+    if (t->open) {
+      // The engine opens the records; OpenSSL reads those that are not
+      // application data, each before the records after it are opened.
+      int opened = tls_open(s, drop);
+      if (opened < 0 || (opened == 0 && !t->in_eof)) return;
+    }
+    // Receiving offloaded: data went out as DATA already; OpenSSL only
+    // sees the other records, and the end of the stream.
+    if (t->rx_offload && t->rx_ctl.empty() && !t->in_eof) return;
+    if (!tls_read(s, drop) || !t->open) return;
+  }
+}
+
+// Opens the records waiting in TlsState::in with the engine's receive key:
+// application data is decrypted straight from the receive buffers into a
+// TLS buffer (several records share one) and goes out as DATA records;
+// any other record is framed into rx_ctl for OpenSSL, which must read it
+// before the records after it are opened. Returns 1 when
+// a record waits for OpenSSL, 0 when no complete record is left (at the
+// end of the stream the piece of one is dropped), -1 when the stream
+// failed or waits for a TLS buffer.
+int Engine::tls_open(Stream *s, bool drop) {
+  TlsState *t = s->tls;
+  RecordCipher *o = t->open;
+  const bool tls13 = o->tls13();
+  int bid = -1;
+  unsigned char *dst = nullptr;
+  size_t filled = 0;
+  auto flush = [&] {
+    if (bid < 0) return;
+    if (filled && !drop)
+      emit(s->token, static_cast<int32_t>(filled), KLOOP_COMPLETION_MORE,
+           reinterpret_cast<uint64_t>(dst), KLOOP_EVENT_DATA, 0, bid, s);
+    else
+      recycle(static_cast<uint32_t>(bid));
+    bid = -1;
+    filled = 0;
+  };
+  auto fail = [&](int alert, int reason) {
+    flush();  // what came before the bad record is the peer's
+    tls_fail_record(s, alert, reason);
+    return -1;
+  };
+  auto bytes = [&](const TlsChunk &c) {
+    return (c.bid < 0 ? t->part
+                      : reinterpret_cast<unsigned char *>(buf_addr(static_cast<uint32_t>(c.bid)))) +
+           c.off;
+  };
+  // `len` bytes from `at` bytes into `in`, copied to `out`
+  auto peek = [&](size_t at, size_t len, unsigned char *out) {
+    for (size_t i = 0; len > 0; ++i) {
+      const TlsChunk &c = t->in.at(i);
+      if (at >= c.len) {
+        at -= c.len;
+        continue;
+      }
+      size_t n = c.len - at < len ? c.len - at : len;
+      memcpy(out, bytes(c) + at, n);
+      out += n;
+      len -= n;
+      at = 0;
+    }
+  };
+  for (;;) {
+    size_t avail = 0;
+    for (size_t i = 0; i < t->in.size(); ++i) avail += t->in.at(i).len;
+    if (avail < 5) break;
+    unsigned char head[5];
+    peek(0, 5, head);
+    size_t body = (static_cast<size_t>(head[3]) << 8) | head[4];
+    // TLS 1.2: under the new key only the peer's Finished may come before
+    // the handshake's end.
+    if (t->handshaking && head[0] == 23)
+      return fail(SSL_AD_UNEXPECTED_MESSAGE, SSL_R_UNEXPECTED_RECORD);
+    // The checks OpenSSL makes of a record header (RFC 8446 5.1, 5.2; RFC
+    // 5246 6.2), with its alerts and reasons.
+    if (head[1] != 3 || head[2] != 3)
+      return fail(SSL_AD_PROTOCOL_VERSION, SSL_R_WRONG_VERSION_NUMBER);
+    if (tls13 && head[0] != 23) return fail(SSL_AD_UNEXPECTED_MESSAGE, SSL_R_BAD_RECORD_TYPE);
+    if (body > (tls13 ? 16384 + 256 : 16384 + 2048))
+      return fail(SSL_AD_RECORD_OVERFLOW, SSL_R_ENCRYPTED_LENGTH_TOO_LONG);
+    if (body < o->prefix() + RecordCipher::kTag + (tls13 ? 1 : 0))
+      return fail(SSL_AD_BAD_RECORD_MAC, SSL_R_DECRYPTION_FAILED_OR_BAD_RECORD_MAC);
+    if (avail < 5 + body) break;
+    size_t ct_len = body - o->prefix() - RecordCipher::kTag;
+    if (bid >= 0 && buf_size_ - filled < ct_len) flush();
+    if (bid < 0) {
+      bid = take_tls_buffer();
+      if (bid < 0) {
+        tls_wait_buffer(s);
+        return -1;
+      }
+      dst = reinterpret_cast<unsigned char *>(buf_addr(static_cast<uint32_t>(bid)));
+    }
+    unsigned char nonce[8];
+    unsigned char tag[RecordCipher::kTag];
+    if (o->prefix()) peek(5, sizeof nonce, nonce);
+    peek(5 + body - sizeof tag, sizeof tag, tag);
+    unsigned char *p = dst + filled;
+    bool ok = o->begin(head, nonce);
+    size_t at = 5 + o->prefix();
+    size_t done = 0;
+    for (size_t i = 0; ok && done < ct_len; ++i) {  // the ciphertext, piece by piece
+      const TlsChunk &c = t->in.at(i);
+      if (at >= c.len) {
+        at -= c.len;
+        continue;
+      }
+      size_t n = c.len - at < ct_len - done ? c.len - at : ct_len - done;
+      ok = o->update(bytes(c) + at, n, p + done);
+      done += n;
+      at = 0;
+    }
+    ok = ok && o->finish(tag);
+    for (size_t left = 5 + body; left > 0;) {  // the record leaves `in`
+      TlsChunk &c = t->in.front();
+      size_t n = c.len < left ? c.len : left;
+      c.off += static_cast<uint32_t>(n);
+      c.len -= static_cast<uint32_t>(n);
+      left -= n;
+      if (c.len == 0) {
+        if (c.bid >= 0) recycle(static_cast<uint32_t>(c.bid));
+        t->in.pop_front();
+      }
+    }
+    if (!ok) return fail(SSL_AD_BAD_RECORD_MAC, SSL_R_DECRYPTION_FAILED_OR_BAD_RECORD_MAC);
+    uint8_t type = head[0];
+    size_t plain = ct_len;
+    if (tls13) {  // the content type follows the content, then zeros
+      while (plain > 0 && p[plain - 1] == 0) --plain;
+      if (plain == 0) return fail(SSL_AD_UNEXPECTED_MESSAGE, SSL_R_BAD_RECORD_TYPE);
+      type = p[--plain];
+    }
+    if (plain > 16384) return fail(SSL_AD_RECORD_OVERFLOW, SSL_R_DATA_LENGTH_TOO_LONG);
+    if (type == 23) {
+      if (plain) {
+        filled += plain;
+        t->empty_records = 0;
+      } else if (++t->empty_records > 32) {  // OpenSSL's limit on empty records in a row
+        return fail(SSL_AD_UNEXPECTED_MESSAGE, SSL_R_RECORD_TOO_SMALL);
+      }
+      continue;
+    }
+    // For OpenSSL, framed as kernel TLS gives it; TLS 1.3 keeps the type
+    // behind the content under an outer type 23 (OpenSSL takes it from there).
+    bool key_update = tls13 && type == 22 && o->key_update_in(p, plain);
+    bool queued = tls13 ? t->rx_ctl.push(23, p, static_cast<uint32_t>(plain + 1))
+                        : t->rx_ctl.push(type, p, static_cast<uint32_t>(plain));
+    flush();
+    if (!queued) {
+      tls_fail(s, -ENOMEM, 0, t->handshaking, KLOOP_ERROR_READ);
+      return -1;
+    }
+    if (key_update && !o->update_key()) {
+      tls_fail(s, -EPROTO, 0, false, KLOOP_ERROR_READ);
+      copy_text(t->err.message, sizeof t->err.message, "TLS 1.3 key update failed");
+      return -1;
+    }
+    return 1;
+  }
+  flush();
+  if (t->in_eof) {
+    // The stream ended inside a record: OpenSSL sees the end (unclean).
+    tls_drop_input(t);
+  } else if (!t->in.empty() && (t->in.size() > 1 || t->in.front().bid >= 0)) {
+    // The start of a record waits for the rest: out of the receive
+    // buffers, into the stream's own (as OpenSSL's reading would).
+    if (!t->part) t->part = static_cast<unsigned char *>(::operator new(kTlsHsBuf, std::nothrow));
+    if (t->part) {
+      size_t n = 0;
+      while (!t->in.empty()) {  // at most kTlsHsBuf - 1 bytes: less than a record
+        TlsChunk c = t->in.front();
+        t->in.pop_front();
+        memmove(t->part + n, bytes(c), c.len);
+        n += c.len;
+        if (c.bid >= 0) recycle(static_cast<uint32_t>(c.bid));
+      }
+      t->in.push_back(TlsChunk{-1, 0, static_cast<uint32_t>(n)});  // room: just emptied
+    }
+  }
+  return 0;
+}
+
+// Gives back the receive buffers of the ciphertext waiting in `in`.
+void Engine::tls_drop_input(TlsState *t) {
+  while (!t->in.empty()) {
+    int32_t bid = t->in.front().bid;
+    if (bid >= 0) recycle(static_cast<uint32_t>(bid));
+    t->in.pop_front();
+  }
+}
+
+// A received record the engine cannot take: the fatal alert OpenSSL would
+// send (sealed, when the engine seals), and the error as OpenSSL reports it.
+void Engine::tls_fail_record(Stream *s, int alert, int reason) {
+  TlsState *t = s->tls;
+  if (t->failed) return;
+  if (t->seal && !s->write_failed) {
+    const unsigned char rec[2] = {2, static_cast<unsigned char>(alert)};  // fatal
+    if (!tls_seal(s, 21, rec, sizeof rec)) return;  // failed the stream already
+  }
+  tls_fail(s, -EPROTO, 0, t->handshaking, KLOOP_ERROR_READ);
+  kloop_tls_error &e = t->err;
+  e = kloop_tls_error{};
+  e.size = sizeof e;
+  e.ssl_error = SSL_ERROR_SSL;
+  e.lib = ERR_LIB_SSL;
+  e.reason = reason;
+  copy_text(e.message, sizeof e.message, ERR_reason_error_string(ERR_PACK(ERR_LIB_SSL, 0, reason)));
+}
+
+// OpenSSL's reading: plaintext into TLS buffers as DATA records, the
+// peer's close_notify, alerts and the end of the stream. True when OpenSSL
+// waits for more of the peer's bytes (and more may come).
+bool Engine::tls_read(Stream *s, bool drop) {
+  TlsState *t = s->tls;
+  for (;;) {
     int bid = take_tls_buffer();
     if (bid < 0) {
-      if (!t->starved) {
-        t->starved = true;
-        t->next_starved = tls_starved_;
-        tls_starved_ = s;
-      }
-      return;
+      tls_wait_buffer(s);
+      return false;
     }
     char *dst = buf_addr(static_cast<uint32_t>(bid));
     size_t filled = 0;
@@ -926,7 +1203,7 @@ void Engine::tls_pump(Stream *s) {
         // All received ciphertext is in OpenSSL and none of it is left
         // there: the next SSL_read() could only ask for more. Skip that
         // call (an SSL_read, its BIO read and the error-queue check).
-        if (t->in.empty() && !t->in_eof && !t->rx_offload && !SSL_has_pending(t->ssl)) {
+        if (t->in.empty() && !t->in_eof && !rx_framed(t) && !SSL_has_pending(t->ssl)) {
           e = SSL_ERROR_WANT_READ;
           break;
         }
@@ -950,23 +1227,23 @@ void Engine::tls_pump(Stream *s) {
       copy_text(t->err.message, sizeof t->err.message, kKeyUpdateText);
       s->write_failed = true;
       wq_clear(s);
-      return;
+      return false;
     }
     if (e == SSL_ERROR_NONE) continue;  // the buffer filled up: there may be more
     if (e == SSL_ERROR_WANT_READ) {
-      if (!t->in_eof) return;
+      if (!t->in_eof) return true;
       // The socket ended and OpenSSL wants more: the peer cut the stream.
       t->peer_closed = true;
       if (!drop)
         emit(s->token, 0, KLOOP_COMPLETION_MORE, 0, KLOOP_EVENT_EOF, KLOOP_EOF_UNCLEAN, -1, s);
       clear_ssl_errors();
-      return;
+      return false;
     }
     if (e == SSL_ERROR_ZERO_RETURN) {  // close_notify
       t->peer_closed = true;
       s->read_done = true;
       if (!drop) emit(s->token, 0, KLOOP_COMPLETION_MORE, 0, KLOOP_EVENT_EOF, 0, -1, s);
-      return;
+      return false;
     }
     unsigned long code = ERR_peek_last_error();
     if (t->in_eof && t->in.empty() &&
@@ -977,12 +1254,21 @@ void Engine::tls_pump(Stream *s) {
       if (!drop)
         emit(s->token, 0, KLOOP_COMPLETION_MORE, 0, KLOOP_EVENT_EOF, KLOOP_EOF_UNCLEAN, -1, s);
       clear_ssl_errors();
-      return;
+      return false;
     }
     tls_fail(s, -EPROTO, e, false, KLOOP_ERROR_READ);
     if (drop) t->peer_closed = true;  // nothing more will come: let the close go on
-    return;
+    return false;
   }
+}
+
+// A stream waits for a free TLS buffer (tls_unstarve() pumps it again).
+void Engine::tls_wait_buffer(Stream *s) {
+  TlsState *t = s->tls;
+  if (t->starved) return;
+  t->starved = true;
+  t->next_starved = tls_starved_;
+  tls_starved_ = s;
 }
 
 // The stream has finished: give back what TLS holds and let go of the SSL.
@@ -990,15 +1276,17 @@ void Engine::tls_pump(Stream *s) {
 void Engine::tls_release(Stream *s) {
   TlsState *t = s->tls;
   if (!t) return;
-  while (!t->in.empty()) {
-    recycle(static_cast<uint32_t>(t->in.front().bid));
-    t->in.pop_front();
-  }
+  tls_drop_input(t);
+  ::operator delete(t->part);
+  t->part = nullptr;
   t->pt.clear(&wblocks_);
   tls_drop_stage(t);
   t->rx_ctl.clear();
   delete t->seal;
   t->seal = nullptr;
+  delete t->open;
+  t->open = nullptr;
+  OPENSSL_cleanse(t->rx_secret, sizeof t->rx_secret);
   if (t->starved) {
     for (Stream **pp = &tls_starved_; *pp; pp = &((*pp)->tls->next_starved))
       if (*pp == s) {
@@ -1043,6 +1331,10 @@ void Engine::tls_trim() {
       t->used = false;
     } else {
       SSL_free_buffers(t->ssl);
+      if (t->part && t->in.empty()) {
+        ::operator delete(t->part);
+        t->part = nullptr;
+      }
       tls_unwarm(s);
     }
     s = next;

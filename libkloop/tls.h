@@ -50,8 +50,9 @@ class RecordQueue {
 // when there is none.
 uint8_t record_type_of(const msghdr *m);
 
-// Ciphertext received and not yet read by OpenSSL: a piece of a receive
-// buffer, which is recycled once OpenSSL has read all of it.
+// Ciphertext received and not yet read by OpenSSL (or opened by the
+// engine): a piece of a receive buffer, which is recycled once all of it
+// has been read; bid -1: of TlsState::part.
 struct TlsChunk {
   int32_t bid;
   uint32_t off;
@@ -125,12 +126,29 @@ struct TlsState {
   // send key OpenSSL offered went to `seal` instead of the socket, and
   // what OpenSSL and the caller write is sealed into the write queue.
   bool seal_ok = false;              // may take the send key for the sealer
-  RecordSealer *seal = nullptr;      // owned; set once the key is taken
+  RecordCipher *seal = nullptr;      // owned; set once the key is taken
   unsigned char tx_secret[64] = {};  // TLS 1.3: the send traffic secret (keylog)
   uint32_t tx_secret_len = 0;
+  // ... and opens the peer's records itself (Engine::tls_open()): with
+  // `open` set, the ciphertext in `in` is decrypted by the engine,
+  // application data goes out as DATA records, and OpenSSL reads the other
+  // records from rx_ctl as from kernel TLS.
+  RecordCipher *open = nullptr;      // owned; set once the receive key is taken
+  unsigned char rx_secret[64] = {};  // TLS 1.3: the receive traffic secret (keylog)
+  uint32_t rx_secret_len = 0;
+  uint32_t empty_records = 0;  // empty application data records in a row
+  // The start of a record still incomplete, moved out of the receive
+  // buffers (a peer sending records in small pieces must not hold one
+  // receive buffer per piece): an `in` chunk with bid -1. kTlsHsBuf bytes,
+  // ::operator new; freed when the stream is idle (tls_trim()) or ends.
+  unsigned char *part = nullptr;
   alignas(8) unsigned char cmsg[32] = {};
   msghdr tx_msg{};  // the send in flight (a control record carries cmsg)
 };
+
+// OpenSSL reads the peer's records as plaintext framed by the engine: the
+// kernel decrypts them, or the engine does.
+inline bool rx_framed(const TlsState *t) { return t->rx_offload || t->open; }
 
 // Plaintext not yet encrypted: waiting for the handshake, or staged.
 inline size_t plain_waiting(const TlsState *t) { return t->pt.size() + t->stage_len; }

@@ -74,6 +74,10 @@ class Tls : public ::testing::TestWithParam<uint32_t> {
   bool EngineSends() {
     return !(GetParam() & KLOOP_CONFIG_NO_TLS_SEAL) || (GetCaps(d).enabled & KLOOP_CAP_KTLS);
   }
+  // The engine decrypts the peer's records itself (no kernel TLS).
+  bool EngineOpens() {
+    return !(GetParam() & KLOOP_CONFIG_NO_TLS_SEAL) && !(GetCaps(d).enabled & KLOOP_CAP_KTLS);
+  }
 
   // Engine client (token 1) and engine server (token 2) on one TCP pair.
   void Pair(SSL *client, SSL *server) {
@@ -326,14 +330,16 @@ void CountDataRecords(int write_p, int, int content_type, const void *buf, size_
 
 // A response written as head and body (or in more pieces) within one
 // iteration goes out as one record, not one per write: a record costs
-// both ends a header, a tag and a pass through the cipher.
+// both ends a header, a tag and a pass through the cipher. Counted by an
+// OpenSSL peer as it reads them.
 TEST_P(Tls, SmallWritesOfAnIterationShareARecord) {
-  SslPtr c = Client(cctx.get()), s = Server(sctx.get());
+  SslPtr mine = Client(cctx.get()), peer = Server(sctx.get());
   int records = 0;
-  SSL_set_msg_callback(s.get(), CountDataRecords);
-  SSL_set_msg_callback_arg(s.get(), &records);
-  Pair(c.get(), s.get());
-  Handshake();
+  SSL_set_msg_callback(peer.get(), CountDataRecords);
+  SSL_set_msg_callback_arg(peer.get(), &records);
+  PlainPeer p = TlsWithPeer(d, 1, mine.get(), std::move(peer));
+  Event hs = d.WaitEvent(1, KLOOP_EVENT_HANDSHAKE);
+  ASSERT_EQ(hs.result, 0) << Describe(hs);
   std::string want;
   for (const char *piece : {"HTTP/1.1 200 OK\r\n", "Content-Length: 5\r\n\r\n", "hello"}) {
     ASSERT_GE(kloop_stream_write(d, 1, piece, strlen(piece)), 0);
@@ -341,7 +347,7 @@ TEST_P(Tls, SmallWritesOfAnIterationShareARecord) {
   }
   EXPECT_EQ(kloop_stream_write_size(d, 1), static_cast<int64_t>(want.size()))
       << "waiting plaintext counts as queued";
-  ASSERT_TRUE(d.RunUntil([&] { return d.DataOf(2) == want; })) << d.DataOf(2);
+  EXPECT_TRUE(ReadTls(d, p, want.size()) == want);
   EXPECT_EQ(records, 1);
 
   // More than a record's worth: records of up to 16 KiB, in order, a
@@ -350,13 +356,13 @@ TEST_P(Tls, SmallWritesOfAnIterationShareARecord) {
   std::string a = Pattern(1, 10000), b = Pattern(2, 10000), big = Pattern(3, 50000);
   for (const std::string *w : {&a, &b, &big, &a})
     ASSERT_GE(kloop_stream_write(d, 1, w->data(), w->size()), 0);
-  want += a + b + big + a;
-  ASSERT_TRUE(d.RunUntil([&] { return d.DataSizeOf(2) >= want.size(); }));
-  EXPECT_TRUE(d.DataOf(2) == want);
+  std::string more = a + b + big + a;
+  EXPECT_TRUE(ReadTls(d, p, more.size()) == more);
   // a (waiting, sent when b would not fit with it), b, the large write
   // (4 records of 16 KiB at most), a again at the poll
   EXPECT_EQ(records, 1 + 1 + 4 + 1);
-  CloseBoth();
+  kloop_stream_abort(d, 1);
+  d.WaitFinal(1);
 }
 
 TEST_P(Tls, UntrustedCertificateFailsWithVerifyReason) {
@@ -621,11 +627,13 @@ struct Suite {
 }  // namespace
 
 // Where the kernel has no TLS, the engine takes the send key OpenSSL offers
-// a kernel-TLS BIO and seals the records itself: each AEAD suite OpenSSL
-// offers a key for, both TLS versions, both roles, a record split in
-// several, OpenSSL's own records (session tickets, close_notify) -- all
-// read by an ordinary OpenSSL peer.
-TEST_P(Tls, RecordsSealedByTheEngineReadByOpenSsl) {
+// a kernel-TLS BIO and seals the records itself, and opens the peer's
+// records with the receive key (TLS 1.2: offered by OpenSSL; TLS 1.3: from
+// the key log): each AEAD suite OpenSSL offers a key for, both TLS
+// versions, both roles, writes split in several records, OpenSSL's own
+// records both ways (session tickets, close_notify) -- against an ordinary
+// OpenSSL peer.
+TEST_P(Tls, RecordsSealedAndOpenedByTheEngine) {
   const Suite suites[] = {
       {TLS1_2_VERSION, "ECDHE-ECDSA-AES128-GCM-SHA256"},
       {TLS1_2_VERSION, "ECDHE-ECDSA-AES256-GCM-SHA384"},
@@ -657,14 +665,29 @@ TEST_P(Tls, RecordsSealedByTheEngineReadByOpenSsl) {
       bool kernel = (GetCaps(d).enabled & KLOOP_CAP_KTLS) != 0;
       // OpenSSL hands its records to the BIO as plaintext: it took the key.
       EXPECT_EQ(BIO_get_ktls_send(SSL_get_wbio(mine.get())) != 0, EngineSends());
-      if (!kernel) EXPECT_EQ(hs.aux & KLOOP_HANDSHAKE_KTLS_TX, 0u) << "no kernel TLS here";
+      if (!kernel) {
+        EXPECT_EQ(hs.aux & (KLOOP_HANDSHAKE_KTLS_TX | KLOOP_HANDSHAKE_KTLS_RX), 0u)
+            << "no kernel TLS here";
+        // ... and reads the peer's other records as the engine frames them.
+        EXPECT_EQ(BIO_get_ktls_recv(SSL_get_rbio(mine.get())) != 0, EngineOpens());
+      }
 
       std::string small = "hello", big = Pattern(static_cast<int>(tok), 100 * 1024);
       ASSERT_GE(kloop_stream_write(d, tok, small.data(), small.size()), 0);
       ASSERT_GE(kloop_stream_write(d, tok, big.data(), big.size()), 0);
       EXPECT_TRUE(ReadTls(d, p, small.size() + big.size()) == small + big);
+      std::string back = "back" + Pattern(static_cast<int>(tok) + 1, 100 * 1024);
       ASSERT_NO_FATAL_FAILURE(PeerWrite(p, "back"));
-      EXPECT_TRUE(d.RunUntil([&] { return d.DataOf(tok) == "back"; })) << d.DataOf(tok);
+      ASSERT_NO_FATAL_FAILURE(PeerWrite(p, back.substr(4)));
+      EXPECT_TRUE(d.RunUntil([&] { return d.DataSizeOf(tok) >= back.size(); }));
+      EXPECT_TRUE(d.DataOf(tok) == back) << d.DataSizeOf(tok);
+      if (!engine_serves && suite.version == TLS1_3_VERSION) {
+        // The server's session tickets came after the handshake, through
+        // the engine's opening when it opens, to OpenSSL.
+        SSL_SESSION *sess = SSL_get_session(mine.get());
+        EXPECT_TRUE(sess && SSL_SESSION_is_resumable(sess)) << "no ticket arrived";
+      }
+      EXPECT_EQ(d.Of(tok, KLOOP_EVENT_ERROR).size(), 0u);
       ASSERT_EQ(kloop_stream_close(d, tok), 0);
       EXPECT_TRUE(PeerSeesCloseNotify(d, p));
       SSL_shutdown(p.ssl.get());
@@ -714,6 +737,8 @@ TEST_P(Tls, PeersKeyUpdateIsFollowed) {
     // Without the secret the engine leaves the records to OpenSSL.
     bool seals = !(GetParam() & KLOOP_CONFIG_NO_TLS_SEAL) && !c.foreign_keylog;
     EXPECT_EQ(BIO_get_ktls_send(SSL_get_wbio(mine.get())) != 0, seals);
+    // ... and opens the peer's records, following its key updates too.
+    EXPECT_EQ(BIO_get_ktls_recv(SSL_get_rbio(mine.get())) != 0, seals);
     std::string want;
     for (int round = 0; round < 3; ++round) {
       ASSERT_EQ(SSL_key_update(p.ssl.get(), SSL_KEY_UPDATE_REQUESTED), 1);
@@ -736,6 +761,78 @@ TEST_P(Tls, PeersKeyUpdateIsFollowed) {
     d.WaitFinal(tok);
     ++tok;
   }
+}
+
+// The peer's records reach the engine in pieces of any size: a header, an
+// explicit nonce or a tag split between receive buffers, records spanning
+// many of them. All of it arrives intact; a stream that ends inside a
+// record ends uncleanly, without the piece.
+TEST_P(Tls, RecordsArrivingInPiecesAreOpened) {
+  const Suite suites[] = {
+      {TLS1_2_VERSION, "ECDHE-ECDSA-AES128-GCM-SHA256"},
+      {TLS1_2_VERSION, "ECDHE-ECDSA-CHACHA20-POLY1305"},
+      {TLS1_3_VERSION, "TLS_AES_128_GCM_SHA256"},
+  };
+  uint64_t tok = 60;
+  for (const Suite &suite : suites) {
+    SCOPED_TRACE(suite.name);
+    CtxPtr sc = ServerCtx(), cc = ClientCtx();
+    for (SSL_CTX *c : {sc.get(), cc.get()}) {
+      SSL_CTX_set_min_proto_version(c, suite.version);
+      SSL_CTX_set_max_proto_version(c, suite.version);
+      if (suite.version == TLS1_3_VERSION)
+        ASSERT_EQ(SSL_CTX_set_ciphersuites(c, suite.name), 1);
+      else
+        ASSERT_EQ(SSL_CTX_set_cipher_list(c, suite.name), 1);
+    }
+    SslPtr mine = Server(sc.get());
+    PlainPeer p = TlsWithPeer(d, tok, mine.get(), Client(cc.get()));
+    Event hs = d.WaitEvent(tok, KLOOP_EVENT_HANDSHAKE);
+    ASSERT_EQ(hs.result, 0) << Describe(hs);
+    if (!(GetCaps(d).enabled & KLOOP_CAP_KTLS)) {
+      EXPECT_EQ(BIO_get_ktls_recv(SSL_get_rbio(mine.get())) != 0, EngineOpens());
+    }
+    // From here the peer's records go to memory; the test sends them.
+    BIO *mem = BIO_new(BIO_s_mem());
+    ASSERT_NE(mem, nullptr);
+    SSL_set0_wbio(p.ssl.get(), mem);
+    auto records = [&](const std::string &plain) {
+      PeerWrite(p, plain);
+      std::string ct;
+      char buf[4096];
+      int n;
+      while ((n = BIO_read(mem, buf, sizeof buf)) > 0) ct.append(buf, static_cast<size_t>(n));
+      return ct;
+    };
+    auto send_in_pieces = [&](const std::string &ct, size_t piece) {
+      for (size_t i = 0; i < ct.size(); i += piece) {
+        size_t n = ct.size() - i < piece ? ct.size() - i : piece;
+        ASSERT_EQ(::send(p.fd, ct.data() + i, n, MSG_NOSIGNAL), static_cast<ssize_t>(n));
+        d.Poll(0);  // each piece a receive of its own, mostly
+      }
+    };
+    std::string want = Pattern(1, 300) + Pattern(2, 2000);
+    std::string two = records(Pattern(1, 300));  // in this order: one statement each
+    two += records(Pattern(2, 2000));
+    ASSERT_NO_FATAL_FAILURE(send_in_pieces(two, 7));
+    std::string big = Pattern(3, 40000);  // three records
+    ASSERT_NO_FATAL_FAILURE(send_in_pieces(records(big), 1000));
+    want += big;
+    EXPECT_TRUE(d.RunUntil([&] { return d.DataSizeOf(tok) >= want.size(); }));
+    EXPECT_TRUE(d.DataOf(tok) == want) << d.DataSizeOf(tok);
+    // A record cut short by the end of the stream.
+    std::string cut = records("cut");
+    ASSERT_NO_FATAL_FAILURE(send_in_pieces(cut.substr(0, cut.size() - 5), 4));
+    ASSERT_EQ(::shutdown(p.fd, SHUT_WR), 0);
+    Event eof = d.WaitEvent(tok, KLOOP_EVENT_EOF);
+    EXPECT_EQ(eof.aux, KLOOP_EOF_UNCLEAN);
+    EXPECT_TRUE(d.DataOf(tok) == want) << "nothing of the cut record";
+    EXPECT_EQ(d.Of(tok, KLOOP_EVENT_ERROR).size(), 0u);
+    kloop_stream_abort(d, tok);
+    d.WaitFinal(tok);
+    ++tok;
+  }
+  EXPECT_EQ(GetStats(d).buffers_in_use, 0u);
 }
 
 TEST_P(Tls, StartTlsInPlaceAfterPlainBytes) {

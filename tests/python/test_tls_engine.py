@@ -941,27 +941,32 @@ def test_idle_tls_connections_give_back_openssl_buffers(kloop_module, certs):
 
 def _openssl_hands_plaintext(transport, server_side):
     """Whether OpenSSL gives the engine's BIO plaintext records for the
-    engine to seal or for the kernel (BIO_get_ktls_send)."""
+    engine (or the kernel) to seal, and reads the peer's records from it as
+    plaintext: (BIO_get_ktls_send, BIO_get_ktls_recv)."""
     import ctypes
     import _ssl
     from kloop import _tls
     ptr = _tls.ssl_pointer(transport.get_extra_info("ssl_object"), server_side)
     assert isinstance(ptr, int), ptr
     lib = ctypes.CDLL(_ssl.__file__)  # libssl's symbols, as _ssl resolves them
-    lib.SSL_get_wbio.restype = ctypes.c_void_p
-    lib.SSL_get_wbio.argtypes = [ctypes.c_void_p]
+    for name in ("SSL_get_wbio", "SSL_get_rbio"):
+        getattr(lib, name).restype = ctypes.c_void_p
+        getattr(lib, name).argtypes = [ctypes.c_void_p]
     lib.BIO_ctrl.restype = ctypes.c_long
     lib.BIO_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
     BIO_CTRL_GET_KTLS_SEND = 73
-    return lib.BIO_ctrl(lib.SSL_get_wbio(ptr), BIO_CTRL_GET_KTLS_SEND, 0, None) == 1
+    BIO_CTRL_GET_KTLS_RECV = 76
+    return (lib.BIO_ctrl(lib.SSL_get_wbio(ptr), BIO_CTRL_GET_KTLS_SEND, 0, None) == 1,
+            lib.BIO_ctrl(lib.SSL_get_rbio(ptr), BIO_CTRL_GET_KTLS_RECV, 0, None) == 1)
 
 
 @pytest.mark.parametrize("version", ["TLSv1_2", "TLSv1_3"])
 @pytest.mark.parametrize("disable", ["", "tls_seal"])
-def test_engine_seals_records_where_the_kernel_cannot(kloop_module, certs, monkeypatch,
-                                                      version, disable):
-    # Without kernel TLS the engine takes the send key from OpenSSL and
-    # seals the records itself; KLOOP_DISABLE=tls_seal leaves them to OpenSSL.
+def test_engine_seals_and_opens_records_where_the_kernel_cannot(kloop_module, certs, monkeypatch,
+                                                                version, disable):
+    # Without kernel TLS the engine takes the keys from OpenSSL (TLS 1.3's
+    # receive key from the key log) and seals and opens the records itself;
+    # KLOOP_DISABLE=tls_seal leaves them to OpenSSL.
     monkeypatch.setenv("KLOOP_DISABLE", disable)
     loop = kloop_module.new_event_loop()
     try:
@@ -990,7 +995,9 @@ def test_engine_seals_records_where_the_kernel_cannot(kloop_module, certs, monke
     finally:
         loop.close()
     want = kernel or not disable
-    assert sides == (want, want), (kernel, sides)
+    assert [send for send, _ in sides] == [want, want], (kernel, sides)
+    if not kernel:
+        assert [recv for _, recv in sides] == [not disable, not disable], sides
 
 
 # -- the layout assumption ------------------------------------------------------
