@@ -36,7 +36,8 @@ int bio_read(BIO *b, char *out, int len) {
   if (!t || !t->eng || len <= 0) return -1;  // detached: the stream is gone
   int n = t->eng->tls_bio_read(t, out, static_cast<size_t>(len));
   if (n > 0) return n;
-  if (t->in_eof) return 0;
+  // The end of the stream, once the engine has opened what came before it.
+  if (t->in_eof && (!t->open || t->in.empty())) return 0;
   BIO_set_retry_read(b);
   return -1;
 }
@@ -1231,7 +1232,8 @@ bool Engine::tls_read(Stream *s, bool drop) {
     }
     if (e == SSL_ERROR_NONE) continue;  // the buffer filled up: there may be more
     if (e == SSL_ERROR_WANT_READ) {
-      if (!t->in_eof) return true;
+      // More to come, or records before the end still to be opened.
+      if (!t->in_eof || (t->open && !t->in.empty())) return true;
       // The socket ended and OpenSSL wants more: the peer cut the stream.
       t->peer_closed = true;
       if (!drop)

@@ -835,6 +835,41 @@ TEST_P(Tls, RecordsArrivingInPiecesAreOpened) {
   EXPECT_EQ(GetStats(d).buffers_in_use, 0u);
 }
 
+// What a paused stream holds when the peer's end of the stream arrives --
+// a record for OpenSSL (a key update), data after it, then the socket's
+// end -- is all delivered on resume, in order, before the (unclean) EOF.
+TEST_P(Tls, EndOfStreamWaitsForTheRecordsBeforeIt) {
+  CtxPtr sc = ServerCtx(), cc = ClientCtx();
+  SSL_CTX_set_min_proto_version(sc.get(), TLS1_3_VERSION);
+  SslPtr mine = Server(sc.get());
+  PlainPeer p = TlsWithPeer(d, 70, mine.get(), Client(cc.get()));
+  Event hs = d.WaitEvent(70, KLOOP_EVENT_HANDSHAKE);
+  ASSERT_EQ(hs.result, 0) << Describe(hs);
+  ASSERT_EQ(kloop_stream_pause(d, 70), 0);
+  d.Drain(10ms);
+  BIO *mem = BIO_new(BIO_s_mem());
+  ASSERT_NE(mem, nullptr);
+  SSL_set0_wbio(p.ssl.get(), mem);
+  ASSERT_EQ(SSL_key_update(p.ssl.get(), SSL_KEY_UPDATE_NOT_REQUESTED), 1);
+  std::string msg = Pattern(9, 3000);
+  ASSERT_NO_FATAL_FAILURE(PeerWrite(p, msg));  // the key update goes first
+  std::string ct;
+  char buf[4096];
+  int n;
+  while ((n = BIO_read(mem, buf, sizeof buf)) > 0) ct.append(buf, static_cast<size_t>(n));
+  ASSERT_EQ(::send(p.fd, ct.data(), ct.size(), MSG_NOSIGNAL), static_cast<ssize_t>(ct.size()));
+  ASSERT_EQ(::shutdown(p.fd, SHUT_WR), 0);
+  d.Drain(30ms);
+  EXPECT_EQ(d.DataSizeOf(70), 0u) << "paused";
+  ASSERT_EQ(kloop_stream_resume(d, 70), 0);
+  Event eof = d.WaitEvent(70, KLOOP_EVENT_EOF);
+  EXPECT_EQ(eof.aux, KLOOP_EOF_UNCLEAN);
+  EXPECT_TRUE(d.DataOf(70) == msg) << d.DataSizeOf(70);
+  EXPECT_EQ(d.Of(70, KLOOP_EVENT_ERROR).size(), 0u);
+  kloop_stream_abort(d, 70);
+  d.WaitFinal(70);
+}
+
 TEST_P(Tls, StartTlsInPlaceAfterPlainBytes) {
   auto p = TcpPair();
   srv_fd = std::move(p.first);
