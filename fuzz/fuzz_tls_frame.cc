@@ -5,8 +5,9 @@
 //      kept here says what every read must give back: the records in push
 //      order, each as header(type, 3, 3, len) + payload, a read copying
 //      min(n, bytes left of the first record) and never crossing into the
-//      next record; push refuses a payload above 2^14 bytes (and a NULL
-//      payload with a length) and changes nothing then; an empty queue
+//      next record; push refuses a payload above 2^14 + 1 bytes (a TLS 1.3
+//      inner plaintext: content and type; and a NULL payload with a
+//      length) and changes nothing then; an empty queue
 //      reads 0.
 //  (b) kl::record_type_of() on a msghdr whose control buffer comes from the
 //      input: well-formed SOL_TLS/TLS_GET_RECORD_TYPE messages, messages of
@@ -40,14 +41,15 @@ using kfuzz::Reader;
 
 namespace {
 
-constexpr uint32_t kMaxPlain = 16384;  // 2^14: the largest TLS plaintext record
+// 2^14, the largest TLS plaintext record, and TLS 1.3's content type
+constexpr uint32_t kMaxPlain = 16384 + 1;
 
 // ---------------------------------------------------------------------------
 // (a) RecordQueue against a model
 
 // Lengths around the boundaries, chosen by a selector byte with the high bit.
 constexpr uint32_t kPushLens[] = {0,          1,          4,          5,      255,         256,
-                                  16383,      16384,      16385,      16389,  65535,       65536,
+                                  16383,      16384,      16385,      16386,  65535,       65536,
                                   0x7fffffff, 0x80000000, UINT32_MAX, 100000, 16384 + 2048};
 constexpr size_t kReadLens[] = {0, 1, 2, 3, 4, 5, 6, 7, 16384, 16388, 16389, 16390, 65536};
 

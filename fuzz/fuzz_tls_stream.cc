@@ -33,6 +33,7 @@
 #include <cstring>
 
 #include "harness.h"
+#include "tls_identity.h"
 
 using kfuzz::Fail;
 using kfuzz::NowNs;
@@ -51,38 +52,23 @@ struct Fixture {
 
 Fixture MakeFixture() {
   Fixture f;
-  {
-    if (kloop_create(nullptr, &f.loop) != 0) Fail("kloop_create failed");
-    EVP_PKEY *key = EVP_PKEY_Q_keygen(nullptr, nullptr, "EC", "P-256");
-    X509 *cert = X509_new();
-    if (!key || !cert) Fail("cannot make a key and a certificate");
-    X509_set_version(cert, 2);
-    ASN1_INTEGER_set(X509_get_serialNumber(cert), 1);
-    X509_gmtime_adj(X509_getm_notBefore(cert), -3600);
-    X509_gmtime_adj(X509_getm_notAfter(cert), 3600L * 24 * 365);
-    X509_set_pubkey(cert, key);
-    X509_NAME *name = X509_get_subject_name(cert);
-    X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_ASC,
-                               reinterpret_cast<const unsigned char *>("localhost"), -1, -1, 0);
-    X509_set_issuer_name(cert, name);
-    if (X509_sign(cert, key, EVP_sha256()) <= 0) Fail("cannot sign the certificate");
+  if (kloop_create(nullptr, &f.loop) != 0) Fail("kloop_create failed");
+  kfuzz::TlsIdentity id = kfuzz::MakeTlsIdentity();
+  f.server = SSL_CTX_new(TLS_server_method());
+  if (!f.server || SSL_CTX_use_certificate(f.server, id.cert) != 1 ||
+      SSL_CTX_use_PrivateKey(f.server, id.key) != 1)
+    Fail("cannot make the server context");
+  // Older versions too, so that TLS 1.2 parsing is reachable.
+  SSL_CTX_set_min_proto_version(f.server, TLS1_2_VERSION);
 
-    f.server = SSL_CTX_new(TLS_server_method());
-    if (!f.server || SSL_CTX_use_certificate(f.server, cert) != 1 ||
-        SSL_CTX_use_PrivateKey(f.server, key) != 1)
-      Fail("cannot make the server context");
-    // Older versions too, so that TLS 1.2 parsing is reachable.
-    SSL_CTX_set_min_proto_version(f.server, TLS1_2_VERSION);
-
-    f.client = SSL_CTX_new(TLS_client_method());
-    f.client_verify = SSL_CTX_new(TLS_client_method());
-    if (!f.client || !f.client_verify) Fail("cannot make the client contexts");
-    SSL_CTX_set_verify(f.client, SSL_VERIFY_NONE, nullptr);
-    SSL_CTX_set_verify(f.client_verify, SSL_VERIFY_PEER, nullptr);
-    X509_STORE_add_cert(SSL_CTX_get_cert_store(f.client_verify), cert);
-    X509_free(cert);
-    EVP_PKEY_free(key);
-  }
+  f.client = SSL_CTX_new(TLS_client_method());
+  f.client_verify = SSL_CTX_new(TLS_client_method());
+  if (!f.client || !f.client_verify) Fail("cannot make the client contexts");
+  SSL_CTX_set_verify(f.client, SSL_VERIFY_NONE, nullptr);
+  SSL_CTX_set_verify(f.client_verify, SSL_VERIFY_PEER, nullptr);
+  X509_STORE_add_cert(SSL_CTX_get_cert_store(f.client_verify), id.cert);
+  X509_free(id.cert);
+  EVP_PKEY_free(id.key);
   return f;
 }
 

@@ -1,5 +1,6 @@
 #!/usr/bin/python3
-"""Write the seed inputs of fuzz_tls_frame and fuzz_tls_stream (run once).
+"""Write the seed inputs of fuzz_tls_frame, fuzz_tls_stream and fuzz_tls_open
+(run once).
 
 The TLS handshake bytes are real: a client and a server (Python's ssl module
 over memory BIOs, with a throw-away self-signed certificate made by the
@@ -156,7 +157,8 @@ def frame_seeds():
     clear = bytes([0x86])  # 134 % 5 == 4, high bit set
     s['push_16384_read_exact'] = q(push(23, 16384), read(16389))
     s['push_16384_bytewise'] = q(push(22, 16384), drain1)
-    s['push_16385_refused'] = q(push(22, 16385), read(5), push(21, 2), read(7))
+    s['push_16385_inner_plaintext'] = q(push(23, 16385), read(16390))
+    s['push_16386_refused'] = q(push(22, 16386), read(5), push(21, 2), read(7))
     s['push_boundaries'] = q(*(push(22, table=i) for i in range(17)), read(100), read(16389))
     s['alert_handshake_1byte_reads'] = q(push(21, 2), push(22, 4), drain1, drain1, read(1))
     s['reads_crossing_records'] = q(push(21, 2), push(22, 4), read(3), read(3), read(3), read(9))
@@ -209,6 +211,42 @@ def frame_seeds():
     return s
 
 
+# --------------------------------------------------------------------------
+# fuzz_tls_open: byte 0 options (bit 0 engine serves, bits 1-2 suite, bit 3
+# close), then operations (see fuzz_tls_open.cc)
+OPEN_SUITES = ('tls13_aes', 'tls13_chacha', 'tls12_aes', 'tls12_chacha')
+
+
+def open_seeds():
+    def write(n):
+        return bytes([0]) + struct.pack('<H', n - 1)
+
+    def send(piece=0):
+        return bytes([4, piece])
+
+    def flip(at, x):
+        return bytes([2]) + struct.pack('<H', at) + bytes([x])
+
+    def insert(at, data):
+        return bytes([3, len(data)]) + struct.pack('<H', at) + data
+
+    key_update, close_notify = bytes([1, 1]), bytes([6])
+    s = {}
+    for i, suite in enumerate(OPEN_SUITES):
+        for serves in (0, 1):
+            opt = serves | i << 1
+            role = 'serves' if serves else 'connects'
+            s[f'{suite}_{role}_clean'] = (
+                bytes([opt | 8]) + write(1000) + send(7) + write(16384) + key_update +
+                write(300) + bytes([7, 50]) + send(0) + close_notify + send(3))
+            s[f'{suite}_{role}_flip'] = bytes([opt]) + write(1000) + flip(10, 0x20) + send(0)
+            s[f'{suite}_{role}_header_inserted'] = (
+                bytes([opt]) + write(1000) + insert(0, b'\x17\x03\x03\x00\x05') + send(1))
+            s[f'{suite}_{role}_tail_dropped'] = (
+                bytes([opt]) + write(5000) + bytes([5, 10]) + write(10) + send(100))
+    return s
+
+
 def write(target, seeds):
     d = os.path.join(HERE, 'corpus', target)
     os.makedirs(d, exist_ok=True)
@@ -223,6 +261,7 @@ def main():
         key, cert = identity(tmp)
         write('fuzz_tls_stream', stream_seeds(key, cert))
     write('fuzz_tls_frame', frame_seeds())
+    write('fuzz_tls_open', open_seeds())
 
 
 if __name__ == '__main__':
