@@ -131,7 +131,7 @@ KLOOP_API int kloop_probe(struct kloop_caps *caps);
 #define KLOOP_CONFIG_NO_DEFER_TASKRUN (1u << 1) /* allow use from several threads in turn */
 #define KLOOP_CONFIG_NO_SEND_GATHER (1u << 2)   /* one queued block per stream send */
 #define KLOOP_CONFIG_NO_DIRECT_SEND (1u << 3)   /* large writes always wait for the poll */
-#define KLOOP_CONFIG_NO_TLS_SEAL (1u << 4)      /* OpenSSL encrypts every TLS record */
+#define KLOOP_CONFIG_NO_TLS_SEAL (1u << 4)      /* OpenSSL does every TLS record */
 
 /*
  * struct kloop_config - how to build a loop. Fill with kloop_config_init().
@@ -635,15 +635,20 @@ KLOOP_API int kloop_stream_abort(kloop_t *loop, uint64_t token);
  *   to DATA records directly. A peer's request for a TLS 1.3 key update fails
  *   such a stream (ERROR, KLOOP_ERROR_WRITE | KLOOP_ERROR_TLS, -EPROTO): the
  *   kernel cannot change the key.
- * Sealing: without KLOOP_CAP_KTLS (and without KLOOP_CONFIG_NO_TLS_SEAL) the
- *   engine sets SSL_OP_ENABLE_KTLS too and takes the send key OpenSSL offers
- *   (TLS 1.2 and 1.3, AES-GCM and ChaCha20-Poly1305) to encrypt the records
- *   it sends itself; receiving stays with OpenSSL. For TLS 1.3 it installs
- *   a key-log callback on the SSL_CTX if it has none (SSL_CTX_set_keylog_
- *   callback: the traffic secret lets it follow a peer's key update); where
- *   the context has a callback of its own, OpenSSL keeps encrypting TLS 1.3.
- *   Either way the SSL reports BIO_get_ktls_send() true; HANDSHAKE's aux has
- *   KLOOP_HANDSHAKE_KTLS_TX only when the kernel encrypts.
+ * Sealing and opening: without KLOOP_CAP_KTLS (and without
+ *   KLOOP_CONFIG_NO_TLS_SEAL) the engine sets SSL_OP_ENABLE_KTLS too, takes
+ *   the send key OpenSSL offers (TLS 1.2 and 1.3, AES-GCM and
+ *   ChaCha20-Poly1305) to encrypt the records it sends itself, and decrypts
+ *   the peer's records itself (TLS 1.2: the receive key OpenSSL offers; TLS
+ *   1.3: the peer's traffic secret, with OpenSSL 3.0 and 3.1, receive
+ *   buffers of at least 18 KiB); OpenSSL then reads only the records that
+ *   are not application data. For TLS 1.3 it installs a key-log callback on
+ *   the SSL_CTX if it has none (SSL_CTX_set_keylog_callback: the traffic
+ *   secrets give the keys and let it follow key updates); where the context
+ *   has a callback of its own, OpenSSL keeps doing TLS 1.3's records. The
+ *   SSL reports BIO_get_ktls_send() (and, when the engine opens,
+ *   BIO_get_ktls_recv()) true; HANDSHAKE's aux has KLOOP_HANDSHAKE_KTLS_TX
+ *   and _RX only when the kernel does the work.
  * The caller must not read or write through `ssl` while the engine drives
  *   it; queries (peer certificate, cipher, ALPN protocol, session) are fine.
  * SSL_MODE_RELEASE_BUFFERS (OpenSSL 3.0.14 and later): the engine clears
