@@ -39,7 +39,7 @@
 #include <string>
 
 #include "harness.h"
-#include "tls_identity.h"
+#include "tls_fixture.h"
 
 using kfuzz::Fail;
 using kfuzz::NowNs;
@@ -47,29 +47,10 @@ using kfuzz::Reader;
 
 namespace {
 
-struct Fixture {
-  kloop_t *loop = nullptr;
-  SSL_CTX *server = nullptr;
-  SSL_CTX *client = nullptr;
-};
-
-Fixture MakeFixture() {
-  Fixture f;
-  if (kloop_create(nullptr, &f.loop) != 0) Fail("kloop_create failed");
-  kfuzz::TlsIdentity id = kfuzz::MakeTlsIdentity();
-  f.server = SSL_CTX_new(TLS_server_method());
-  f.client = SSL_CTX_new(TLS_client_method());
-  if (!f.server || !f.client || SSL_CTX_use_certificate(f.server, id.cert) != 1 ||
-      SSL_CTX_use_PrivateKey(f.server, id.key) != 1)
-    Fail("cannot make the contexts");
-  SSL_CTX_set_verify(f.client, SSL_VERIFY_NONE, nullptr);
-  X509_free(id.cert);
-  EVP_PKEY_free(id.key);
-  return f;
-}
+using Fixture = kfuzz::TlsFixture;
 
 const Fixture &Fix() {
-  static const Fixture f = MakeFixture();
+  static const Fixture f = kfuzz::MakeTlsFixture();
   return f;
 }
 
@@ -289,15 +270,9 @@ class Run {
     ::shutdown(fd_, SHUT_WR);
   }
 
-  void Abort() {
-    int rc = kloop_stream_abort(loop_, tok_);
-    if (rc != 0 && rc != -EALREADY) Fail("kloop_stream_abort returned %d", rc);
-    aborted_ = true;
-  }
-
-  void Close() {
-    int rc = kloop_stream_close(loop_, tok_);
-    if (rc != 0 && rc != -EALREADY) Fail("kloop_stream_close returned %d", rc);
+  void End(bool close) {
+    kfuzz::EndStream(loop_, tok_, close);
+    aborted_ |= !close;
   }
 
   // After the peer closed: what must have come.
@@ -451,25 +426,14 @@ void RunOne(Reader &in) {
     r.Poll(1'000'000);
   }
   r.CheckEnd();
-  if (opt & 8) {
-    r.Close();
-  } else {
-    r.Abort();
-  }
+  r.End((opt & 8) != 0);
   end = NowNs() + 3'000'000'000LL;
   while (!r.closed()) {
     if (NowNs() > end) Fail("no CLOSED within 3 s");
     r.Poll(1'000'000);
   }
   r.Poll(0);
-  kloop_stats st{};
-  st.size = sizeof st;
-  if (kloop_get_stats(f.loop, &st) != 0) Fail("kloop_get_stats failed");
-  if (st.streams != 0)
-    Fail("%llu stream(s) left after CLOSED", static_cast<unsigned long long>(st.streams));
-  if (st.buffers_in_use != 0)
-    Fail("%llu buffer(s) in use after the stream closed",
-         static_cast<unsigned long long>(st.buffers_in_use));
+  kfuzz::CheckStreamGone(f.loop);
   ERR_clear_error();
 }
 

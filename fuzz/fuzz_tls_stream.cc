@@ -33,7 +33,7 @@
 #include <cstring>
 
 #include "harness.h"
-#include "tls_identity.h"
+#include "tls_fixture.h"
 
 using kfuzz::Fail;
 using kfuzz::NowNs;
@@ -41,34 +41,12 @@ using kfuzz::Reader;
 
 namespace {
 
-// Made once per process: the loop, the server and client contexts with a
-// self-signed certificate (P-256) made in memory.
-struct Fixture {
-  kloop_t *loop = nullptr;
-  SSL_CTX *server = nullptr;
-  SSL_CTX *client = nullptr;
-  SSL_CTX *client_verify = nullptr;
-};
+using Fixture = kfuzz::TlsFixture;
 
 Fixture MakeFixture() {
-  Fixture f;
-  if (kloop_create(nullptr, &f.loop) != 0) Fail("kloop_create failed");
-  kfuzz::TlsIdentity id = kfuzz::MakeTlsIdentity();
-  f.server = SSL_CTX_new(TLS_server_method());
-  if (!f.server || SSL_CTX_use_certificate(f.server, id.cert) != 1 ||
-      SSL_CTX_use_PrivateKey(f.server, id.key) != 1)
-    Fail("cannot make the server context");
+  Fixture f = kfuzz::MakeTlsFixture();
   // Older versions too, so that TLS 1.2 parsing is reachable.
   SSL_CTX_set_min_proto_version(f.server, TLS1_2_VERSION);
-
-  f.client = SSL_CTX_new(TLS_client_method());
-  f.client_verify = SSL_CTX_new(TLS_client_method());
-  if (!f.client || !f.client_verify) Fail("cannot make the client contexts");
-  SSL_CTX_set_verify(f.client, SSL_VERIFY_NONE, nullptr);
-  SSL_CTX_set_verify(f.client_verify, SSL_VERIFY_PEER, nullptr);
-  X509_STORE_add_cert(SSL_CTX_get_cert_store(f.client_verify), id.cert);
-  X509_free(id.cert);
-  EVP_PKEY_free(id.key);
   return f;
 }
 
@@ -98,14 +76,12 @@ class Run {
   }
 
   void Abort() {
-    int rc = kloop_stream_abort(loop_, tok_);
-    if (rc != 0 && rc != -EALREADY) Fail("kloop_stream_abort returned %d", rc);
+    kfuzz::EndStream(loop_, tok_, false);
     aborted_ = true;
   }
 
   void Close() {
-    int rc = kloop_stream_close(loop_, tok_);
-    if (rc != 0 && rc != -EALREADY) Fail("kloop_stream_close returned %d", rc);
+    kfuzz::EndStream(loop_, tok_, true);
     closing_ = true;
   }
 
@@ -283,14 +259,7 @@ void RunOne(Reader &in, const uint8_t *data, size_t size) {
   }
   // Returns the buffers of the last poll; nothing may come now.
   r.Poll(0);
-  kloop_stats st{};
-  st.size = sizeof st;
-  if (kloop_get_stats(f.loop, &st) != 0) Fail("kloop_get_stats failed");
-  if (st.streams != 0)
-    Fail("%llu stream(s) left after CLOSED", static_cast<unsigned long long>(st.streams));
-  if (st.buffers_in_use != 0)
-    Fail("%llu buffer(s) in use after the stream closed",
-         static_cast<unsigned long long>(st.buffers_in_use));
+  kfuzz::CheckStreamGone(f.loop);
   ERR_clear_error();
 }
 

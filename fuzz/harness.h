@@ -260,6 +260,20 @@ class Tracker {
 
 // Once per process: the peer side writes into sockets and pipes whose other
 // end may be shut down; that must give EPIPE, not kill the fuzzer.
+// After the one stream of an input reported CLOSED (and the poll after
+// it returned its buffers): no stream is left and no receive or plaintext
+// buffer is in use (one the stream kept would be a leak).
+inline void CheckStreamGone(kloop_t *loop) {
+  kloop_stats st{};
+  st.size = sizeof st;
+  if (kloop_get_stats(loop, &st) != 0) Fail("kloop_get_stats failed");
+  if (st.streams != 0)
+    Fail("%llu stream(s) left after CLOSED", static_cast<unsigned long long>(st.streams));
+  if (st.buffers_in_use != 0)
+    Fail("%llu buffer(s) in use after the stream closed",
+         static_cast<unsigned long long>(st.buffers_in_use));
+}
+
 inline void IgnoreSigpipe() {
   static bool done = [] {
     ::signal(SIGPIPE, SIG_IGN);

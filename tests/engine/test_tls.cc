@@ -624,6 +624,16 @@ struct Suite {
   const char *name;  // OpenSSL's name of the cipher suite
 };
 
+// A context that offers exactly this version and cipher suite.
+void PinSuite(SSL_CTX *c, const Suite &suite) {
+  SSL_CTX_set_min_proto_version(c, suite.version);
+  SSL_CTX_set_max_proto_version(c, suite.version);
+  if (suite.version == TLS1_3_VERSION)
+    ASSERT_EQ(SSL_CTX_set_ciphersuites(c, suite.name), 1);
+  else
+    ASSERT_EQ(SSL_CTX_set_cipher_list(c, suite.name), 1);
+}
+
 }  // namespace
 
 // Where the kernel has no TLS, the engine takes the send key OpenSSL offers
@@ -648,14 +658,8 @@ TEST_P(Tls, RecordsSealedAndOpenedByTheEngine) {
       SCOPED_TRACE(std::string(suite.name) +
                    (engine_serves ? ", engine serves" : ", engine connects"));
       CtxPtr sc = ServerCtx(), cc = ClientCtx();
-      for (SSL_CTX *c : {sc.get(), cc.get()}) {
-        SSL_CTX_set_min_proto_version(c, suite.version);
-        SSL_CTX_set_max_proto_version(c, suite.version);
-        if (suite.version == TLS1_3_VERSION)
-          ASSERT_EQ(SSL_CTX_set_ciphersuites(c, suite.name), 1);
-        else
-          ASSERT_EQ(SSL_CTX_set_cipher_list(c, suite.name), 1);
-      }
+      ASSERT_NO_FATAL_FAILURE(PinSuite(sc.get(), suite));
+      ASSERT_NO_FATAL_FAILURE(PinSuite(cc.get(), suite));
       SslPtr mine = engine_serves ? Server(sc.get()) : Client(cc.get());
       SslPtr peer = engine_serves ? Client(cc.get()) : Server(sc.get());
       PlainPeer p = TlsWithPeer(d, tok, mine.get(), std::move(peer));
@@ -777,14 +781,8 @@ TEST_P(Tls, RecordsArrivingInPiecesAreOpened) {
   for (const Suite &suite : suites) {
     SCOPED_TRACE(suite.name);
     CtxPtr sc = ServerCtx(), cc = ClientCtx();
-    for (SSL_CTX *c : {sc.get(), cc.get()}) {
-      SSL_CTX_set_min_proto_version(c, suite.version);
-      SSL_CTX_set_max_proto_version(c, suite.version);
-      if (suite.version == TLS1_3_VERSION)
-        ASSERT_EQ(SSL_CTX_set_ciphersuites(c, suite.name), 1);
-      else
-        ASSERT_EQ(SSL_CTX_set_cipher_list(c, suite.name), 1);
-    }
+    ASSERT_NO_FATAL_FAILURE(PinSuite(sc.get(), suite));
+    ASSERT_NO_FATAL_FAILURE(PinSuite(cc.get(), suite));
     SslPtr mine = Server(sc.get());
     PlainPeer p = TlsWithPeer(d, tok, mine.get(), Client(cc.get()));
     Event hs = d.WaitEvent(tok, KLOOP_EVENT_HANDSHAKE);
