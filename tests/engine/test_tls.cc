@@ -868,6 +868,55 @@ TEST_P(Tls, EndOfStreamWaitsForTheRecordsBeforeIt) {
   d.WaitFinal(70);
 }
 
+// The same when the stream had to wait for a plaintext buffer: the other
+// streams of the poll took all of them, and meanwhile the socket's end
+// arrived behind a key update and data. When buffers are back, the data
+// comes first, then the (unclean) EOF -- not a TLS error.
+TEST_P(Tls, EndOfStreamAfterAWaitForBuffersKeepsTheRecordsBeforeIt) {
+  kloop_config cfg;
+  kloop_config_init(&cfg);
+  cfg.flags |= GetParam();
+  cfg.buf_count = 16;  // the fewest plaintext buffers: 8
+  Driver dd(&cfg);
+  ASSERT_EQ(dd.create_rc(), 0);
+  constexpr int kStreams = 9;
+  CtxPtr sc = ServerCtx(), cc = ClientCtx();
+  SSL_CTX_set_min_proto_version(sc.get(), TLS1_3_VERSION);
+  std::vector<SslPtr> mine;
+  std::vector<PlainPeer> peers;
+  for (int i = 0; i < kStreams; ++i) {
+    mine.push_back(Server(sc.get()));
+    peers.push_back(
+        TlsWithPeer(dd, 80 + static_cast<uint64_t>(i), mine.back().get(), Client(cc.get())));
+    Event hs = dd.WaitEvent(80 + static_cast<uint64_t>(i), KLOOP_EVENT_HANDSHAKE);
+    ASSERT_EQ(hs.result, 0) << Describe(hs);
+  }
+  dd.Drain(20ms);
+  const uint64_t last = 80 + kStreams - 1;
+  PlainPeer &p = peers.back();
+  BIO *mem = BIO_new(BIO_s_mem());
+  ASSERT_NE(mem, nullptr);
+  SSL_set0_wbio(p.ssl.get(), mem);
+  ASSERT_EQ(SSL_key_update(p.ssl.get(), SSL_KEY_UPDATE_NOT_REQUESTED), 1);
+  std::string msg = Pattern(8, 2000);
+  ASSERT_NO_FATAL_FAILURE(PeerWrite(p, msg));
+  std::string ct;
+  char buf[4096];
+  int n;
+  while ((n = BIO_read(mem, buf, sizeof buf)) > 0) ct.append(buf, static_cast<size_t>(n));
+  // Nothing polls from here until all of it is in the sockets: the other
+  // streams' data first, then the last one's records and its end.
+  for (int i = 0; i + 1 < kStreams; ++i) ASSERT_NO_FATAL_FAILURE(PeerWrite(peers[i], "x"));
+  ASSERT_EQ(::send(p.fd, ct.data(), ct.size(), MSG_NOSIGNAL), static_cast<ssize_t>(ct.size()));
+  ASSERT_EQ(::shutdown(p.fd, SHUT_WR), 0);
+  Event eof = dd.WaitEvent(last, KLOOP_EVENT_EOF);
+  EXPECT_EQ(eof.aux, KLOOP_EOF_UNCLEAN);
+  EXPECT_TRUE(dd.DataOf(last) == msg) << dd.DataSizeOf(last);
+  for (const Event &e : dd.Of(last, KLOOP_EVENT_ERROR)) ADD_FAILURE() << Describe(e);
+  for (int i = 0; i < kStreams; ++i) kloop_stream_abort(dd, 80 + static_cast<uint64_t>(i));
+  for (int i = 0; i < kStreams; ++i) dd.WaitFinal(80 + static_cast<uint64_t>(i));
+}
+
 TEST_P(Tls, StartTlsInPlaceAfterPlainBytes) {
   auto p = TcpPair();
   srv_fd = std::move(p.first);
