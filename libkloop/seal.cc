@@ -9,7 +9,7 @@
 
 #include <linux/tls.h>
 #include <openssl/crypto.h>
-#include <openssl/hmac.h>
+#include <openssl/evp.h>
 #include <string.h>
 
 namespace kl {
@@ -33,8 +33,64 @@ void store_be64(unsigned char *p, uint64_t v) {
   }
 }
 
-// HKDF-Expand-Label(secret, label, "", len) of RFC 8446 7.1, for len no
-// larger than the hash: a single HMAC block.
+// The digests and ciphers, fetched once per process. OpenSSL 3.0 fetches
+// an implementation by name on every initialisation that names a legacy
+// object (EVP_sha256(), EVP_aes_128_gcm(), ...); with HMAC()'s own context
+// set-up that made the engine's key derivations of one TLS 1.3 handshake
+// cost ~110,000 instructions. Null where a fetch fails: the legacy object
+// is used then.
+const EVP_MD *fetched_md(const EVP_MD *md) {
+  static EVP_MD *const sha256 = EVP_MD_fetch(nullptr, "SHA2-256", nullptr);
+  static EVP_MD *const sha384 = EVP_MD_fetch(nullptr, "SHA2-384", nullptr);
+  int nid = md ? EVP_MD_get_type(md) : NID_undef;
+  if (nid == NID_sha256 && sha256) return sha256;
+  if (nid == NID_sha384 && sha384) return sha384;
+  return md;
+}
+
+const EVP_CIPHER *fetched_cipher(int nid) {
+  static EVP_CIPHER *const aes128 = EVP_CIPHER_fetch(nullptr, "AES-128-GCM", nullptr);
+  static EVP_CIPHER *const aes256 = EVP_CIPHER_fetch(nullptr, "AES-256-GCM", nullptr);
+  static EVP_CIPHER *const chacha = EVP_CIPHER_fetch(nullptr, "ChaCha20-Poly1305", nullptr);
+  switch (nid) {
+    case NID_aes_128_gcm:
+      return aes128 ? aes128 : EVP_aes_128_gcm();
+    case NID_aes_256_gcm:
+      return aes256 ? aes256 : EVP_aes_256_gcm();
+    case NID_chacha20_poly1305:
+      return chacha ? chacha : EVP_chacha20_poly1305();
+    default:
+      return nullptr;
+  }
+}
+
+// HMAC (RFC 2104) of `msg` under a key no longer than the hash's block,
+// with the digest calls alone; `out` gets EVP_MD_get_size(md) bytes.
+bool hmac(const EVP_MD *md, const unsigned char *key, size_t key_len, const unsigned char *msg,
+          size_t msg_len, unsigned char *out) {
+  int block = EVP_MD_get_block_size(md);
+  if (block <= 0 || block > 128 || key_len > static_cast<size_t>(block)) return false;
+  EVP_MD_CTX *c = EVP_MD_CTX_new();
+  if (!c) return false;
+  unsigned char pad[128];
+  unsigned char inner[EVP_MAX_MD_SIZE];
+  unsigned int n = 0;
+  memset(pad, 0x36, static_cast<size_t>(block));
+  for (size_t i = 0; i < key_len; ++i) pad[i] ^= key[i];
+  bool ok = EVP_DigestInit_ex2(c, md, nullptr) == 1 &&
+            EVP_DigestUpdate(c, pad, static_cast<size_t>(block)) == 1 &&
+            EVP_DigestUpdate(c, msg, msg_len) == 1 && EVP_DigestFinal_ex(c, inner, &n) == 1;
+  memset(pad, 0x5c, static_cast<size_t>(block));
+  for (size_t i = 0; i < key_len; ++i) pad[i] ^= key[i];
+  ok = ok && EVP_DigestInit_ex2(c, md, nullptr) == 1 &&
+       EVP_DigestUpdate(c, pad, static_cast<size_t>(block)) == 1 &&
+       EVP_DigestUpdate(c, inner, n) == 1 && EVP_DigestFinal_ex(c, out, &n) == 1;
+  EVP_MD_CTX_free(c);
+  OPENSSL_cleanse(pad, sizeof pad);
+  OPENSSL_cleanse(inner, sizeof inner);
+  return ok;
+}
+
 bool expand_label(const EVP_MD *md, const unsigned char *secret, size_t secret_len,
                   const char *label, unsigned char *out, size_t len) {
   unsigned char info[2 + 1 + 6 + 32 + 1 + 1];
@@ -51,8 +107,7 @@ bool expand_label(const EVP_MD *md, const unsigned char *secret, size_t secret_l
   info[n++] = 0;  // empty context
   info[n++] = 1;  // HKDF's block counter: T(1)
   unsigned char block[EVP_MAX_MD_SIZE];
-  unsigned int block_len = 0;
-  if (!HMAC(md, secret, static_cast<int>(secret_len), info, n, block, &block_len)) return false;
+  if (!hmac(md, secret, secret_len, info, n, block)) return false;
   memcpy(out, block, len);
   OPENSSL_cleanse(block, sizeof block);
   return true;
@@ -135,19 +190,19 @@ bool RecordCipher::init(const void *crypto_info, size_t info_len, const SSL *ssl
     case TLS_CIPHER_AES_GCM_128:
       known = read_info<tls12_crypto_info_aes_gcm_128>(crypto_info, info_len, key, &key_len_, iv,
                                                        rec_seq);
-      cipher_ = EVP_aes_128_gcm();
+      cipher_ = fetched_cipher(NID_aes_128_gcm);
       explicit_nonce_ = !tls13_;
       break;
     case TLS_CIPHER_AES_GCM_256:
       known = read_info<tls12_crypto_info_aes_gcm_256>(crypto_info, info_len, key, &key_len_, iv,
                                                        rec_seq);
-      cipher_ = EVP_aes_256_gcm();
+      cipher_ = fetched_cipher(NID_aes_256_gcm);
       explicit_nonce_ = !tls13_;
       break;
     case TLS_CIPHER_CHACHA20_POLY1305:
       known = read_info<tls12_crypto_info_chacha20_poly1305>(crypto_info, info_len, key, &key_len_,
                                                              iv, rec_seq);
-      cipher_ = EVP_chacha20_poly1305();
+      cipher_ = fetched_cipher(NID_chacha20_poly1305);
       explicit_nonce_ = false;
       break;
     default:
@@ -163,7 +218,7 @@ bool RecordCipher::init(const void *crypto_info, size_t info_len, const SSL *ssl
     // Following a key update needs the traffic secret the key came from:
     // check that it is that one (it gives the same key and IV).
     const SSL_CIPHER *suite = SSL_get_current_cipher(ssl);
-    const EVP_MD *md = suite ? SSL_CIPHER_get_handshake_digest(suite) : nullptr;
+    const EVP_MD *md = suite ? fetched_md(SSL_CIPHER_get_handshake_digest(suite)) : nullptr;
     unsigned char k2[32];
     unsigned char iv2[12];
     ok = md && secret && secret_len == static_cast<size_t>(EVP_MD_get_size(md)) &&
@@ -187,20 +242,8 @@ bool RecordCipher::init(const void *crypto_info, size_t info_len, const SSL *ssl
 bool RecordCipher::init13(const SSL *ssl, const unsigned char *secret, size_t secret_len) {
   const SSL_CIPHER *suite = ssl ? SSL_get_current_cipher(ssl) : nullptr;
   if (ctx_ || !suite || !secret || SSL_version(ssl) != TLS1_3_VERSION) return false;
-  switch (SSL_CIPHER_get_cipher_nid(suite)) {
-    case NID_aes_128_gcm:
-      cipher_ = EVP_aes_128_gcm();
-      break;
-    case NID_aes_256_gcm:
-      cipher_ = EVP_aes_256_gcm();
-      break;
-    case NID_chacha20_poly1305:
-      cipher_ = EVP_chacha20_poly1305();
-      break;
-    default:
-      return false;
-  }
-  const EVP_MD *md = SSL_CIPHER_get_handshake_digest(suite);
+  cipher_ = fetched_cipher(SSL_CIPHER_get_cipher_nid(suite));
+  const EVP_MD *md = fetched_md(SSL_CIPHER_get_handshake_digest(suite));
   if (!cipher_ || !md || secret_len != static_cast<size_t>(EVP_MD_get_size(md)) ||
       secret_len > sizeof secret_)
     return false;
