@@ -264,11 +264,8 @@ TEST(WriteBlocks, TlsWriteWithoutMemoryFailsTheStream) {
     ASSERT_EQ(d.create_rc(), 0);
     CtxPtr sctx = ServerCtx(), cctx = ClientCtx();
     SslPtr c = Client(cctx.get()), s = Server(sctx.get());
-    auto [a, b] = TcpPair();
-    ASSERT_EQ(kloop_stream_attach(d, 1, b, 0), 0);
-    ASSERT_EQ(kloop_stream_attach(d, 2, a, 0), 0);
-    ASSERT_EQ(kloop_stream_start_tls(d, 1, c.get()), 0);
-    ASSERT_EQ(kloop_stream_start_tls(d, 2, s.get()), 0);
+    std::pair<Fd, Fd> fds;
+    ASSERT_NO_FATAL_FAILURE(StartTlsPair(d, c.get(), s.get(), &fds));
     Event hs = d.WaitEvent(1, KLOOP_EVENT_HANDSHAKE);
     ASSERT_EQ(hs.result, 0) << Describe(hs);
     std::string big(4u << 20, 'x');  // far more than the pool keeps (512 KiB)

@@ -80,14 +80,11 @@ class Tls : public ::testing::TestWithParam<uint32_t> {
   }
 
   // Engine client (token 1) and engine server (token 2) on one TCP pair.
-  void Pair(SSL *client, SSL *server) {
-    auto p = TcpPair();
+  void Pair(SSL *client, SSL *server, uint32_t server_flags = 0) {
+    std::pair<Fd, Fd> p;
+    StartTlsPair(d, client, server, &p, server_flags);
     srv_fd = std::move(p.first);
     cli_fd = std::move(p.second);
-    ASSERT_EQ(kloop_stream_attach(d, 1, cli_fd, 0), 0);
-    ASSERT_EQ(kloop_stream_attach(d, 2, srv_fd, 0), 0);
-    ASSERT_EQ(kloop_stream_start_tls(d, 1, client), 0);
-    ASSERT_EQ(kloop_stream_start_tls(d, 2, server), 0);
   }
   void Handshake() {
     Event a = d.WaitEvent(1, KLOOP_EVENT_HANDSHAKE);
@@ -575,13 +572,7 @@ TEST_P(Tls, ClientRenegotiationIsRefused) {
 
 TEST_P(Tls, PausedStreamHandshakesButHoldsPlaintextUntilResume) {
   SslPtr c = Client(cctx.get()), s = Server(sctx.get());
-  auto p = TcpPair();
-  srv_fd = std::move(p.first);
-  cli_fd = std::move(p.second);
-  ASSERT_EQ(kloop_stream_attach(d, 1, cli_fd, 0), 0);
-  ASSERT_EQ(kloop_stream_attach(d, 2, srv_fd, KLOOP_STREAM_PAUSED), 0);
-  ASSERT_EQ(kloop_stream_start_tls(d, 1, c.get()), 0);
-  ASSERT_EQ(kloop_stream_start_tls(d, 2, s.get()), 0);
+  ASSERT_NO_FATAL_FAILURE(Pair(c.get(), s.get(), KLOOP_STREAM_PAUSED));
   Handshake();
   ASSERT_GE(kloop_stream_write(d, 1, "held", 4), 0);
   d.Drain(30 * 1ms);

@@ -12,6 +12,7 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <utility>
 
 #include "common.h"
 
@@ -105,6 +106,19 @@ inline SslPtr Server(SSL_CTX *ctx) {
   SslPtr ssl(SSL_new(ctx));
   SSL_set_accept_state(ssl.get());
   return ssl;
+}
+
+// An engine TLS client (token 1, driving `client`) and server (token 2,
+// `server`, attached with `server_flags`) on one loopback TCP pair, TLS
+// started on both. *fds gets the sockets (the server's end first); they
+// must stay open while the streams use them.
+inline void StartTlsPair(kloop_t *loop, SSL *client, SSL *server, std::pair<Fd, Fd> *fds,
+                         uint32_t server_flags = 0) {
+  *fds = TcpPair();
+  ASSERT_EQ(kloop_stream_attach(loop, 1, fds->second, 0), 0);
+  ASSERT_EQ(kloop_stream_attach(loop, 2, fds->first, server_flags), 0);
+  ASSERT_EQ(kloop_stream_start_tls(loop, 1, client), 0);
+  ASSERT_EQ(kloop_stream_start_tls(loop, 2, server), 0);
 }
 
 inline kloop_tls_error TlsError(kloop_t *loop, uint64_t token) {
