@@ -132,6 +132,7 @@ KLOOP_API int kloop_probe(struct kloop_caps *caps);
 #define KLOOP_CONFIG_NO_SEND_GATHER (1u << 2)   /* one queued block per stream send */
 #define KLOOP_CONFIG_NO_DIRECT_SEND (1u << 3)   /* large writes always wait for the poll */
 #define KLOOP_CONFIG_NO_TLS_SEAL (1u << 4)      /* OpenSSL does every TLS record */
+#define KLOOP_CONFIG_NO_TLS_SEND_AFTER_WAIT (1u << 5) /* after a wait too, TLS sends wait for the poll */
 
 /*
  * struct kloop_config - how to build a loop. Fill with kloop_config_init().

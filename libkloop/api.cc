@@ -144,9 +144,9 @@ int kloop_create(const struct kloop_config *cfg_in, kloop_t **out) {
   if (cfg.sq_entries == 0 || cfg.sq_entries > 32768) return -EINVAL;
   if (cfg.cq_entries == 0) cfg.cq_entries = cfg.sq_entries * 4;
   if (cfg.cq_entries < cfg.sq_entries || cfg.cq_entries > 65536) return -EINVAL;
-  if (cfg.flags &
-      ~(KLOOP_CONFIG_SQPOLL | KLOOP_CONFIG_NO_DEFER_TASKRUN | KLOOP_CONFIG_NO_SEND_GATHER |
-        KLOOP_CONFIG_NO_DIRECT_SEND | KLOOP_CONFIG_NO_TLS_SEAL))
+  if (cfg.flags & ~(KLOOP_CONFIG_SQPOLL | KLOOP_CONFIG_NO_DEFER_TASKRUN |
+                    KLOOP_CONFIG_NO_SEND_GATHER | KLOOP_CONFIG_NO_DIRECT_SEND |
+                    KLOOP_CONFIG_NO_TLS_SEAL | KLOOP_CONFIG_NO_TLS_SEND_AFTER_WAIT))
     return -EINVAL;
   if (cfg.buf_size < 256 || cfg.buf_size > (1u << 20)) return -EINVAL;
   if (cfg.buf_count == 0 || cfg.buf_count > 32768 || (cfg.buf_count & (cfg.buf_count - 1)))

@@ -336,6 +336,7 @@ int Engine::init(const kloop_config &cfg) {
   no_send_gather_ = (cfg.flags & KLOOP_CONFIG_NO_SEND_GATHER) != 0;
   no_direct_send_ = (cfg.flags & KLOOP_CONFIG_NO_DIRECT_SEND) != 0;
   no_tls_seal_ = (cfg.flags & KLOOP_CONFIG_NO_TLS_SEAL) != 0;
+  send_after_wait_ = (cfg.flags & KLOOP_CONFIG_NO_TLS_SEND_AFTER_WAIT) == 0;
   buf_size_ = cfg.buf_size;
   buf_count_ = cfg.buf_count;
   if (!setup_buffers() || !setup_tls_buffers()) {
@@ -1259,6 +1260,8 @@ int Engine::poll(kloop_completion *out, uint32_t max, int64_t timeout_ns) {
       !retire_streams_.reserve(retire_streams_.size() + max))
     return -ENOMEM;
   encrypted_unsent_ = 0;
+  idle_poll_ = false;
+  prompt_ = nullptr;
   // Write blocks freed since the last poll that the caller's writes did not
   // take again: keep the pool's bound (BlockPool).
   wblocks_.trim(BlockPool::kMaxFree, BlockPool::kMaxFreeSmall, BlockPool::kMaxLargeBytes);
@@ -1308,6 +1311,10 @@ int Engine::poll(kloop_completion *out, uint32_t max, int64_t timeout_ns) {
   drain();
   if (filled < max) {
     bool may_wait = filled == 0 && pending_.empty() && timeout_ns != 0;
+    // Nothing was ready: the loop is idle, and whatever it answers next is
+    // awaited (Engine::send_prompt).
+    idle_poll_ =
+        may_wait && send_after_wait_ && io_uring_cq_ready(&ring_) == 0 && !kernel_has_work();
     if (!may_wait) {
       int rc = 0;
       if (io_uring_sq_ready(&ring_) > 0 || kernel_has_work()) {

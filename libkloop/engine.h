@@ -481,6 +481,7 @@ class Engine {
   int send_iov(Stream *s, size_t limit, iovec **iov);
   void send_ended(Stream *s);
   void send_early();
+  void send_prompt();
   void stream_finish(Stream *s, int err);
   void drop_held(Stream *s);
 
@@ -536,6 +537,7 @@ class Engine {
   bool no_send_gather_ = false;  // KLOOP_CONFIG_NO_SEND_GATHER
   bool no_direct_send_ = false;  // KLOOP_CONFIG_NO_DIRECT_SEND
   bool no_tls_seal_ = false;     // KLOOP_CONFIG_NO_TLS_SEAL
+  bool send_after_wait_ = true;  // not KLOOP_CONFIG_NO_TLS_SEND_AFTER_WAIT
   io_uring_buf_ring *br_ = nullptr;
   size_t br_size_ = 0;
   bool br_registered_ = false;
@@ -581,6 +583,11 @@ class Engine {
   // Bytes OpenSSL encrypted into write queues since the last poll or early
   // send (see Engine::send_early).
   uint64_t encrypted_unsent_ = 0;
+  // The last poll found nothing ready and waited: until the next poll, the
+  // TLS stream written last (prompt_) sends its records as soon as the loop
+  // writes to another stream (see Engine::send_prompt).
+  bool idle_poll_ = false;
+  Stream *prompt_ = nullptr;
   BlockPool wblocks_;  // free write blocks for the streams' queues
 
   // wake-up

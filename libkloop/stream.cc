@@ -200,6 +200,27 @@ void Engine::send_early() {
   (void)io_uring_submit(&ring_);  // on failure the SQEs wait for the poll's enter
 }
 
+// After a poll that waited, the loop is answering peers that wait for it:
+// holding a TLS stream's records until the next poll, to share its
+// io_uring_enter with the other answers, keeps the peer idle while the loop
+// works through the rest of its iteration. So, in such an iteration, a TLS
+// stream's records go out when the loop writes to another stream -- its
+// callback is over, so what it wrote in one callback still shares a record.
+// A busy loop (its poll found completions ready) gathers as before.
+void Engine::send_prompt() {
+  Stream *s = prompt_;
+  prompt_ = nullptr;
+  TlsState *t = s->tls;
+  if (s->send_inflight || s->write_failed || s->closing || s->aborting || s->finished ||
+      s->shut_req || t->failed || t->handshaking || !t->marks.empty())
+    return;  // the poll sends, as it would have
+  if (plain_waiting(t) && reserve_records(1)) tls_flush_pt(s);
+  if (s->wq.size() == 0 || s->send_inflight) return;
+  submit_send(s);
+  ++st_.enters;
+  (void)io_uring_submit(&ring_);  // on failure the SQE waits for the poll's enter
+}
+
 void Engine::drop_held(Stream *s) {
   for (size_t i = 0; i < s->held.size(); ++i)
     if (s->held.at(i).bid >= 0) recycle(static_cast<uint32_t>(s->held.at(i).bid));
@@ -211,6 +232,7 @@ void Engine::drop_held(Stream *s) {
 void Engine::stream_finish(Stream *s, int err) {
   if (s->finished) return;
   s->finished = true;
+  if (prompt_ == s) prompt_ = nullptr;
   drop_held(s);
   tls_release(s);
   wq_clear(s);
@@ -511,6 +533,10 @@ int64_t Engine::stream_write(uint64_t token, const void *buf, size_t len) {
   // A closing stream still takes writes until it has flushed (asyncio's
   // transports do the same: close() stops reading, not writing).
   if (s->shut_req || s->aborting || s->write_failed || s->finished) return -EPIPE;
+  if (idle_poll_ && prompt_ != s) {
+    if (prompt_) send_prompt();
+    if (s->tls) prompt_ = s;
+  }
   if (s->tls) {
     TlsState *t = s->tls;
     if (t->failed || t->sent_close) return -EPIPE;

@@ -91,7 +91,8 @@ CQ_BATCH = 256
 # ablation; docs/performance.md): KLOOP_DISABLE lists capabilities to treat
 # as absent (names as `python -m kloop info` prints them), "send_gather"
 # (KLOOP_CONFIG_NO_SEND_GATHER), "direct_send" (KLOOP_CONFIG_NO_DIRECT_SEND) and
-# "tls_seal" (KLOOP_CONFIG_NO_TLS_SEAL);
+# "tls_seal" (KLOOP_CONFIG_NO_TLS_SEAL), "tls_send_after_wait"
+# (KLOOP_CONFIG_NO_TLS_SEND_AFTER_WAIT);
 # KLOOP_CQ_BATCH sets the records per poll.
 DISABLE_ENV = "KLOOP_DISABLE"
 CQ_BATCH_ENV = "KLOOP_CQ_BATCH"
@@ -111,12 +112,14 @@ def _config_from_env(environ=os.environ):
                 config["flags"] |= _ffi.CONFIG_NO_DIRECT_SEND
             elif name == "tls_seal":
                 config["flags"] |= _ffi.CONFIG_NO_TLS_SEAL
+            elif name == "tls_send_after_wait":
+                config["flags"] |= _ffi.CONFIG_NO_TLS_SEND_AFTER_WAIT
             elif name in by_name:
                 config["disable"] |= by_name[name]
             else:
                 raise ValueError(
                     f"{DISABLE_ENV}: unknown feature {name!r} (known: send_gather, direct_send, "
-                    "tls_seal, "
+                    "tls_seal, tls_send_after_wait, "
                     + ", ".join(sorted(by_name)) + ")")
     batch = environ.get(CQ_BATCH_ENV, "")
     if not batch:

@@ -132,7 +132,7 @@ const BadConfig kBadConfigs[] = {
     {"BufSizeZero", [](kloop_config &c) { c.buf_size = 0; }},
     {"BufSizeTooBig", [](kloop_config &c) { c.buf_size = (1u << 20) + 1; }},
     {"UnknownFlag", [](kloop_config &c) { c.flags = 1u << 31; }},
-    {"UnknownFlagLow", [](kloop_config &c) { c.flags = 1u << 5; }},  // the first unused bit
+    {"UnknownFlagLow", [](kloop_config &c) { c.flags = 1u << 6; }},  // the first unused bit
 };
 
 INSTANTIATE_TEST_SUITE_P(All, LifecycleBadConfig, ::testing::ValuesIn(kBadConfigs),

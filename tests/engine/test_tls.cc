@@ -283,14 +283,16 @@ TEST_P(Tls, LargeWriteIsSentBeforeTheNextPoll) {
   d.WaitFinal(2);
 }
 
-// Below that, writes of many streams wait for the poll and leave together;
-// the write that crosses it takes the others' sends along in its one enter.
+// Below that, in a busy loop (its last poll did not wait), writes of many
+// streams wait for the poll and leave together; the write that crosses it
+// takes the others' sends along in its one enter.
 TEST_P(Tls, SmallWritesWaitForThePollAndLeaveTogether) {
   SSL_CTX_set_num_tickets(sctx.get(), 0);
   SslPtr s1, s2;
   PlainPeer p1 = ServeTlsTo(d, 2, sctx.get(), cctx.get(), &s1);
   PlainPeer p2 = ServeTlsTo(d, 3, sctx.get(), cctx.get(), &s2);
   std::string small = Pattern(0, 1024);
+  ASSERT_EQ(d.Poll(0), 0);  // busy: a poll that does not wait
   ASSERT_GE(kloop_stream_write(d, 2, small.data(), small.size()), 0);
   ASSERT_GE(kloop_stream_write(d, 3, small.data(), small.size()), 0);
   EXPECT_EQ(Unread(p1.fd), 0);
@@ -299,6 +301,7 @@ TEST_P(Tls, SmallWritesWaitForThePollAndLeaveTogether) {
   EXPECT_EQ(ReadTls(d, p2, small.size()), small);
 
   std::string half = Pattern(7, 40 * 1024);
+  ASSERT_EQ(d.Poll(0), 0);
   ASSERT_GE(kloop_stream_write(d, 2, half.data(), half.size()), 0);
   EXPECT_EQ(Unread(p1.fd), 0) << "40 KiB waits for the poll";
   kloop_stats before = GetStats(d);
@@ -323,6 +326,64 @@ void CountDataRecords(int write_p, int, int content_type, const void *buf, size_
   if (!write_p && content_type == SSL3_RT_INNER_CONTENT_TYPE && len == 1 &&
       *static_cast<const unsigned char *>(buf) == SSL3_RT_APPLICATION_DATA)
     ++*static_cast<int *>(arg);
+}
+
+// After a poll that waited (the loop was idle, so its peers wait for its
+// answers), a stream's records leave when the loop writes to another
+// stream -- its callback is over -- instead of at the next poll; what it
+// wrote before that still shares a record. A busy loop (its poll did not
+// wait) gathers the sends into the poll's enter, and so does one made with
+// KLOOP_CONFIG_NO_TLS_SEND_AFTER_WAIT.
+TEST_P(Tls, AfterAWaitAnAnswerLeavesWhenTheLoopWritesToAnotherStream) {
+  SSL_CTX_set_num_tickets(sctx.get(), 0);
+  auto check = [&](Driver &loop, uint64_t t1, bool idle, bool early) {
+    const uint64_t t2 = t1 + 1;
+    SslPtr s1, s2;
+    PlainPeer p1 = ServeTlsTo(loop, t1, sctx.get(), cctx.get(), &s1);
+    PlainPeer p2 = ServeTlsTo(loop, t2, sctx.get(), cctx.get(), &s2);
+    int records = 0;
+    SSL_set_msg_callback(p1.ssl.get(), CountDataRecords);
+    SSL_set_msg_callback_arg(p1.ssl.get(), &records);
+    ASSERT_EQ(loop.Poll(idle ? 1 * kMs : 0), 0);  // nothing to do: waits when idle
+    std::string a = Pattern(1, 1000), b = Pattern(2, 1000), c = Pattern(3, 1000);
+    kloop_stats before = GetStats(loop);
+    ASSERT_GE(kloop_stream_write(loop, t1, a.data(), a.size()), 0);
+    ASSERT_GE(kloop_stream_write(loop, t1, b.data(), b.size()), 0);
+    EXPECT_EQ(Unread(p1.fd), 0) << "the stream may write more in this callback";
+    ASSERT_GE(kloop_stream_write(loop, t2, c.data(), c.size()), 0);
+    kloop_stats after = GetStats(loop);
+    EXPECT_EQ(Unread(p2.fd), 0);
+    if (early) {
+      EXPECT_GT(Unread(p1.fd), 0) << "the answer waits for the next poll";
+      EXPECT_EQ(after.sqes - before.sqes, 1u);
+      EXPECT_EQ(after.enters - before.enters, 1u);
+    } else {
+      EXPECT_EQ(Unread(p1.fd), 0) << "sent before the poll";
+      EXPECT_EQ(after.enters - before.enters, 0u);
+    }
+    EXPECT_TRUE(ReadTls(loop, p1, 2000) == a + b);
+    EXPECT_EQ(records, 1) << "the two writes of one callback share a record";
+    EXPECT_TRUE(ReadTls(loop, p2, 1000) == c);
+    kloop_stream_abort(loop, t1);
+    kloop_stream_abort(loop, t2);
+    loop.WaitFinal(t1);
+    loop.WaitFinal(t2);
+  };
+  {
+    SCOPED_TRACE("idle");
+    check(d, 2, true, true);
+  }
+  {
+    SCOPED_TRACE("busy");
+    check(d, 4, false, false);
+  }
+  Driver off;
+  kloop_config cfg;
+  kloop_config_init(&cfg);
+  cfg.flags |= GetParam() | KLOOP_CONFIG_NO_TLS_SEND_AFTER_WAIT;
+  ASSERT_EQ(off.Create(&cfg), 0);
+  SCOPED_TRACE("KLOOP_CONFIG_NO_TLS_SEND_AFTER_WAIT");
+  check(off, 2, true, false);
 }
 
 // A response written as head and body (or in more pieces) within one

@@ -1,6 +1,6 @@
 """The switches benchmarks/run.py's ablation tier measures kloop with:
-KLOOP_DISABLE (capabilities treated as absent, "send_gather" and
-"direct_send") and
+KLOOP_DISABLE (capabilities treated as absent, "send_gather",
+"direct_send", "tls_seal" and "tls_send_after_wait") and
 KLOOP_CQ_BATCH (completion records per poll). Each must really change what
 the engine does, leave the loop correct, and refuse what it does not know."""
 
@@ -95,6 +95,18 @@ def test_no_direct_send_queues_every_write():
     assert off["enabled"] == base["enabled"]
     assert base["direct_sends"] > 0, base
     assert off["direct_sends"] == 0, off
+
+
+def test_tls_switches_set_their_engine_flags():
+    # What they change is proven by the engine's tests (tests/engine/
+    # test_tls.cc: OpenSslEncrypts/*, AfterAWaitAnAnswerLeaves...); here:
+    # each name reaches kloop_config.flags, and only its own bit.
+    sys.path.insert(0, os.path.join(ROOT, "python"))
+    from kloop import _ffi, _proactor
+    for name, flag in (("tls_seal", _ffi.CONFIG_NO_TLS_SEAL),
+                       ("tls_send_after_wait", _ffi.CONFIG_NO_TLS_SEND_AFTER_WAIT)):
+        config, _ = _proactor._config_from_env({"KLOOP_DISABLE": name})
+        assert config == {"disable": 0, "flags": flag}, (name, config)
 
 
 def test_cq_batch_sets_records_per_poll():
