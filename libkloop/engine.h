@@ -480,6 +480,7 @@ class Engine {
   void submit_send(Stream *s);
   int send_iov(Stream *s, size_t limit, iovec **iov);
   void send_ended(Stream *s);
+  static bool may_send_before_poll(const Stream *s);
   void send_early();
   void send_prompt();
   void stream_finish(Stream *s, int err);

@@ -178,6 +178,14 @@ void Engine::send_ended(Stream *s) {
   }
 }
 
+// Whether a stream's queued bytes may go before the poll: no send in flight,
+// no close or shutdown for the poll to order after them, and no key change
+// waiting in its queue.
+bool Engine::may_send_before_poll(const Stream *s) {
+  return !s->send_inflight && !s->write_failed && !s->closing && !s->aborting && !s->finished &&
+         !s->shut_req && !(s->tls && !s->tls->marks.empty());
+}
+
 // Hand the sends that wait for the next poll to the kernel now, in one
 // io_uring_enter: called once TLS writes have encrypted kSendEarlyBytes
 // since the last poll or early send. Only plain sends of a stream's queue
@@ -189,9 +197,7 @@ void Engine::send_early() {
   if (!enabled_ring_) return;  // the first poll enables the ring
   bool queued = false;
   for (Stream *s = dirty_; s; s = s->next_dirty) {
-    if (s->send_inflight || s->write_failed || s->wq.size() == 0 || s->closing || s->aborting ||
-        s->finished || s->shut_req || (s->tls && !s->tls->marks.empty()))
-      continue;
+    if (!may_send_before_poll(s) || s->wq.size() == 0) continue;
     submit_send(s);
     queued = true;
   }
@@ -211,11 +217,9 @@ void Engine::send_prompt() {
   Stream *s = prompt_;
   prompt_ = nullptr;
   TlsState *t = s->tls;
-  if (s->send_inflight || s->write_failed || s->closing || s->aborting || s->finished ||
-      s->shut_req || t->failed || t->handshaking || !t->marks.empty())
-    return;  // the poll sends, as it would have
-  if (plain_waiting(t) && reserve_records(1)) tls_flush_pt(s);
-  if (s->wq.size() == 0 || s->send_inflight) return;
+  if (!may_send_before_poll(s) || t->failed || t->handshaking) return;  // the poll sends
+  if (plain_waiting(t) && (!reserve_records(1) || !tls_flush_pt(s))) return;
+  if (s->wq.size() == 0) return;
   submit_send(s);
   ++st_.enters;
   (void)io_uring_submit(&ring_);  // on failure the SQE waits for the poll's enter
